@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv and install first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= var/demo
+
+.PHONY: demo test test-gpu install clean bench-dispatcher bench-driver
+
+$(STAMP): pyproject.toml constraints-ci.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints-ci.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m prepare.demo --dir $(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# On the GPU machine (no venv there): python3 -m pytest -m gpu
+test-gpu:
+	python3 -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

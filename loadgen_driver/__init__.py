@@ -1,0 +1,1 @@
+"""loadgen_driver package."""

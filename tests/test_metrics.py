@@ -1,0 +1,131 @@
+"""DaemonMetrics: values through a real HTTP scrape, and `promtool check metrics` on that scrape."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.metrics import LATENCY_BUCKETS_S, DaemonMetrics, start_exporter
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:  # `make test` installs it (make test-deps); failing beats skipping silently
+        pytest.fail(f"{name} not found: run `make test-deps` (apt-get install prometheus systemd)")
+    return path
+
+
+def _exercise(m: DaemonMetrics) -> None:
+    m.set_engine_up("cpu0", True)
+    m.set_engine_up("cpu1", False)
+    m.engine_restarted("cpu1")
+    m.observe_query("by_ref", "ok", samples=3, pairs=810, latency_s=0.012)
+    m.observe_query("by_ref", "ok", samples=1, pairs=100, latency_s=0.031)
+    m.observe_query("by_value", "TIMEOUT", samples=0, pairs=200, latency_s=0.5)
+    m.observe_error("BAD_REQUEST")
+    m.observe_batch("cpu0", pairs=910, queue_wait_s=0.002, assembly_s=0.001, compute_s=0.007,
+                    hot_lookups=900, cold_lookups=100)
+    m.observe_reply(0.0004)
+    m.set_queue_depth(queries=4, pairs=1080)
+    m.set_inflight("cpu0", 2)
+    m.set_device_memory("cpu0", 123456789)
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def scrape_text() -> str:
+    registry = CollectorRegistry()
+    m = DaemonMetrics(registry)
+    _exercise(m)
+    exporter = start_exporter(registry, "127.0.0.1", 0)
+    try:
+        assert exporter.port > 0
+        return _scrape(exporter.port)
+    finally:
+        exporter.close()
+
+
+def test_values_over_http(scrape_text: str) -> None:
+    s = _samples(scrape_text)
+    assert s[("dlrm_queries_total", (("kind", "by_ref"), ("outcome", "ok")))] == 2
+    assert s[("dlrm_samples_total", (("kind", "by_ref"), ("outcome", "ok")))] == 4
+    assert s[("dlrm_pairs_total", (("kind", "by_ref"), ("outcome", "ok")))] == 910
+    assert s[("dlrm_pairs_total", (("kind", "by_value"), ("outcome", "TIMEOUT")))] == 200
+    assert s[("dlrm_errors_total", (("code", "TIMEOUT"),))] == 1
+    assert s[("dlrm_errors_total", (("code", "BAD_REQUEST"),))] == 1
+    assert s[("dlrm_errors_total", (("code", "OVERLOADED"),))] == 0  # pre-created, so rate() works
+    # 12 ms falls in the 12.5 ms bucket, 31 ms only from the 32.5 ms bucket on.
+    assert s[("dlrm_query_latency_seconds_bucket", (("kind", "by_ref"), ("le", "0.0125")))] == 1
+    assert s[("dlrm_query_latency_seconds_bucket", (("kind", "by_ref"), ("le", "0.03")))] == 1
+    assert s[("dlrm_query_latency_seconds_bucket", (("kind", "by_ref"), ("le", "0.0325")))] == 2
+    assert s[("dlrm_query_latency_seconds_count", (("kind", "by_ref"),))] == 2
+    assert s[("dlrm_query_latency_seconds_sum", (("kind", "by_ref"),))] == pytest.approx(0.043)
+    for stage, value in (("queue_wait", 0.002), ("batch_assembly", 0.001), ("engine_compute", 0.007),
+                         ("reply", 0.0004)):
+        assert s[("dlrm_stage_latency_seconds_sum", (("stage", stage),))] == pytest.approx(value)
+    assert s[("dlrm_batch_latency_seconds_sum", (("engine", "cpu0"),))] == pytest.approx(0.010)
+    assert s[("dlrm_batch_size_pairs_bucket", (("engine", "cpu0"), ("le", "1000.0")))] == 1
+    assert s[("dlrm_batch_size_pairs_bucket", (("engine", "cpu0"), ("le", "500.0")))] == 0
+    assert s[("dlrm_batches_total", (("engine", "cpu0"),))] == 1
+    assert s[("dlrm_embedding_lookups_total", (("engine", "cpu0"), ("tier", "device")))] == 900
+    assert s[("dlrm_embedding_lookups_total", (("engine", "cpu0"), ("tier", "host")))] == 100
+    assert s[("dlrm_embedding_lookups_total", (("engine", "cpu1"), ("tier", "host")))] == 0
+    assert s[("dlrm_queue_depth_queries", ())] == 4
+    assert s[("dlrm_queue_depth_pairs", ())] == 1080
+    assert s[("dlrm_engine_inflight_batches", (("engine", "cpu0"),))] == 2
+    assert s[("dlrm_engine_up", (("engine", "cpu0"),))] == 1
+    assert s[("dlrm_engine_up", (("engine", "cpu1"),))] == 0
+    assert s[("dlrm_engine_restarts_total", (("engine", "cpu1"),))] == 1
+    assert s[("dlrm_engine_restarts_total", (("engine", "cpu0"),))] == 0
+    assert s[("dlrm_device_memory_used_bytes", (("engine", "cpu0"),))] == 123456789
+
+
+def test_every_metric_is_dlrm_and_typed(scrape_text: str) -> None:
+    families = list(text_string_to_metric_families(scrape_text))
+    names = {f.name for f in families}
+    assert all(n.startswith("dlrm_") for n in names), names
+    types = {f.name: f.type for f in families}
+    assert types["dlrm_query_latency_seconds"] == "histogram"
+    assert types["dlrm_queries"] == "counter"  # the parser strips _total from counter families
+    assert "summary" not in types.values()
+    assert 0.03 in LATENCY_BUCKETS_S
+
+
+def test_registry_is_injected_not_global() -> None:
+    before = {m.name for m in REGISTRY.collect()}
+    DaemonMetrics(CollectorRegistry())
+    DaemonMetrics(CollectorRegistry())  # a second instance must not collide
+    assert not any(n.startswith("dlrm_") for n in {m.name for m in REGISTRY.collect()} - before)
+
+
+def test_promtool_check_metrics(scrape_text: str) -> None:
+    proc = subprocess.run([_tool("promtool"), "check", "metrics"], input=scrape_text,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "" and proc.stderr.strip() == "", (
+        proc.stdout + proc.stderr)
+
+
+def test_exporter_bind_error_is_clear() -> None:
+    registry = CollectorRegistry()
+    first = start_exporter(registry, "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match=f"127.0.0.1:{first.port}"):
+            start_exporter(registry, "127.0.0.1", first.port)
+    finally:
+        first.close()

@@ -1,0 +1,135 @@
+"""Triton kernels vs their plain PyTorch references.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported,
+and only when no GPU is present so `make test-gpu` compiles them for real) at small shapes; the `gpu`
+tests run the compiled kernels at full DLRM shapes. Fresh random data for every check, outputs poisoned
+with NaN before the launch, no zero inputs.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.dot_interaction import dot_interaction, dot_interaction_reference  # noqa: E402
+from kernels.embedding_gather import embedding_gather, embedding_gather_reference  # noqa: E402
+
+D = 128
+
+
+def _tables(rows: list[int], n_hot: int, gen: torch.Generator, device: str) -> dict[str, torch.Tensor]:
+    total = sum(rows)
+    offsets = torch.zeros(len(rows), dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(rows, dtype=torch.int64), 0)[:-1]
+    q = torch.randint(-127, 128, (total, D), dtype=torch.int8, generator=gen)
+    q[q == 0] = 1  # no zero rows: an unwritten output must not pass as a dequantized zero
+    return {
+        "offsets": offsets.to(device),
+        "row_position": torch.randperm(total, generator=gen).to(torch.int32).to(device),
+        "scales": (torch.rand(len(rows), generator=gen) * 0.05 + 0.005).to(device),
+        "hot": q[:n_hot].contiguous().to(device),
+        "cold": q[n_hot:].contiguous() if n_hot < total else None,
+    }
+
+
+def _ids(rows: list[int], batch: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.stack([torch.randint(0, r, (batch,), generator=gen) for r in rows], 1).to(torch.int32)
+
+
+def _check_gather(rows: list[int], n_hot: int, batch: int, dtype: torch.dtype, device: str, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    tb = _tables(rows, n_hot, gen, device)
+    if tb["cold"] is not None and device != "cpu":
+        tb["cold"] = tb["cold"].pin_memory()
+    sparse = _ids(rows, batch, gen).to(device)
+    buf = torch.full((batch, len(rows) + 1, D), float("nan"), dtype=dtype, device=device)
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    embedding_gather(sparse, tb["offsets"], tb["row_position"], tb["scales"], tb["hot"], tb["cold"],
+                     buf[:, 1:], count)
+    ref, ref_hot = embedding_gather_reference(sparse, tb["offsets"], tb["row_position"], tb["scales"],
+                                              tb["hot"], tb["cold"], dtype)
+    assert torch.isnan(buf[:, 0]).all(), "slot 0 (bottom output) must be left alone"
+    got = buf[:, 1:]
+    assert not torch.isnan(got).any(), "every slot 1..T must be written"
+    # int8 * fp32 scale rounded once to fp16/bf16 in both: equal up to a rounding tie.
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-3, atol=0)
+    assert int(count.item()) == ref_hot
+
+
+@pytest.mark.parametrize("n_hot_share", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gather_matches_reference_cpu(n_hot_share: float, dtype: torch.dtype) -> None:
+    rows = [61, 3, 250, 17, 9]
+    total = sum(rows)
+    n_hot = int(total * n_hot_share)
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    _check_gather(rows, max(n_hot, 1) if n_hot_share > 0 else 1, 37, dtype, "cpu", seed)
+
+
+def test_gather_rejects_bad_dtypes() -> None:
+    gen = torch.Generator().manual_seed(1)
+    tb = _tables([10, 10], 10, gen, "cpu")
+    out = torch.empty(4, 2, D, dtype=torch.float16)
+    with pytest.raises(TypeError, match="int32"):
+        embedding_gather(torch.zeros(4, 2, dtype=torch.int64), tb["offsets"], tb["row_position"], tb["scales"],
+                         tb["hot"], tb["cold"], out)
+    with pytest.raises(ValueError, match="out must be"):
+        embedding_gather(_ids([10, 10], 5, gen), tb["offsets"], tb["row_position"], tb["scales"],
+                         tb["hot"], tb["cold"], out)
+
+
+def _check_interaction(batch: int, tables: int, dtype: torch.dtype, device: str, pad: int) -> None:
+    bottom = torch.randn(batch, D, device=device).to(dtype)
+    emb = torch.randn(batch, tables + 1, D, device=device).to(dtype)[:, 1:]  # strided view, like the engine
+    width = D + (tables + 1) * tables // 2
+    out = torch.full((batch, width + pad), float("nan"), dtype=dtype, device=device)
+    dot_interaction(bottom, emb, out)
+    ref = dot_interaction_reference(bottom.double(), emb.double()).float()
+    got = out[:, :width].float()
+    assert not torch.isnan(got).any(), "every output column must be written"
+    if pad:
+        assert torch.isnan(out[:, width:]).all(), "padding columns must be left alone"
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < (8e-3 if dtype == torch.bfloat16 else 1e-3), err
+    # The bottom output is copied exactly.
+    assert torch.equal(out[:, :D], bottom)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_interaction_matches_reference_cpu(dtype: torch.dtype) -> None:
+    _check_interaction(batch=9, tables=26, dtype=dtype, device="cpu", pad=1)
+
+
+def test_interaction_ordering_matches_dlrm_tril() -> None:
+    # Independent of the reference: column 128 + i(i-1)/2 + j must hold <x_i, x_j> for i > j.
+    bottom = torch.randn(2, D).half()
+    emb = torch.randn(2, 26, D).half()
+    out = torch.full((2, 479), float("nan"), dtype=torch.float16)
+    dot_interaction(bottom, emb, out)
+    x = torch.cat([bottom.unsqueeze(1), emb], 1).float()
+    for i, j in ((1, 0), (2, 1), (26, 0), (26, 25), (14, 7)):
+        col = D + i * (i - 1) // 2 + j
+        expect = (x[:, i] * x[:, j]).sum(-1)
+        torch.testing.assert_close(out[:, col].float(), expect, rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_hot_share", [1.0, 0.3])
+def test_gather_full_shapes_gpu(n_hot_share: float) -> None:
+    rows = [400_000, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 300_000, 295_354, 40_334, 10, 2208,
+            11938, 155, 4, 976, 14, 399_797, 256_412, 396_649, 58_593, 12972, 108, 36]
+    total = sum(rows)
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    _check_gather(rows, int(total * n_hot_share), 27_000, torch.float16, "cuda", seed)
+    _check_gather(rows, int(total * n_hot_share), 1001, torch.bfloat16, "cuda", seed + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 777, 65_536])
+def test_interaction_full_shapes_gpu(batch: int) -> None:
+    _check_interaction(batch=batch, tables=26, dtype=torch.float16, device="cuda", pad=1)
+    _check_interaction(batch=batch, tables=26, dtype=torch.bfloat16, device="cuda", pad=0)

@@ -1,0 +1,127 @@
+"""`loadgen_driver`: MLPerf LoadGen (Offline/Server, performance/accuracy) against dlrm-daemon.
+
+Exit status: 0 success; 1 the run had errors (daemon errors, timeouts) or missed the accuracy target;
+2 it could not start (bad arguments, dataset unreadable, daemon unreachable).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from loadgen_driver.accuracy import AccuracyLogError, auc_report, score_accuracy_log
+from loadgen_driver.backend import Backend, BackendError, DaemonBackend, NullBackend
+from loadgen_driver.runner import run_test
+from loadgen_driver.settings import RunSettings, SettingsError, build_test_settings
+from loadgen_driver.summary import format_summary, read_summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loadgen_driver", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", choices=("Offline", "Server"), required=True)
+    p.add_argument("--mode", choices=("PerformanceOnly", "AccuracyOnly"), default="PerformanceOnly")
+    p.add_argument("--dataset", type=Path, required=True, help="dataset directory (formats/dataset.py)")
+    p.add_argument("--dataset-name", default=None, help="name to register with the daemon (default: dir name)")
+    p.add_argument("--endpoint", default="ipc:///run/dlrm-daemon/dispatcher.sock",
+                   help="daemon ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--backend", choices=("daemon", "null"), default="daemon",
+                   help="null: answer in process at once (LoadGen's own ceiling; no model)")
+    p.add_argument("--user-conf", type=Path, default=None, help="LoadGen user.conf (model name `dlrm`)")
+    p.add_argument("--target-qps", type=float, default=None,
+                   help="Server target / Offline expected samples per second")
+    p.add_argument("--latency-ms", type=float, default=None, help="Server p99 bound (MLPerf: 30)")
+    p.add_argument("--output-dir", type=Path, default=Path("var/loadgen"), help="LoadGen logs go here")
+    p.add_argument("--fp32-auc", type=float, default=None,
+                   help="fp32 reference AUC (0.8025 or 80.25) for the 99%% / 99.9%% check")
+    p.add_argument("--short", action="store_true",
+                   help="a short run (5 s, 1024 queries) for demos/tests; NOT of MLPerf length")
+    p.add_argument("--min-duration-s", type=float, default=None, help="override min_duration")
+    p.add_argument("--min-query-count", type=int, default=None, help="override min_query_count")
+    p.add_argument("--samples-per-request", type=int, default=2048,
+                   help="Offline's query is split into requests of this many samples")
+    p.add_argument("--max-inflight", type=int, default=64, help="requests in flight at most")
+    p.add_argument("--timeout-s", type=float, default=30.0,
+                   help="a request without reply for this long fails the run")
+    p.add_argument("--slow-sut", action="store_true", help="ConstructSUT instead of ConstructFastSUT")
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
+    return p
+
+
+def _make_backend(args: argparse.Namespace, offsets: np.ndarray) -> Backend:
+    if args.backend == "null":
+        return NullBackend(offsets)
+    name = args.dataset_name or args.dataset.resolve().name
+    return DaemonBackend(args.endpoint, name, str(args.dataset.resolve()), timeout_s=min(args.timeout_s, 10.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="loadgen_driver: %(message)s", stream=sys.stderr)
+    try:
+        from formats.dataset import Dataset, DatasetError
+    except ImportError as exc:
+        print(f"loadgen_driver: formats.dataset unavailable: {exc}", file=sys.stderr)
+        return 2
+    try:
+        dataset = Dataset.open(args.dataset)
+    except (DatasetError, OSError) as exc:
+        print(f"loadgen_driver: cannot open dataset {args.dataset}: {exc}", file=sys.stderr)
+        return 2
+    offsets = np.asarray(dataset.sample_offsets, dtype=np.int64)
+    accuracy = args.mode == "AccuracyOnly"
+    try:
+        settings, notes = build_test_settings(RunSettings(
+            args.scenario, args.mode, dataset.num_samples, args.target_qps, args.user_conf, args.short,
+            None if args.min_duration_s is None else int(args.min_duration_s * 1000),
+            args.min_query_count, args.latency_ms))
+        backend = _make_backend(args, offsets)
+    except (SettingsError, BackendError) as exc:
+        print(f"loadgen_driver: {exc}", file=sys.stderr)
+        return 2
+    if args.backend == "null":
+        notes.append("null backend: no model ran, predictions are placeholders")
+    try:
+        result = run_test(
+            backend, settings, dataset.num_samples, args.output_dir, offsets,
+            labels=np.asarray(dataset.labels) if accuracy else None,
+            samples_per_request=args.samples_per_request, max_inflight=args.max_inflight,
+            reply_timeout_s=args.timeout_s, fast_sut=not args.slow_sut,
+            progress=sys.stderr.isatty() and not args.quiet,
+        )
+    except BackendError as exc:
+        print(f"loadgen_driver: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        backend.close()
+    stats = result.stats
+    auc_lines: list[str] = []
+    ok = not stats.errors
+    if accuracy and ok:
+        fp32 = args.fp32_auc / 100 if args.fp32_auc is not None and args.fp32_auc > 1 else args.fp32_auc
+        try:
+            scored = score_accuracy_log(result.output_dir / "mlperf_log_accuracy.json")
+            auc_lines, met = auc_report(scored, fp32)
+            ok = ok and met
+        except AccuracyLogError as exc:
+            auc_lines, ok = [f"accuracy: {exc}"], False
+    summary = read_summary(result.output_dir)
+    print(format_summary(args.scenario, args.mode, summary, stats.completed_samples,
+                         stats.completed_pairs, result.wall_s, stats.error_samples,
+                         stats.complete_ns_per_sample(), notes, auc_lines))
+    print(f"logs: {result.output_dir}")
+    if stats.errors:
+        print(f"loadgen_driver: RUN FAILED: {stats.error_samples:,} samples had errors; first: "
+              f"{stats.errors[0]}", file=sys.stderr)
+        return 1
+    if not ok:
+        print("loadgen_driver: RUN FAILED: accuracy target not met", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""One LoadGen test: QSL + SUT over a backend, logs into an output directory."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlperf_loadgen as lg
+import numpy as np
+
+from loadgen_driver.backend import Backend
+from loadgen_driver.sut import DriverSUT, SutStats
+
+
+@dataclass
+class RunResult:
+    stats: SutStats
+    wall_s: float
+    output_dir: Path
+
+
+class Progress:
+    """A live line on stderr: completed samples, current rate, errors. Off when not a tty or quiet."""
+
+    def __init__(self, stats: SutStats, enabled: bool, interval_s: float = 1.0) -> None:
+        self.stats = stats
+        self.enabled = enabled
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lg-progress", daemon=True)
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            sys.stderr.write("\n")
+
+    def _loop(self) -> None:
+        last_n, last_t = 0, time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            n, t = self.stats.completed_samples, time.monotonic()
+            rate = (n - last_n) / max(t - last_t, 1e-9)
+            last_n, last_t = n, t
+            sys.stderr.write(
+                f"\r[loadgen_driver] {n:,} samples done, {rate:,.0f} samples/s, "
+                f"errors {self.stats.error_samples:,}   "
+            )
+            sys.stderr.flush()
+
+
+def run_test(
+    backend: Backend,
+    settings: lg.TestSettings,
+    num_samples: int,
+    output_dir: Path,
+    sample_offsets: np.ndarray | None,
+    labels: np.ndarray | None = None,
+    samples_per_request: int = 2048,
+    max_inflight: int = 64,
+    reply_timeout_s: float = 30.0,
+    fast_sut: bool = True,
+    progress: bool = False,
+) -> RunResult:
+    """Run LoadGen to the end; the SUT has completed every sample (with data or as an error)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    sut = DriverSUT(backend, sample_offsets, labels, samples_per_request, max_inflight, reply_timeout_s)
+    log_settings = lg.LogSettings()
+    log_settings.log_output.outdir = str(output_dir)
+    log_settings.log_output.copy_summary_to_stdout = False
+    log_settings.enable_trace = False
+    perf_count = settings.performance_sample_count_override or num_samples
+    qsl = lg.ConstructQSL(num_samples, min(perf_count, num_samples), sut.load_samples, sut.unload_samples)
+    if fast_sut:
+        handle = lg.ConstructFastSUT(sut.issue_fast, sut.flush)
+    else:
+        handle = lg.ConstructSUT(sut.issue, sut.flush)
+    sut.start()
+    t0 = time.monotonic()
+    try:
+        with Progress(sut.stats, progress):
+            lg.StartTestWithLogSettings(handle, qsl, settings, log_settings)
+    finally:
+        wall = time.monotonic() - t0
+        sut.stop()
+        (lg.DestroyFastSUT if fast_sut else lg.DestroySUT)(handle)
+        lg.DestroyQSL(qsl)
+    return RunResult(sut.stats, wall, output_dir)

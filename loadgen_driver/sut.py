@@ -1,0 +1,218 @@
+"""The LoadGen system under test: batches of sample ids out to a backend, predictions back to LoadGen.
+
+Threads: LoadGen's issue thread calls `issue` (splits a query into requests of `samples_per_request`
+samples, sends each, waits for a free slot of the `max_inflight` window); the completion thread polls the
+backend and completes each reply's samples with one `QuerySamplesComplete` call. Memory stays bounded:
+only the in-flight requests' id arrays are held (numpy, no per-sample Python objects beyond one batch).
+The one per-sample Python step is building LoadGen's `QuerySampleResponse`; its cost is measured.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import mlperf_loadgen as lg
+import numpy as np
+
+from engines.backend import pair_index
+from loadgen_driver.backend import Backend
+
+log = logging.getLogger("loadgen_driver")
+
+
+@dataclass
+class SutStats:
+    """What the run did, read by the summary and the progress line."""
+
+    issued_samples: int = 0
+    completed_samples: int = 0
+    completed_pairs: int = 0
+    requests: int = 0
+    error_samples: int = 0
+    errors: list[str] = field(default_factory=list)  # first messages, with sample ids
+    complete_seconds: float = 0.0  # building responses + QuerySamplesComplete, summed
+
+    def complete_ns_per_sample(self) -> float:
+        return 1e9 * self.complete_seconds / max(1, self.completed_samples)
+
+
+class DriverSUT:
+    """LoadGen SUT + QSL callbacks over a `Backend`.
+
+    `sample_offsets` (int64 [S+1]) maps a sample to its pairs; None means replies carry no data (the
+    null ceiling). With `labels`, each sample's response is float32 [prediction, label] per pair, the
+    layout the MLCommons accuracy-dlrm.py script reads by default.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        sample_offsets: np.ndarray | None,
+        labels: np.ndarray | None = None,
+        samples_per_request: int = 2048,
+        max_inflight: int = 64,
+        reply_timeout_s: float = 30.0,
+        poll_ms: int = 50,
+    ) -> None:
+        self.backend = backend
+        self.offsets = None if sample_offsets is None else np.asarray(sample_offsets, dtype=np.int64)
+        self.labels = labels
+        self.samples_per_request = max(1, samples_per_request)
+        self.reply_timeout_s = reply_timeout_s
+        self.poll_ms = poll_ms
+        self.stats = SutStats()
+        self.failed = threading.Event()  # after the first error: complete at once, send nothing
+        self._window = threading.Semaphore(max_inflight)
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self._lock = threading.Lock()
+        self._next_id = 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._complete_loop, name="lg-complete", daemon=True)
+
+    # -- LoadGen callbacks ---------------------------------------------------------------------
+    def issue_fast(self, response_ids: list[int], sample_indices: list[int]) -> None:
+        """ConstructFastSUT's IssueQuery: parallel lists of LoadGen response ids and sample indices."""
+        ids = np.array(response_ids, dtype=np.uint64)
+        idx = np.array(sample_indices, dtype=np.int64)
+        del response_ids, sample_indices  # the lists are LoadGen's; drop our reference early
+        self.stats.issued_samples += len(ids)
+        step = self.samples_per_request
+        for start in range(0, len(ids), step):
+            self._send(ids[start:start + step], idx[start:start + step])
+
+    def issue(self, query_samples: list) -> None:  # type: ignore[type-arg]
+        """ConstructSUT's IssueQuery (QuerySample objects), for comparison with the fast path."""
+        self.issue_fast([q.id for q in query_samples], [q.index for q in query_samples])
+
+    def flush(self) -> None:
+        pass
+
+    def load_samples(self, sample_indices: list[int]) -> None:
+        self.backend.load_samples(np.array(sample_indices, dtype=np.int64))
+
+    def unload_samples(self, sample_indices: list[int]) -> None:
+        self.backend.unload_samples(np.array(sample_indices, dtype=np.int64))
+
+    # -- sending -------------------------------------------------------------------------------
+    def _send(self, ids: np.ndarray, idx: np.ndarray) -> None:
+        while not self._window.acquire(timeout=1.0):
+            if self.failed.is_set():
+                break
+        if self.failed.is_set():
+            self._complete_empty(ids)
+            self._window.release()
+            return
+        with self._lock:
+            rid = self._next_id
+            self._next_id += 1
+            self._pending[rid] = (ids, idx, time.monotonic())
+        self.stats.requests += 1
+        try:
+            self.backend.send(rid, idx)
+        except Exception as exc:  # a send failure is an error of these samples, reported like any other
+            with self._lock:
+                entry = self._pending.pop(rid, None)
+            if entry is not None:
+                self._fail(entry, f"send failed: {type(exc).__name__}: {exc}")
+                self._window.release()
+
+    # -- completing ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, drain_timeout_s: float = 60.0) -> None:
+        """Wait for every in-flight request (LoadGen has returned, so normally none), then stop."""
+        deadline = time.monotonic() + drain_timeout_s
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    def _complete_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                replies = self.backend.poll(self.poll_ms)
+            except Exception as exc:
+                self._fail_all(f"backend poll failed: {type(exc).__name__}: {exc}")
+                time.sleep(0.1)
+                continue
+            for reply in replies:
+                with self._lock:
+                    entry = self._pending.pop(reply.request_id, None)
+                if entry is None:
+                    self._record(f"reply for unknown request {reply.request_id} ignored")
+                    continue
+                if reply.error is not None or reply.predictions is None:
+                    self._fail(entry, f"daemon error: {reply.error}")
+                else:
+                    self._complete(entry, reply.predictions)
+                self._window.release()
+            self._check_timeouts()
+
+    def _complete(self, entry: tuple[np.ndarray, np.ndarray, float], preds: np.ndarray) -> None:
+        ids, idx, _ = entry
+        t0 = time.perf_counter()
+        if self.offsets is None:
+            responses = [lg.QuerySampleResponse(i, 0, 0) for i in ids.tolist()]
+            lg.QuerySamplesComplete(responses)
+            pairs = 0
+        else:
+            starts = self.offsets[idx]
+            counts = self.offsets[idx + 1] - starts
+            pairs = int(counts.sum())
+            preds = np.ascontiguousarray(preds, dtype=np.float32)
+            if preds.shape != (pairs,):
+                self._fail(entry, f"reply has {preds.size} predictions, expected {pairs}")
+                return
+            if self.labels is not None:
+                buf = np.empty((pairs, 2), dtype=np.float32)
+                buf[:, 0] = preds
+                buf[:, 1] = self.labels[pair_index(starts, counts)]
+                width = 8
+            else:
+                buf, width = preds, 4
+            sizes = counts * width
+            ptrs = buf.ctypes.data + (np.cumsum(sizes) - sizes)
+            responses = [
+                lg.QuerySampleResponse(i, p, s)
+                for i, p, s in zip(ids.tolist(), ptrs.tolist(), sizes.tolist())
+            ]
+            # buf stays referenced until LoadGen has copied what it logs (inside this call).
+            lg.QuerySamplesComplete(responses)
+            del buf
+        self.stats.complete_seconds += time.perf_counter() - t0
+        self.stats.completed_samples += len(ids)
+        self.stats.completed_pairs += pairs
+
+    def _complete_empty(self, ids: np.ndarray) -> None:
+        lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids.tolist()])
+
+    def _record(self, message: str) -> None:
+        self.failed.set()
+        if len(self.stats.errors) < 20:
+            self.stats.errors.append(message)
+        log.error("%s", message)
+
+    def _fail(self, entry: tuple[np.ndarray, np.ndarray, float], why: str) -> None:
+        """Count and log the samples, then complete them without data so LoadGen can finish."""
+        ids, idx, _ = entry
+        self.stats.error_samples += len(ids)
+        shown = ",".join(str(i) for i in idx[:16].tolist()) + (",..." if len(idx) > 16 else "")
+        self._record(f"{why} ({len(idx)} samples; sample ids {shown})")
+        self._complete_empty(ids)
+
+    def _fail_all(self, why: str) -> None:
+        with self._lock:
+            entries = list(self._pending.values())
+            self._pending.clear()
+        for entry in entries:
+            self._fail(entry, why)
+            self._window.release()
+
+    def _check_timeouts(self) -> None:
+        with self._lock:
+            oldest = next(iter(self._pending.values()), None)
+        if oldest is not None and time.monotonic() - oldest[2] > self.reply_timeout_s:
+            self._fail_all(f"no reply from the backend within {self.reply_timeout_s:g} s")

@@ -1,0 +1,153 @@
+"""loadgen_driver through the real LoadGen with the in-process null backend (no daemon)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from formats.dataset import Dataset, DatasetWriter
+from loadgen_driver.accuracy import read_accuracy_log, score_accuracy_log
+from loadgen_driver.backend import NullBackend
+from loadgen_driver.cli import main
+from loadgen_driver.settings import RunSettings, build_test_settings
+from loadgen_driver.summary import read_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dataset(path: Path, num_samples: int = 300, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 9, num_samples)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(offsets[-1])
+    table_rows = [50] * 26
+    w = DatasetWriter(path, table_rows, "test")
+    w.append(rng.integers(0, 2, n).astype(np.float32), rng.random((n, 13), dtype=np.float32),
+             rng.integers(0, 50, (n, 26)).astype(np.int32))
+    w.finish(offsets)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("ds") / "small")
+
+
+def test_settings_carry_dlrm_v1_values() -> None:
+    ts, notes = build_test_settings(RunSettings("Server", "PerformanceOnly", 330067, target_qps=1000.0))
+    assert ts.server_target_latency_ns == 30_000_000
+    assert ts.min_query_count == 270336
+    assert ts.min_duration_ms == 600_000
+    assert ts.performance_sample_count_override == 204800
+    assert ts.server_coalesce_queries
+    assert ts.server_target_qps == 1000.0
+    assert notes == []
+    ts, notes = build_test_settings(RunSettings("Offline", "PerformanceOnly", 1000, short=True))
+    assert ts.min_query_count < 24576 and ts.performance_sample_count_override == 1000
+    assert any("NOT an MLPerf-length run" in n for n in notes)
+
+
+def test_user_conf_overrides_defaults(tmp_path: Path) -> None:
+    conf = tmp_path / "user.conf"
+    conf.write_text("dlrm.Server.target_qps = 4321\n*.Server.target_latency = 15\n"
+                    "dlrm.Server.min_query_count = 77\n")
+    ts, _ = build_test_settings(RunSettings("Server", "PerformanceOnly", 1000, user_conf=conf))
+    assert ts.server_target_qps == 4321.0
+    assert ts.min_query_count == 77
+    # Our explicit dlrm.Server.target_latency (30) is more specific than the user's wildcard line.
+    assert ts.server_target_latency_ns == 30_000_000
+
+
+# Offline gets min_duration 0: a SUT faster than target_qps would end early and be INVALID.
+@pytest.mark.parametrize("scenario,qps,secs", [("Offline", 20000, "0"), ("Server", 2000, "1")])
+def test_performance_run_null_backend(dataset: Path, tmp_path: Path, scenario: str, qps: int,
+                                      secs: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "logs"
+    rc = main(["--scenario", scenario, "--dataset", str(dataset), "--backend", "null",
+               "--target-qps", str(qps), "--min-duration-s", secs, "--min-query-count", "200",
+               "--samples-per-request", "64", "--output-dir", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    summary = read_summary(out)
+    assert summary.result == "VALID", printed
+    assert f"loadgen_driver: {scenario} PerformanceOnly" in printed
+    assert "NOT an MLPerf-length run" in printed
+    assert "latency: p50" in printed and "samples/s" in printed
+    for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt", "mlperf_log_accuracy.json"):
+        assert (out / name).exists()
+
+
+def test_accuracy_log_holds_prediction_label_pairs(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "acc"
+    rc = main(["--scenario", "Offline", "--mode", "AccuracyOnly", "--dataset", str(dataset),
+               "--backend", "null", "--samples-per-request", "37", "--output-dir", str(out), "--quiet"])
+    assert rc == 0
+    ds = Dataset.open(dataset)
+    preds, labels, order = read_accuracy_log(out / "mlperf_log_accuracy.json")
+    assert sorted(order.tolist()) == list(range(ds.num_samples))
+    # Independent reconstruction: the pairs of each logged sample, in log order.
+    pairs = np.concatenate([np.arange(ds.sample_offsets[s], ds.sample_offsets[s + 1]) for s in order])
+    np.testing.assert_array_equal(labels, ds.labels[pairs])
+    expected = ((pairs * 2654435761) % 1000003 / 1000003.0).astype(np.float32)
+    np.testing.assert_array_equal(preds, expected)
+    from sklearn.metrics import roc_auc_score
+
+    assert score_accuracy_log(out / "mlperf_log_accuracy.json").auc == pytest.approx(
+        roc_auc_score(ds.labels[pairs], expected), abs=1e-12)
+
+
+class _FailingBackend(NullBackend):
+    """Answers request 3 with an error (as the daemon would with ENGINE_FAILED)."""
+
+    def send(self, request_id: int, sample_ids: np.ndarray) -> None:
+        if request_id == 3:
+            from loadgen_driver.backend import Reply
+
+            self._replies.put(Reply(request_id, None, "ENGINE_FAILED: boom"))
+        else:
+            super().send(request_id, sample_ids)
+
+
+class _SilentBackend(NullBackend):
+    def send(self, request_id: int, sample_ids: np.ndarray) -> None:
+        pass  # never answers: the driver must time out, not hang
+
+
+@pytest.mark.parametrize("backend_cls,needle", [(_FailingBackend, "ENGINE_FAILED: boom"),
+                                                (_SilentBackend, "no reply from the backend")])
+def test_backend_errors_fail_the_run(dataset: Path, tmp_path: Path, backend_cls: type,
+                                     needle: str) -> None:
+    from loadgen_driver.runner import run_test
+
+    ds = Dataset.open(dataset)
+    ts, _ = build_test_settings(RunSettings("Offline", "PerformanceOnly", ds.num_samples,
+                                            target_qps=1000, min_duration_ms=200, min_query_count=100))
+    result = run_test(backend_cls(ds.sample_offsets), ts, ds.num_samples, tmp_path, ds.sample_offsets,
+                      samples_per_request=16, reply_timeout_s=1.0)
+    assert result.stats.error_samples > 0
+    assert any(needle in e and "sample ids" in e for e in result.stats.errors)
+
+
+def test_summary_parser_reports_invalid_reasons(tmp_path: Path) -> None:
+    (tmp_path / "mlperf_log_summary.txt").write_text(
+        "SUT name : PyFastSUT\nScenario : Server\nMode     : PerformanceOnly\n"
+        "Completed samples per second    : 1234.5\nResult is : INVALID\n"
+        "  Performance constraints satisfied : NO\n  Min duration satisfied : Yes\n"
+        "\n99.00 percentile latency (ns)   : 45000000\n")
+    s = read_summary(tmp_path)
+    assert s.result == "INVALID"
+    assert s.failed_checks() == ["Performance constraints satisfied : NO"]
+    assert s.number("Completed samples per second") == 1234.5
+    assert s.number("99.00 percentile latency (ns)") == 45e6
+
+
+def test_cli_bad_dataset_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "loadgen_driver.cli", "--scenario", "Offline",
+                           "--dataset", str(tmp_path / "nope"), "--backend", "null"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "cannot open dataset" in proc.stderr

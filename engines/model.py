@@ -1,0 +1,252 @@
+"""DLRM v1 (MLPerf Inference, SPEC "The model") as a PyTorch module and its checkpoint loader.
+
+The state-dict keys are exactly those of facebookresearch/dlrm `DLRM_Net`, so the real checkpoint
+`tb00_40M.pt` loads without renaming. The MLP / interaction math lives in functions shared with the int8
+reference (engines/reference.py), so both paths compute the same graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+NUM_TABLES = 26
+
+# SPEC: Criteo Terabyte table sizes with the 40M index limit, in feature order.
+MLPERF_TABLE_ROWS: tuple[int, ...] = (
+    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10, 2208,
+    11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not a DLRM v1 state dict (names missing/unexpected keys and bad shapes)."""
+
+
+@dataclass(frozen=True)
+class DLRMConfig:
+    table_rows: tuple[int, ...]
+    embedding_dim: int = 128
+    dense_features: int = 13
+    bottom_mlp: tuple[int, ...] = (512, 256, 128)
+    top_mlp: tuple[int, ...] = (1024, 1024, 512, 256, 1)
+
+    def __post_init__(self) -> None:
+        if len(self.table_rows) == 0 or any(int(r) < 1 for r in self.table_rows):
+            raise ValueError(f"table_rows must be positive, got {self.table_rows}")
+        if self.bottom_mlp[-1] != self.embedding_dim:
+            # The interaction stacks the bottom output with the embeddings: widths must agree.
+            raise ValueError(
+                f"bottom_mlp must end at embedding_dim {self.embedding_dim}, got {self.bottom_mlp}"
+            )
+        if self.top_mlp[-1] != 1:
+            raise ValueError(f"top_mlp must end with 1 output, got {self.top_mlp}")
+
+    @classmethod
+    def mlperf(cls) -> "DLRMConfig":
+        return cls(table_rows=MLPERF_TABLE_ROWS)
+
+    def scaled(self, scale: float, cap: int | None = None) -> "DLRMConfig":
+        """Same dims, each table's rows multiplied by `scale` (at least 1) and capped at `cap`."""
+        rows = [max(1, int(math.ceil(r * scale))) for r in self.table_rows]
+        if cap is not None:
+            rows = [min(r, int(cap)) for r in rows]
+        return replace(self, table_rows=tuple(rows))
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.table_rows)
+
+    @property
+    def total_rows(self) -> int:
+        return int(sum(self.table_rows))
+
+    @property
+    def interaction_width(self) -> int:
+        n = self.num_tables + 1
+        return self.embedding_dim + n * (n - 1) // 2
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every state-dict key of DLRM_Net with its shape."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for t, rows in enumerate(self.table_rows):
+            shapes[f"emb_l.{t}.weight"] = (int(rows), self.embedding_dim)
+        for prefix, widths, fan_in in (
+            ("bot_l", self.bottom_mlp, self.dense_features),
+            ("top_l", self.top_mlp, self.interaction_width),
+        ):
+            for i, out in enumerate(widths):
+                shapes[f"{prefix}.{2 * i}.weight"] = (out, fan_in)
+                shapes[f"{prefix}.{2 * i}.bias"] = (out,)
+                fan_in = out
+        return shapes
+
+    def mlp_keys(self) -> list[str]:
+        return [k for k in self.expected_shapes() if not k.startswith("emb_l.")]
+
+
+def interaction(bottom: Tensor, emb: Tensor) -> Tensor:
+    """SPEC dot interaction: [N,d] bottom output and [N,T,d] embeddings -> [N, d + (T+1)T/2].
+
+    Strict lower triangle in row-major order (i > j), as DLRM_Net's li/lj lists.
+    """
+    t = torch.cat([bottom.unsqueeze(1), emb], dim=1)
+    z = torch.bmm(t, t.transpose(1, 2))
+    n = t.shape[1]
+    li, lj = torch.tril_indices(n, n, offset=-1, device=t.device)
+    return torch.cat([bottom, z[:, li, lj]], dim=1)
+
+
+def mlp_forward(weights: Mapping[str, Tensor], config: DLRMConfig, dense: Tensor, emb: Tensor) -> Tensor:
+    """Bottom MLP (ReLU after every layer), interaction, top MLP (ReLU between, sigmoid) -> [N]."""
+    x = dense
+    for i in range(len(config.bottom_mlp)):
+        x = torch.relu(torch.nn.functional.linear(x, weights[f"bot_l.{2 * i}.weight"], weights[f"bot_l.{2 * i}.bias"]))
+    x = interaction(x, emb)
+    last = len(config.top_mlp) - 1
+    for i in range(len(config.top_mlp)):
+        x = torch.nn.functional.linear(x, weights[f"top_l.{2 * i}.weight"], weights[f"top_l.{2 * i}.bias"])
+        if i < last:
+            x = torch.relu(x)
+    return torch.sigmoid(x).reshape(-1)
+
+
+class DLRM(torch.nn.Module):
+    """DLRM v1 with DLRM_Net's state-dict layout (nn.Sequential indices: Linear at even positions)."""
+
+    def __init__(self, config: DLRMConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.emb_l = torch.nn.ModuleList(
+            torch.nn.EmbeddingBag(int(r), config.embedding_dim, mode="sum", device=device)
+            for r in config.table_rows
+        )
+        self.bot_l = _mlp(config.dense_features, config.bottom_mlp, device)
+        self.top_l = _mlp(config.interaction_width, config.top_mlp, device)
+
+    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
+        """[N, 13] float32, [N, 26] int -> [N] click probabilities."""
+        # One index per table per pair: an EmbeddingBag sum over one row is that row.
+        sparse = sparse.long()
+        emb = torch.stack([bag.weight[sparse[:, t]] for t, bag in enumerate(self.emb_l)], dim=1)
+        weights = {k: v for k, v in self.named_parameters() if not k.startswith("emb_l.")}
+        return mlp_forward(weights, self.config, dense, emb)
+
+
+def _mlp(fan_in: int, widths: tuple[int, ...], device: torch.device | str | None) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    for out in widths:
+        layers += [torch.nn.Linear(fan_in, out, device=device), torch.nn.ReLU()]
+        fan_in = out
+    return torch.nn.Sequential(*layers)
+
+
+def _state_dict_of(obj: Any) -> Mapping[str, Any]:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        return obj["state_dict"]
+    if isinstance(obj, Mapping):
+        return obj
+    raise CheckpointError(f"checkpoint is a {type(obj).__name__}, not a state dict")
+
+
+def _max_index(keys: list[str], prefix: str) -> int:
+    idx = [int(k.split(".")[1]) for k in keys if k.startswith(prefix + ".") and k.split(".")[1].isdigit()]
+    return max(idx) if idx else -1
+
+
+def infer_config(state: Mapping[str, Any]) -> DLRMConfig:
+    """Config from the shapes of a DLRM_Net state dict; CheckpointError naming every problem."""
+    keys = [str(k) for k in state]
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    not_tensors = sorted(k for k in keys if k not in tensors)
+
+    def rows_of(key: str, dim: int) -> int | None:
+        v = tensors.get(key)
+        return int(v.shape[dim]) if v is not None and v.dim() > dim else None
+
+    table_rows = [rows_of(f"emb_l.{t}.weight", 0) or 1 for t in range(NUM_TABLES)]
+    dim = rows_of("emb_l.0.weight", 1) or 128
+    n_bot = _max_index(keys, "bot_l") // 2 + 1
+    n_top = _max_index(keys, "top_l") // 2 + 1
+    problems: list[str] = []
+    if n_bot < 1 or n_top < 1:
+        problems.append(f"no bottom/top MLP layers (bot_l.*: {n_bot}, top_l.*: {n_top})")
+    bottom = tuple(rows_of(f"bot_l.{2 * i}.weight", 0) or 0 for i in range(max(n_bot, 0)))
+    top = tuple(rows_of(f"top_l.{2 * i}.weight", 0) or 0 for i in range(max(n_top, 0)))
+    dense = rows_of("bot_l.0.weight", 1) or 13
+    config: DLRMConfig | None = None
+    if not problems:
+        try:
+            config = DLRMConfig(tuple(table_rows), dim, dense, bottom, top)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if config is not None:
+        expected = config.expected_shapes()
+        missing = sorted(set(expected) - set(keys))
+        unexpected = sorted(set(keys) - set(expected))
+        if missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        bad = [
+            f"{k} has shape {tuple(tensors[k].shape)}, expected {shape}"
+            for k, shape in expected.items()
+            if k in tensors and tuple(tensors[k].shape) != shape
+        ]
+        if bad:
+            problems.append("mismatched shapes: " + "; ".join(bad))
+        bad_dtype = [k for k in expected if k in tensors and not tensors[k].is_floating_point()]
+        if bad_dtype:
+            problems.append("not floating point: " + ", ".join(bad_dtype))
+    if not_tensors:
+        problems.append("not tensors: " + ", ".join(not_tensors))
+    if problems:
+        raise CheckpointError("not a DLRM v1 checkpoint: " + " | ".join(problems))
+    assert config is not None
+    return config
+
+
+def load_dlrm_checkpoint(path_or_obj: str | Path | Mapping[str, Any]) -> tuple[DLRMConfig, dict[str, Tensor]]:
+    """(config, state dict) from a path (memory-mapped, never read whole) or an already loaded object."""
+    if isinstance(path_or_obj, (str, Path)):
+        path = Path(path_or_obj)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        try:
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt / legacy / pickled files
+            raise CheckpointError(f"{path}: cannot load as a torch zip checkpoint: {exc}") from exc
+    else:
+        obj = path_or_obj
+    state = _state_dict_of(obj)
+    config = infer_config(state)
+    return config, {k: state[k] for k in config.expected_shapes()}
+
+
+def load_dlrm_state_dict(obj: str | Path | Mapping[str, Any]) -> DLRM:
+    """A DLRM module sharing the checkpoint's tensors (no copy: built on the meta device)."""
+    config, state = load_dlrm_checkpoint(obj)
+    model = DLRM(config, device="meta")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return model.eval()
+
+
+def random_state_dict(config: DLRMConfig, seed: int = 0) -> dict[str, Tensor]:
+    """A DLRM_Net-shaped state dict with DLRM_Net-like random init (for synthetic models and tests)."""
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, Tensor] = {}
+    for key, shape in config.expected_shapes().items():
+        if key.startswith("emb_l."):
+            # DLRM_Net initialises tables uniform in +-sqrt(1/rows).
+            bound = math.sqrt(1.0 / shape[0])
+            state[key] = (torch.rand(shape, generator=g) * 2 - 1) * bound
+        elif key.endswith(".weight"):
+            std = math.sqrt(2.0 / (shape[0] + shape[1]))
+            state[key] = torch.randn(shape, generator=g) * std
+        else:
+            state[key] = torch.randn(shape, generator=g) * math.sqrt(1.0 / shape[0])
+    return state

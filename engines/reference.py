@@ -1,0 +1,69 @@
+"""Reference forwards (pure PyTorch): the oracle every engine is tested against.
+
+`Int8Reference` runs the served artifact: int8 rows read through the hot/cold placement and dequantized
+as q.float() * scale[t], then the same MLP/interaction code as the fp32 DLRM module. `Fp32Reference`
+runs the fp32 model straight from a checkpoint (memory-mapped).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from engines.model import DLRM, load_dlrm_state_dict, mlp_forward
+from engines.placement import Placement
+from formats.artifact import Artifact
+
+
+class Int8Reference:
+    def __init__(self, artifact: Artifact, gpu_part: float = 1.0) -> None:
+        self.artifact = artifact
+        self.config = artifact.config
+        self.placement = Placement.from_artifact(artifact, gpu_part)
+        n_hot = self.placement.n_hot
+        # The two tiers as separate views, so a lookup really goes through the split.
+        self.hot = artifact.embeddings[:n_hot]
+        self.cold = artifact.embeddings[n_hot:]
+        self.scales = torch.from_numpy(np.asarray(artifact.scales, dtype=np.float32))
+        self.weights = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in artifact.mlp.items()}
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        """int8 [n, T, dim] rows for file positions, hot rows from the hot tier, cold from the cold."""
+        n_hot = self.placement.n_hot
+        flat = positions.reshape(-1)
+        out = np.empty((flat.size, self.config.embedding_dim), dtype=np.int8)
+        is_hot = flat < n_hot
+        out[is_hot] = self.hot[flat[is_hot]]
+        out[~is_hot] = self.cold[flat[~is_hot] - n_hot]
+        return out.reshape(*positions.shape, self.config.embedding_dim)
+
+    def predict_positions(self, dense: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        emb = torch.from_numpy(self.gather(positions)).float() * self.scales[None, :, None]
+        with torch.no_grad():
+            out = mlp_forward(self.weights, self.config, torch.from_numpy(np.asarray(dense, dtype=np.float32)), emb)
+        return out.numpy()
+
+    def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        """float32 [n] click probabilities for dense float32 [n, 13] and sparse int [n, 26]."""
+        return self.predict_positions(dense, self.placement.positions(sparse))
+
+
+class Fp32Reference:
+    """The fp32 model of a checkpoint (path, memory-mapped; or a loaded state dict)."""
+
+    def __init__(self, checkpoint: str | Path | Mapping[str, Any]) -> None:
+        self.model: DLRM = load_dlrm_state_dict(checkpoint)
+        self.config = self.model.config
+
+    def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = self.model(torch.from_numpy(np.asarray(dense, dtype=np.float32)),
+                             torch.from_numpy(np.asarray(sparse, dtype=np.int64)))
+        return out.numpy()
+
+
+def fp32_forward_from_checkpoint(checkpoint: str | Path | Mapping[str, Any], dense: np.ndarray,
+                                 sparse: np.ndarray) -> np.ndarray:
+    return Fp32Reference(checkpoint).predict(dense, sparse)

@@ -1,0 +1,284 @@
+"""`dlrm-prepare criteo`: Criteo Terabyte day files (TSV, plain or .gz) -> dataset directory.
+
+Categorical ids come either from a modulus per table (``--model ARTIFACT`` or ``--table-rows``:
+``id = int(hex, 16) % table_rows[t]``) or from per-feature dictionaries built over
+``--dictionary-days`` the way facebookresearch/dlrm ``data_utils.getCriteoAdData`` does for the
+MLPerf model: ``v = int(hex, 16) % max_ind_range`` (40 M), then each distinct ``v`` of feature ``t``
+gets the next id in order of first appearance over the dictionary days (their ``convertDicts``
+insertion order). The sample partition uses the MLCommons rule (formats.trace, seed 123) or a
+given trace file. Optionally counts row accesses into ``row_frequencies.bin`` (SPEC).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from formats.dataset import DatasetError, DatasetWriter
+from formats.frequencies import write_row_frequencies
+from formats.trace import TraceError, read_trace, reference_sample_sizes
+from prepare.criteo_parse import (N_CAT, CriteoFormatError, count_lines, dense_transform,
+                                  iter_line_blocks, parse_block)
+
+MLPERF_MAX_IND_RANGE = 40_000_000
+
+
+class CriteoError(ValueError):
+    """A preprocessing failure with a message for the user (bad input, bad options)."""
+
+
+class ModuloMap:
+    """``id = value % table_rows[t]``."""
+
+    def __init__(self, table_rows: Sequence[int]) -> None:
+        if len(table_rows) != N_CAT or min(table_rows) <= 0:
+            raise CriteoError(f"need {N_CAT} positive table sizes, got {list(table_rows)}")
+        self.table_rows = tuple(int(r) for r in table_rows)
+        self._rows = np.asarray(self.table_rows, dtype=np.uint64)
+
+    def __call__(self, cats: np.ndarray) -> np.ndarray:
+        return (cats % self._rows).astype(np.int32)
+
+
+@dataclass
+class _FeatureDict:
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))   # sorted
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))     # id of keys[i]
+
+    def observe(self, values: np.ndarray) -> None:
+        uniq, first = np.unique(values, return_index=True)
+        if len(self.keys):
+            pos = np.minimum(np.searchsorted(self.keys, uniq), len(self.keys) - 1)
+            fresh = self.keys[pos] != uniq
+            uniq, first = uniq[fresh], first[fresh]
+        if not len(uniq):
+            return
+        # New ids in order of first appearance within this block (after all earlier blocks).
+        rank = np.empty(len(uniq), np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+        keys = np.concatenate([self.keys, uniq])
+        ids = np.concatenate([self.ids, len(self.keys) + rank])
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.ids = keys[order], ids[order]
+
+    def lookup(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not len(self.keys):
+            return np.zeros(len(values), np.int64), np.zeros(len(values), bool)
+        pos = np.minimum(np.searchsorted(self.keys, values), len(self.keys) - 1)
+        return self.ids[pos], self.keys[pos] == values
+
+
+class DictionaryMap:
+    """Per-feature dictionaries: value % max_ind_range -> contiguous id by first appearance."""
+
+    def __init__(self, max_ind_range: int = MLPERF_MAX_IND_RANGE) -> None:
+        self.max_ind_range = np.uint64(max_ind_range)
+        self.features = [_FeatureDict() for _ in range(N_CAT)]
+
+    def observe(self, cats: np.ndarray) -> None:
+        cats = cats % self.max_ind_range
+        for t, d in enumerate(self.features):
+            d.observe(cats[:, t])
+
+    @property
+    def table_rows(self) -> tuple[int, ...]:
+        return tuple(max(1, len(d.keys)) for d in self.features)
+
+    def __call__(self, cats: np.ndarray) -> np.ndarray:
+        cats = cats % self.max_ind_range
+        out = np.empty(cats.shape, np.int32)
+        for t, d in enumerate(self.features):
+            ids, found = d.lookup(cats[:, t])
+            if not found.all():
+                r = int(np.argmin(found))
+                raise CriteoError(
+                    f"categorical feature {t}: value {int(cats[r, t])} (pair {r} of its block) is "
+                    "not in the dictionary; include this day in --dictionary-days"
+                )
+            out[:, t] = ids
+        return out
+
+
+def _bar(total: int, desc: str):  # type: ignore[no-untyped-def]
+    try:
+        from prepare.progress import progress
+        return progress(total, desc, unit="B")
+    except ImportError:  # pragma: no cover - progress.py is another module's; tqdm is the fallback
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not sys.stderr.isatty())
+
+
+@dataclass
+class PrepareResult:
+    num_pairs: int = 0
+    num_samples: int = 0
+    lines: int = 0
+    bad_lines: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+    first_bad: list[str] = field(default_factory=list)
+
+
+def build_dictionaries(files: Sequence[Path], max_ind_range: int, skip_bad: bool,
+                       block_bytes: int = 8 << 20) -> DictionaryMap:
+    dmap = DictionaryMap(max_ind_range)
+    total = sum(p.stat().st_size for p in files)
+    with _bar(total, "dictionaries") as bar:
+        for path in files:
+            for data, line in iter_line_blocks(path, block_bytes, bar.update):
+                dmap.observe(parse_block(data, str(path), line, skip_bad).cats)
+    return dmap
+
+
+def preprocess(files: Sequence[Path], mapper: ModuloMap | DictionaryMap, out: Path | None,
+               freq_out: Path | None = None, trace: Path | None = None, seed: int = 123,
+               max_pairs: int | None = None, skip_bad: bool = False,
+               block_bytes: int = 8 << 20) -> PrepareResult:
+    """Parse ``files`` in order into a dataset at ``out`` (first ``max_pairs`` good lines) and/or
+    count per-row accesses of all their lines into ``freq_out``. Raises CriteoFormatError,
+    CriteoError, DatasetError, TraceError."""
+    res = PrepareResult()
+    table_rows = mapper.table_rows
+    writer = DatasetWriter(out, table_rows, "criteo:" + ",".join(p.name for p in files)) if out else None
+    counts = [np.zeros(r, np.int64) for r in table_rows] if freq_out else None
+    limit = max_pairs if max_pairs is not None else np.iinfo(np.int64).max
+    t0 = time.perf_counter()
+    try:
+        with _bar(sum(p.stat().st_size for p in files), "criteo") as bar:
+            for path in files:
+                for data, line in iter_line_blocks(path, block_bytes, bar.update):
+                    res.input_bytes += len(data)
+                    blk = parse_block(data, str(path), line, skip_bad)
+                    res.lines += data.count(b"\n")
+                    if blk.bad_lines:
+                        res.bad_lines += blk.bad_lines
+                        if blk.first_bad and len(res.first_bad) < 5:
+                            res.first_bad.append(blk.first_bad)
+                    ids = mapper(blk.cats)
+                    if counts is not None:
+                        _count_rows(counts, ids)
+                    if writer is not None and res.num_pairs < limit:
+                        n = int(min(len(ids), limit - res.num_pairs))
+                        writer.append(blk.labels[:n].astype(np.float32),
+                                      dense_transform(blk.ints[:n]), ids[:n])
+                        res.num_pairs += n
+                    if counts is None and res.num_pairs >= limit:
+                        break
+                if counts is None and res.num_pairs >= limit:
+                    break
+        if writer is not None:
+            offsets = read_trace(trace) if trace else reference_sample_sizes(res.num_pairs, seed)
+            if offsets[-1] != res.num_pairs:
+                raise CriteoError(f"{trace}: covers {int(offsets[-1])} pairs, the data has "
+                                  f"{res.num_pairs}")
+            writer.finish(offsets)
+            res.num_samples = len(offsets) - 1
+            writer = None
+        if counts is not None and freq_out is not None:
+            write_row_frequencies(freq_out, [c.astype(np.float32) for c in counts])
+    finally:
+        if writer is not None:
+            writer.abort()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _count_rows(counts: list[np.ndarray], ids: np.ndarray) -> None:
+    for t, c in enumerate(counts):
+        col = ids[:, t]
+        if len(c) <= 4 * len(col):
+            c += np.bincount(col, minlength=len(c))
+        else:
+            u, k = np.unique(col, return_counts=True)
+            c[u] += k
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("files", nargs="+", type=Path, metavar="DAY_FILE",
+                        help="Criteo TSV day files, plain or gzip, processed in the given order")
+    parser.add_argument("--out", type=Path, help="dataset directory to write")
+    ids = parser.add_mutually_exclusive_group(required=True)
+    ids.add_argument("--model", type=Path, metavar="ARTIFACT",
+                     help="take table sizes from this model artifact; id = int(hex,16) %% rows[t]")
+    ids.add_argument("--table-rows", metavar="N[,N...]",
+                     help="26 comma-separated table sizes (or one for all); id = int(hex,16) %% rows[t]")
+    ids.add_argument("--dictionary-days", nargs="+", type=Path, metavar="DAY_FILE",
+                     help="build per-feature dictionaries (reference rule) over these day files")
+    parser.add_argument("--max-ind-range", type=int, default=MLPERF_MAX_IND_RANGE,
+                        help="modulus applied before the dictionaries (default 40,000,000)")
+    parser.add_argument("--trace", type=Path,
+                        help="take the sample partition from this trace file (start, end, count)")
+    parser.add_argument("--seed", type=int, default=123, help="numpy seed of the reference partition")
+    parser.add_argument("--max-pairs", type=int, help="keep only the first N good lines")
+    parser.add_argument("--first-half", action="store_true",
+                        help="keep the first ceil(lines/2) lines (the MLPerf test set of day_23)")
+    parser.add_argument("--count-frequencies-out", type=Path, metavar="row_frequencies.bin",
+                        help="count row accesses over all lines of DAY_FILEs into this file "
+                             "(with --out omitted, only counts)")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="drop malformed lines (counted and reported) instead of stopping")
+    parser.add_argument("--block-mb", type=int, default=8, help="read block size in MiB")
+
+
+def _mapper(args: argparse.Namespace) -> ModuloMap | DictionaryMap:
+    block = args.block_mb << 20
+    if args.dictionary_days:
+        return build_dictionaries(args.dictionary_days, args.max_ind_range, args.skip_bad_lines, block)
+    if args.model:
+        from formats.artifact import read_meta
+        return ModuloMap([int(r) for r in read_meta(Path(args.model))["table_rows"]])
+    try:
+        rows = [int(r) for r in str(args.table_rows).split(",")]
+    except ValueError as exc:
+        raise CriteoError(f"--table-rows: {exc}") from exc
+    return ModuloMap(rows * N_CAT if len(rows) == 1 else rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out is None and args.count_frequencies_out is None:
+        print("dlrm-prepare criteo: error: give --out and/or --count-frequencies-out", file=sys.stderr)
+        return 2
+    try:
+        for p in [*args.files, *(args.dictionary_days or [])]:
+            if not p.is_file():
+                raise CriteoError(f"{p}: no such file")
+        mapper = _mapper(args)
+        max_pairs = args.max_pairs
+        if args.first_half:
+            half = -(-sum(count_lines(p) for p in args.files) // 2)
+            max_pairs = half if max_pairs is None else min(max_pairs, half)
+        res = preprocess(args.files, mapper, args.out, args.count_frequencies_out, args.trace,
+                         args.seed, max_pairs, args.skip_bad_lines, args.block_mb << 20)
+    except (CriteoFormatError, CriteoError, DatasetError, TraceError, OSError) as exc:
+        print(f"dlrm-prepare criteo: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # ArtifactError and other typed input errors
+        print(f"dlrm-prepare criteo: error: {exc}", file=sys.stderr)
+        return 1
+    mb = res.input_bytes / 1e6
+    print(f"parsed {res.lines} lines ({mb:.1f} MB) in {res.seconds:.2f} s "
+          f"({mb / max(res.seconds, 1e-9):.1f} MB/s)")
+    if args.out:
+        print(f"wrote {res.num_pairs} pairs in {res.num_samples} samples to {args.out}")
+    if args.count_frequencies_out:
+        print(f"wrote row frequencies to {args.count_frequencies_out}")
+    if res.bad_lines:
+        print(f"skipped {res.bad_lines} malformed lines; first: " + " | ".join(res.first_bad))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dlrm-prepare criteo")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= var/demo
 
-.PHONY: demo test test-gpu install clean bench-dispatcher bench-driver
+.PHONY: demo test test-deps test-gpu install clean bench-dispatcher bench-driver
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,8 +17,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m prepare.demo --dir $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q
+
+# Tools the operations tests run (promtool, prometheus, systemd-analyze): Debian packages.
+test-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v systemd-analyze >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] || { echo "test-deps: run as root or: apt-get install prometheus systemd" >&2; exit 1; }; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus systemd; }
 
 # On the GPU machine (no venv there): python3 -m pytest -m gpu
 test-gpu:

@@ -42,7 +42,7 @@ class Int8Reference:
     def predict_positions(self, dense: np.ndarray, positions: np.ndarray) -> np.ndarray:
         emb = torch.from_numpy(self.gather(positions)).float() * self.scales[None, :, None]
         with torch.no_grad():
-            out = mlp_forward(self.weights, self.config, torch.from_numpy(np.asarray(dense, dtype=np.float32)), emb)
+            out = mlp_forward(self.weights, self.config, torch.tensor(np.asarray(dense, dtype=np.float32)), emb)
         return out.numpy()
 
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
@@ -59,8 +59,8 @@ class Fp32Reference:
 
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            out = self.model(torch.from_numpy(np.asarray(dense, dtype=np.float32)),
-                             torch.from_numpy(np.asarray(sparse, dtype=np.int64)))
+            out = self.model(torch.tensor(np.asarray(dense, dtype=np.float32)),
+                             torch.tensor(np.asarray(sparse, dtype=np.int64)))
         return out.numpy()
 
 

@@ -1,0 +1,80 @@
+"""CPU engine backend: the int8 reference forward over both tiers in host memory.
+
+It counts hot/cold lookups with the same Placement as the GPU engine, so its metrics mean the same thing;
+datasets are memory-mapped (formats.dataset), and by-reference batches are gathered with array ops.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engines.backend import BatchStats, pair_index
+from engines.reference import Int8Reference
+from formats.artifact import Artifact
+from formats.dataset import Dataset
+
+
+class BackendError(ValueError):
+    """A request the backend cannot serve (unknown dataset, ranges out of bounds, bad shapes)."""
+
+
+class CpuBackend:
+    def __init__(self, artifact_path: Path | str, gpu_part: float = 1.0, device: str = "cpu") -> None:
+        self.device = device
+        self.artifact = Artifact.open(Path(artifact_path))
+        self.reference = Int8Reference(self.artifact, gpu_part)
+        self.placement = self.reference.placement
+        self.datasets: dict[str, Dataset] = {}
+
+    def register_dataset(self, name: str, path: Path) -> None:
+        ds = Dataset.open(Path(path))
+        model_rows = self.artifact.config.table_rows
+        too_big = [t for t, r in enumerate(ds.table_rows) if r > model_rows[t]]
+        if too_big:
+            raise BackendError(
+                f"dataset {name} ({path}): tables {too_big} have more ids "
+                f"({[ds.table_rows[t] for t in too_big]}) than the model's rows ({[model_rows[t] for t in too_big]})"
+            )
+        self.datasets[name] = ds
+
+    def infer_by_ref(self, dataset: str, pair_starts: np.ndarray, pair_counts: np.ndarray,
+                     out: np.ndarray) -> BatchStats:
+        ds = self.datasets.get(dataset)
+        if ds is None:
+            raise BackendError(f"dataset {dataset!r} is not registered")
+        starts = np.asarray(pair_starts, dtype=np.int64)
+        counts = np.asarray(pair_counts, dtype=np.int64)
+        if starts.shape != counts.shape or (counts < 0).any() or (starts < 0).any() \
+                or (starts + counts > ds.num_pairs).any():
+            raise BackendError(f"pair ranges outside dataset {dataset!r} ({ds.num_pairs} pairs)")
+        idx = pair_index(starts, counts)
+        return self._run(np.asarray(ds.dense[idx]), np.asarray(ds.sparse[idx]), out)
+
+    def infer_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:
+        n = len(dense)
+        if dense.shape != (n, self.artifact.config.dense_features) or len(sparse) != n:
+            raise BackendError(f"dense must be [n, {self.artifact.config.dense_features}] and sparse [n, 26], "
+                               f"got {list(dense.shape)} and {list(sparse.shape)}")
+        try:
+            self.placement.check_sparse(np.asarray(sparse))
+        except ValueError as exc:
+            raise BackendError(str(exc)) from exc
+        return self._run(dense, sparse, out)
+
+    def _run(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:
+        n = len(dense)
+        if out.dtype != np.float32 or out.shape[0] < n:
+            raise BackendError(f"out must be float32 with at least {n} entries, got {out.dtype}{list(out.shape)}")
+        if n == 0:
+            return BatchStats(0, 0)
+        positions = self.placement.positions(sparse)
+        out[:n] = self.reference.predict_positions(dense, positions)
+        hot, cold = self.placement.lookup_counts(positions)
+        return BatchStats(hot_lookups=hot, cold_lookups=cold)
+
+    def device_memory_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.datasets.clear()

@@ -68,3 +68,25 @@ def test_table_size_mismatch_refused(tmp_path: Path, converted) -> None:
     write_row_frequencies(tmp_path / "f.bin", counts[:25] + [np.ones(3, np.float32)])
     with pytest.raises(ValueError, match="do not match"):
         convert(ckpt, tmp_path / "art", tmp_path / "f.bin")
+
+
+def test_cli_model_verify_and_errors(tmp_path: Path, converted, capsys, monkeypatch) -> None:
+    from prepare import cli
+
+    ckpt, _, _, _ = converted
+    assert cli.main(["model", "--checkpoint", str(ckpt), "--out", str(tmp_path / "art")]) == 0
+    art = Artifact.open(tmp_path / "art")
+    np.testing.assert_array_equal(art.row_order, np.arange(CONFIG.total_rows))  # no frequencies
+    assert cli.main(["verify", str(tmp_path / "art")]) == 0
+    assert "OK" in capsys.readouterr().out
+    with open(tmp_path / "art" / "mlp.npz", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    assert cli.main(["verify", str(tmp_path / "art")]) == 1
+    assert "mlp.npz: bad checksum" in capsys.readouterr().err
+    assert cli.main(["model", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")]) == 1
+    assert "none.pt: no such checkpoint" in capsys.readouterr().err
+    monkeypatch.setitem(cli.SUBCOMMANDS, "eval", ("prepare.not_written_yet", "x"))
+    assert cli.main(["eval", "--help"]) == 2
+    assert "prepare.not_written_yet cannot be imported" in capsys.readouterr().err
+    assert cli.main(["bogus"]) == 2

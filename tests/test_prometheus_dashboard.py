@@ -287,3 +287,23 @@ def test_dashboard_queries_return_data_from_exporter(tmp_short: Path) -> None:
         stop.set()
         prom.close()
         exporter.close()
+
+
+def test_dashboard_is_ready_for_file_provisioning() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "dlrm-daemon" and "id" not in dash  # fixed uid; Grafana assigns the id
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"]), p["title"]
+    exprs = " ".join(e for _, e in dashboard_queries())
+    for needed in ("histogram_quantile(0.99, sum by (le) (rate(dlrm_query_latency_seconds_bucket",
+                   "histogram_quantile(0.99, sum by (engine, le) (rate(dlrm_batch_latency_seconds_bucket",
+                   "dlrm_queries_total", "dlrm_pairs_total", "dlrm_batch_size_pairs",
+                   "dlrm_queue_depth_queries", 'tier="device"', "dlrm_errors_total",
+                   "dlrm_engine_restarts_total"):
+        assert needed in exprs, needed

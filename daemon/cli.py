@@ -1,0 +1,141 @@
+"""`dlrm-daemon`: serve (default), `check-config FILE`, `status`. Exit codes: daemon/exitcodes.py."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Sequence
+
+from daemon import exitcodes
+from daemon.config import ConfigError, DaemonConfig, add_config_flags, load_config, overrides_from_args
+
+log = logging.getLogger("dlrm.daemon")
+_EPILOG = """subcommands:
+  dlrm-daemon check-config FILE   validate a config file (and DLRM_* environment) and print it
+  dlrm-daemon status [--endpoint E | --config FILE]   show a running daemon's engines, queue, rates
+
+exit codes: 0 ok (also after SIGTERM/SIGINT drain), 1 runtime failure, 2 usage,
+            70 no engine could load the model, 78 configuration error"""
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlrm-daemon", description="DLRM v1 inference daemon",
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="TOML config file (keys as the flags below)")
+    add_config_flags(p)
+    return p
+
+
+def _config_or_exit(path: str | None, args: argparse.Namespace | None) -> DaemonConfig:
+    try:
+        return load_config(path, overrides_from_args(args) if args is not None else None)
+    except ConfigError as exc:
+        print(f"dlrm-daemon: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(exitcodes.CONFIG_ERROR) from None
+
+
+def serve(cfg: DaemonConfig) -> int:
+    from daemon.dispatcher import Dispatcher, StartupError
+
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    metrics = exporter = None
+    if cfg.metrics_port:
+        from prometheus_client import CollectorRegistry
+
+        from daemon.metrics import DaemonMetrics, start_exporter
+
+        registry = CollectorRegistry()
+        metrics = DaemonMetrics(registry)
+        try:
+            exporter = start_exporter(registry, cfg.metrics_host, cfg.metrics_port)
+        except OSError as exc:
+            log.error("%s", exc)
+            return exitcodes.RUNTIME_FAILURE
+    from daemon.sdnotify import Notifier
+
+    try:
+        notifier = Notifier.from_env()
+    except ValueError as exc:
+        log.error("systemd notify: %s", exc)
+        notifier = None
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        code = runner(Dispatcher(cfg, metrics, notifier).run())
+    except StartupError as exc:
+        log.error("%s", exc)
+        code = exc.code
+    finally:
+        if exporter is not None:
+            exporter.close()
+    log.info("exit %d", code)
+    return code
+
+
+def check_config(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="dlrm-daemon check-config",
+                                description="validate a config file (with DLRM_* environment) and print it")
+    p.add_argument("file")
+    args = p.parse_args(argv)
+    cfg = _config_or_exit(args.file, None)
+    print(cfg.describe())
+    print(f"# ok: {args.file}")
+    return exitcodes.OK
+
+
+def status(argv: Sequence[str]) -> int:
+    from daemon.client import Client
+    from daemon.errors import DaemonError
+
+    p = argparse.ArgumentParser(prog="dlrm-daemon status", description="show a running daemon's state")
+    p.add_argument("--endpoint", help="daemon endpoint (default: from --config / DLRM_* / defaults)")
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("--timeout", type=float, default=5.0)
+    args = p.parse_args(argv)
+    endpoint = args.endpoint or _config_or_exit(args.config, None).endpoint
+    try:
+        with Client(endpoint, timeout_s=args.timeout) as c:
+            st = c.status()
+    except DaemonError as exc:
+        print(f"dlrm-daemon status: {exc}", file=sys.stderr)
+        return exitcodes.RUNTIME_FAILURE
+    print(f"daemon pid {st['pid']} {st['state']} on {st['endpoint']}, up {st['uptime_s']:.0f} s")
+    print(f"{'engine':<10} {'device':<8} {'state':<9} {'pid':>7} {'gpu_part':>8} {'inflight':>8} "
+          f"{'restarts':>8} {'batches':>9} {'hb_age_s':>8} {'dev_mem_MB':>10}")
+    for e in st["engines"]:
+        age = "-" if e["last_heartbeat_age_s"] is None else f"{e['last_heartbeat_age_s']:.2f}"
+        print(f"{e['name']:<10} {e['device']:<8} {e['state']:<9} {e['pid']:>7} {e['gpu_part']:>8.2f} "
+              f"{e['inflight']:>8} {e['restarts']:>8} {e['batches_done']:>9} {age:>8} "
+              f"{e['device_memory_bytes'] / 1e6:>10.1f}")
+        if e["last_error"]:
+            print(f"    last error: {e['last_error']}")
+    print(f"queue: {st['queue_queries']} queries, {st['queue_pairs']} pairs; "
+          f"{st['inflight_batches']} batches in flight")
+    print("datasets: " + (", ".join(f"{n} ({s} samples)" for n, s in st["datasets"].items()) or "none"))
+    print("rates: " + (", ".join(f"{k} {v:,.1f}" for k, v in st["rates"].items()) or "n/a"))
+    print("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(st["totals"].items())))
+    if st["recent_errors"]:
+        print("recent errors:")
+        for line in st["recent_errors"]:
+            print(f"  {line}")
+    return exitcodes.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "check-config":
+        return check_config(argv[1:])
+    if argv and argv[0] == "status":
+        return status(argv[1:])
+    args = _serve_parser().parse_args(argv)
+    return serve(_config_or_exit(args.config, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

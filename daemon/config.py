@@ -1,0 +1,266 @@
+"""The daemon's one frozen, typed configuration: TOML file < DLRM_* environment < command-line flags.
+
+Every key is a TOML key, a `--kebab-case` flag and a `DLRM_UPPER_CASE` environment variable.
+Unknown TOML keys are errors; every error names the key and where its value came from.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "DLRM_"
+_IPC_PATH_MAX = 107  # sun_path limit of a unix socket address
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the source of its value."""
+
+    def __init__(self, key: str, message: str, source: str = "") -> None:
+        where = f" (from {source})" if source else ""
+        super().__init__(f"config key '{key}'{where}: {message}")
+        self.key = key
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    endpoint: str = field(default="", metadata=_h(
+        "ZeroMQ endpoint the dispatcher binds; default ipc://RUNTIME_DIR/dlrm.sock. tcp:// must be set "
+        "explicitly (non-loopback tcp exposes the daemon to the network)"))
+    runtime_dir: str = field(default="", metadata=_h(
+        "directory for sockets and the lock file (created 0700); default $RUNTIME_DIRECTORY, else "
+        "$XDG_RUNTIME_DIR/dlrm-daemon, else /tmp/dlrm-daemon-UID"))
+    model: str = field(default="", metadata=_h("model artifact directory (formats/artifact); "
+                                                "not needed when every engine is 'null'"))
+    datasets: dict[str, str] = field(default_factory=dict, metadata=_h(
+        "datasets registered at start, name -> directory (flag/env: name=path[,name=path])"))
+    engines: tuple[str, ...] = field(default=("cpu",), metadata=_h(
+        "one engine process per device: 'cpu', 'cuda:N' or 'null' (benchmark engine), "
+        "flag/env comma-separated"))
+    embedding_weights_on_gpu_part: float = field(default=1.0, metadata=_h(
+        "share of embedding rows (most frequent first) kept in device memory, 0..1"))
+    max_batch_pairs: int = field(default=65536, metadata=_h("largest batch sent to an engine, in pairs"))
+    max_queue_delay_s: float = field(default=0.002, metadata=_h(
+        "a partial batch closes once its oldest query waited this long (busy engines only)"))
+    inflight_batches: int = field(default=2, metadata=_h("shared-memory slots (batches in flight) per engine"))
+    max_queue_pairs: int = field(default=8_000_000, metadata=_h("queue bound in pairs; beyond it OVERLOADED"))
+    max_pairs_per_query: int = field(default=4_000_000, metadata=_h("largest query accepted, in pairs"))
+    max_message_bytes: int = field(default=256 << 20, metadata=_h("largest request message accepted"))
+    heartbeat_interval_s: float = field(default=0.2, metadata=_h("engine heartbeat period"))
+    heartbeat_timeout_s: float = field(default=1.0, metadata=_h(
+        "an engine silent this long is declared hung and restarted"))
+    drain_timeout_s: float = field(default=10.0, metadata=_h("on SIGTERM, time allowed to finish accepted work"))
+    restart_backoff_s: float = field(default=1.0, metadata=_h(
+        "first delay before restarting a failed engine; doubles per consecutive failure (max 60 s)"))
+    metrics_host: str = field(default="127.0.0.1", metadata=_h("Prometheus exporter address"))
+    metrics_port: int = field(default=0, metadata=_h("Prometheus exporter port; 0 = off"))
+    log_level: str = field(default="INFO", metadata=_h("DEBUG, INFO, WARNING or ERROR"))
+
+    @property
+    def engine_names(self) -> tuple[str, ...]:
+        """Stable per-engine names for logs and metrics: cuda:1 -> cuda1; repeats get a suffix."""
+        names: list[str] = []
+        for dev in self.engines:
+            base = dev.replace(":", "")
+            if dev in ("cpu", "null"):
+                base = f"{dev}{sum(1 for d in self.engines[:len(names)] if d == dev)}"
+            names.append(base if base not in names else f"{base}-{len(names)}")
+        return tuple(names)
+
+    @property
+    def runtime_path(self) -> Path:
+        return Path(self.runtime_dir)
+
+    def describe(self) -> str:
+        return "\n".join(f"{k} = {json.dumps(_jsonable(v))}" for k, v in dataclasses.asdict(self).items())
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(DaemonConfig)}
+_TYPES = {f.name: f.type for f in dataclasses.fields(DaemonConfig)}
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, source: str, from_text: bool) -> Any:
+    """Turn a TOML value (or a flag/env string when from_text) into the key's type."""
+    t = _TYPES[key]
+    try:
+        if t == "int":
+            if from_text:
+                value = int(value, 0)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"must be an integer, got {value!r}")
+            return value
+        if t == "float":
+            if from_text:
+                value = float(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"must be a number, got {value!r}")
+            return float(value)
+        if t == "str":
+            if not isinstance(value, str):
+                raise TypeError(f"must be a string, got {value!r}")
+            return value
+        if t == "tuple[str, ...]":
+            if from_text:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"must be a list of strings, got {value!r}")
+            return tuple(value)
+        if t == "dict[str, str]":
+            if from_text:
+                value = _parse_pairs(value)
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                raise TypeError(f"must be a table of name = \"path\" strings, got {value!r}")
+            return dict(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key, str(exc), source) from None
+    raise AssertionError(f"unhandled config type {t}")
+
+
+def _parse_pairs(text: str | list[str]) -> dict[str, str]:
+    items = text if isinstance(text, list) else [p for p in text.split(",") if p.strip()]
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"expected name=path, got {item!r}")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def _default_runtime_dir(env: Mapping[str, str]) -> str:
+    if env.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
+        return env["RUNTIME_DIRECTORY"].split(":")[0]
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "dlrm-daemon")
+    return f"/tmp/dlrm-daemon-{os.getuid()}"
+
+
+def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(key, msg, sources.get(key, "default"))
+
+    for key in ("max_batch_pairs", "inflight_batches", "max_queue_pairs", "max_pairs_per_query",
+                "max_message_bytes"):
+        if getattr(cfg, key) <= 0:
+            raise bad(key, f"must be positive, got {getattr(cfg, key)}")
+    for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "restart_backoff_s"):
+        if not getattr(cfg, key) > 0:
+            raise bad(key, f"must be > 0 seconds, got {getattr(cfg, key)}")
+    for key in ("max_queue_delay_s", "drain_timeout_s"):
+        if not getattr(cfg, key) >= 0:
+            raise bad(key, f"must be >= 0 seconds, got {getattr(cfg, key)}")
+    if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:
+        raise bad("heartbeat_timeout_s", f"must exceed heartbeat_interval_s={cfg.heartbeat_interval_s}")
+    if cfg.max_pairs_per_query > cfg.max_queue_pairs:
+        raise bad("max_pairs_per_query", f"must be <= max_queue_pairs={cfg.max_queue_pairs}")
+    if cfg.max_queue_pairs < cfg.max_batch_pairs:
+        raise bad("max_queue_pairs", f"must be >= max_batch_pairs={cfg.max_batch_pairs}")
+    if not 0.0 <= cfg.embedding_weights_on_gpu_part <= 1.0:
+        raise bad("embedding_weights_on_gpu_part", f"must lie in [0, 1], got {cfg.embedding_weights_on_gpu_part}")
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise bad("metrics_port", f"must be a TCP port 0..65535, got {cfg.metrics_port}")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
+    if not cfg.engines:
+        raise bad("engines", "at least one engine device is needed")
+    for dev in cfg.engines:
+        if dev not in ("cpu", "null") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+            raise bad("engines", f"unknown device {dev!r}: use 'cpu', 'cuda:N' or 'null'")
+    if any(d != "null" for d in cfg.engines):
+        if not cfg.model:
+            raise bad("model", "required (the model artifact directory) unless every engine is 'null'")
+        if not (Path(cfg.model) / "meta.json").is_file():
+            raise bad("model", f"{cfg.model!r} is not an artifact directory (no meta.json)")
+    for name, path in cfg.datasets.items():
+        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise bad("datasets", f"dataset name {name!r}: use letters, digits, '-', '_', '.'")
+        if not (Path(path) / "meta.json").is_file():
+            raise bad("datasets", f"dataset {name!r}: {path!r} is not a dataset directory (no meta.json)")
+    scheme = cfg.endpoint.split("://", 1)[0]
+    if scheme not in ("ipc", "tcp") or "://" not in cfg.endpoint:
+        raise bad("endpoint", f"must be ipc://PATH or tcp://HOST:PORT, got {cfg.endpoint!r}")
+    if scheme == "ipc" and len(cfg.endpoint[6:]) > _IPC_PATH_MAX:
+        raise bad("endpoint", f"ipc path longer than {_IPC_PATH_MAX} bytes (unix socket limit)")
+    if len(os.path.join(cfg.runtime_dir, "engine-00-000000.sock")) > _IPC_PATH_MAX:
+        raise bad("runtime_dir", f"path too long for unix sockets inside it (limit {_IPC_PATH_MAX})")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> DaemonConfig:
+    """Build the config: defaults < TOML `path` < DLRM_* in `env` < `overrides` (flag strings)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+        for key, value in raw.items():
+            if key not in FIELDS:
+                known = ", ".join(FIELDS)
+                raise ConfigError(key, f"unknown key (known keys: {known})", str(path))
+            values[key] = _coerce(key, value, str(path), from_text=False)
+            sources[key] = str(path)
+    for key in FIELDS:
+        name = env_name(key)
+        if name in env:
+            values[key] = _coerce(key, env[name], f"environment {name}", from_text=True)
+            sources[key] = f"environment {name}"
+    for key, value in (overrides or {}).items():
+        if key not in FIELDS:
+            raise ConfigError(key, "unknown key", "command line")
+        if value is None:
+            continue
+        values[key] = _coerce(key, value, flag_name(key), from_text=isinstance(value, (str, list)))
+        sources[key] = flag_name(key)
+    if not values.get("runtime_dir"):
+        values["runtime_dir"] = _default_runtime_dir(env)
+    values["runtime_dir"] = os.path.abspath(values["runtime_dir"])
+    if not values.get("endpoint"):
+        values["endpoint"] = f"ipc://{values['runtime_dir']}/dlrm.sock"
+    cfg = DaemonConfig(**values)
+    _validate(cfg, sources)
+    return cfg
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per key (strings; load_config coerces and validates them)."""
+    for key, f in FIELDS.items():
+        kwargs: dict[str, Any] = {"dest": key, "default": None,
+                                  "help": f"{f.metadata['help']} [env {env_name(key)}]"}
+        if key == "datasets":
+            kwargs.update(action="append", metavar="NAME=PATH")
+        parser.add_argument(flag_name(key), **kwargs)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in FIELDS if getattr(args, key, None) is not None}

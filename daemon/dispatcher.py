@@ -1,0 +1,541 @@
+"""The dispatcher: one asyncio (uvloop) process with a ZeroMQ ROUTER socket for clients.
+
+Everything runs on the event loop thread; ZeroMQ sockets are watched through their FDs
+(edge-triggered, so after every pass the sockets' EVENTS are re-checked). Requests are validated and
+queued in the batcher; `_pump` hands batches to free engine slots; BatchDone splits predictions per
+query and replies at once (copying straight out of the shared-memory slot into the reply frame).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import fcntl
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import zmq
+
+from daemon import errors as E
+from daemon import exitcodes
+from daemon import protocol as P
+from daemon.batcher import BY_VALUE_KEY, Batch, Batcher, Query, fill_slot
+from daemon.config import DaemonConfig
+from daemon.datasets import DatasetEntry, model_table_rows, open_dataset
+from daemon.shm import remove_stale, run_prefix
+from daemon.supervisor import Engine, Supervisor
+
+log = logging.getLogger("dlrm.dispatcher")
+_DRAIN_ROUTER_MAX = 512
+_TICK_S = 0.05
+
+
+class StartupError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Dispatcher:
+    def __init__(self, config: DaemonConfig, metrics: Any = None, notifier: Any = None) -> None:
+        self.cfg = config
+        self.metrics = metrics
+        self.notifier = notifier
+        self.batcher = Batcher(config.max_batch_pairs, config.max_queue_pairs, config.max_queue_delay_s)
+        self.datasets: dict[str, DatasetEntry] = {}
+        self.table_rows = model_table_rows(config.model)
+        self._rows = None if self.table_rows is None else np.asarray(self.table_rows, np.int64)
+        self.state = "starting"
+        self.started_mono = time.monotonic()
+        self.totals: collections.Counter[str] = collections.Counter()
+        self.recent_errors: collections.deque[str] = collections.deque(maxlen=20)
+        self._rate_marks: collections.deque[tuple[float, int, int, int, int]] = collections.deque(maxlen=11)
+        self._io_scheduled = False
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_at = 0.0
+        self._signal: int | None = None
+        self._last_watchdog = 0.0
+        self._handlers = {
+            P.InferByRef: self._infer_by_ref, P.InferByValue: self._infer_by_value,
+            P.LoadSamples: self._load_samples, P.UnloadSamples: self._load_samples,
+            P.RegisterDataset: self._register, P.GetStatus: self._status,
+        }
+
+    # ================= lifecycle =================
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._started = self.loop.create_future()
+        rt = Path(self.cfg.runtime_dir)
+        rt.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if rt.stat().st_uid == os.getuid():
+            os.chmod(rt, 0o700)  # sockets inside are reachable by whoever can enter the directory
+        self._lock_fd = os.open(rt / "dlrm-daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(exitcodes.RUNTIME_FAILURE,
+                               f"another dlrm-daemon is running with runtime_dir {rt}") from None
+        remove_stale()
+        for name, path in self.cfg.datasets.items():
+            try:
+                self.datasets[name] = open_dataset(name, path, self.table_rows)
+            except E.BadRequest as exc:
+                raise StartupError(exitcodes.CONFIG_ERROR, f"config key 'datasets': {exc.message}") from None
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 1000)
+        self.router.setsockopt(zmq.SNDHWM, 1_000_000)
+        self.router.setsockopt(zmq.RCVHWM, 1_000_000)
+        # Hard per-frame bound (the peer is dropped beyond it); max_message_bytes itself is checked
+        # per message below so that a too-large request gets a typed BAD_REQUEST.
+        self.router.setsockopt(zmq.MAXMSGSIZE, 4 * self.cfg.max_message_bytes)
+        try:
+            self.router.bind(self.cfg.endpoint)
+        except zmq.ZMQError as exc:
+            raise StartupError(exitcodes.RUNTIME_FAILURE, f"cannot bind {self.cfg.endpoint}: {exc}") from None
+        self.sup = Supervisor(self.cfg, self.ctx, self.loop, self, run_prefix())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        self.loop.add_reader(self.router.getsockopt(zmq.FD), self._on_io)
+        self._notify("status", f"loading model on {len(self.sup.engines)} engine(s)")
+        for e in self.sup.engines:
+            self.sup.start(e)
+        tick = self.loop.create_task(self._ticker())
+        try:
+            await asyncio.wait([self._started, self.loop.create_task(self._stop.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self._started.done() and not any(e.ready for e in self.sup.engines):
+                reasons = "; ".join(f"{e.name} ({e.device}): {e.last_error}" for e in self.sup.engines)
+                log.error("no engine could start: %s", reasons)
+                self._fail_queued(E.ENGINE_FAILED, "no engine could start")
+                return exitcodes.ENGINE_LOAD_FAILURE
+            if not self._stop.is_set():
+                self.state = "serving"
+                log.info("serving on %s with engines %s", self.cfg.endpoint,
+                         ", ".join(f"{e.name}={e.state}" for e in self.sup.engines))
+                self._notify("ready")
+                self._notify("status", "serving")
+                await self._stop.wait()
+            await self._drain()
+            return exitcodes.OK
+        finally:
+            tick.cancel()
+            self._shutdown()
+
+    def _on_signal(self, sig: int) -> None:
+        # Only record it; the main coroutine does the work.
+        self._signal = sig
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        self.state = "draining"
+        log.info("signal %s: draining (up to %.1f s)", self._signal, self.cfg.drain_timeout_s)
+        self._notify("stopping")
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        while time.monotonic() < deadline and any(e.ready for e in self.sup.engines) and (
+                self.batcher.pending() or any(e.inflight for e in self.sup.engines)):
+            self._pump()
+            await asyncio.sleep(0.005)
+        self._fail_queued(E.SHUTTING_DOWN, "daemon stopped before this request was computed")
+        for e in self.sup.engines:
+            for b, _, _, _ in list(e.inflight.values()):
+                self._fail_batch(b, E.SHUTTING_DOWN, "daemon stopped before this request was computed")
+            e.inflight.clear()
+
+    def _shutdown(self) -> None:
+        if hasattr(self, "sup"):
+            self.sup.stop_all()
+        if hasattr(self, "router"):
+            self.loop.remove_reader(self.router.getsockopt(zmq.FD))
+            self.router.close(linger=1000)
+            self.ctx.term()
+            if self.cfg.endpoint.startswith("ipc://"):
+                try:
+                    os.unlink(self.cfg.endpoint[6:])
+                except OSError:
+                    pass
+        if hasattr(self, "_lock_fd"):
+            os.close(self._lock_fd)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK_S)
+            now = time.monotonic()
+            self.sup.check_heartbeats(now)
+            if not self._rate_marks or now - self._rate_marks[-1][0] >= 1.0:
+                t = self.totals
+                self._rate_marks.append((now, t["queries"], t["samples"], t["pairs"], t["batches"]))
+            wd = self.notifier.watchdog_interval_s() if self.notifier is not None else None
+            if wd and now - self._last_watchdog >= wd / 2 and self.sup.all_heartbeats_recent(now):
+                self.notifier.watchdog()
+                self._last_watchdog = now
+            if self.metrics is not None:
+                self.metrics.set_queue_depth(self.batcher.queued_queries, self.batcher.queued_pairs)
+            self._pump()
+
+    def _notify(self, what: str, *args: Any) -> None:
+        if self.notifier is not None:
+            try:
+                getattr(self.notifier, what)(*args)
+            except OSError as exc:
+                log.warning("systemd notify %s failed: %s", what, exc)
+
+    # ================= I/O =================
+    def _on_io(self) -> None:
+        self._io_scheduled = False
+        router = self.router
+        for _ in range(_DRAIN_ROUTER_MAX):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._handle(frames)
+        for e in self.sup.engines:
+            self.sup.drain(e)
+        self.after_io()
+
+    def after_io(self) -> None:
+        self._pump()
+        if not self._io_scheduled and (
+                self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN or self.sup.pending_input()):
+            self._io_scheduled = True
+            self.loop.call_soon(self._on_io)
+
+    def _send(self, client: bytes, msg: Any, frame: Any = None) -> None:
+        try:
+            if frame is None:
+                self.router.send_multipart([client, P.encode(msg)])
+            else:
+                self.router.send_multipart([client, P.encode(msg), frame])
+        except zmq.ZMQError as exc:
+            log.warning("reply to a client failed: %s", exc)
+
+    def _error(self, client: bytes, request_id: int, code: str, message: str, kind: str | None = None,
+               q: Query | None = None) -> None:
+        self._send(client, P.Error(request_id=request_id, code=code, message=message))
+        self.totals[code] += 1
+        self.recent_errors.append(f"{time.strftime('%H:%M:%S')} {code} request {request_id}: {message}")
+        if self.metrics is not None:
+            self.metrics.observe_error(code)
+            if q is not None:
+                self.metrics.observe_query(q.kind, code, q.num_samples, q.num_pairs, time.monotonic() - q.arrival)
+            elif kind is not None:
+                self.metrics.observe_query(kind, code, 0, 0, 0.0)
+
+    # ================= requests =================
+    def _handle(self, frames: list[Any]) -> None:
+        client = frames[0].bytes
+        if len(frames) < 2:
+            self._error(client, -1, E.BAD_REQUEST, "empty message (no header frame)")
+            return
+        size = sum(len(f) for f in frames[1:])
+        header = frames[1].buffer
+        if size > self.cfg.max_message_bytes:
+            self._error(client, P.salvage_request_id(header), E.BAD_REQUEST,
+                        f"message of {size} bytes exceeds max_message_bytes={self.cfg.max_message_bytes}")
+            return
+        try:
+            req = P.request_decoder.decode(header)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._error(client, P.salvage_request_id(header), E.BAD_REQUEST, f"undecodable request header: {exc}")
+            return
+        if self.state == "draining" and not isinstance(req, P.GetStatus):
+            self._error(client, req.request_id, E.SHUTTING_DOWN, "the daemon is shutting down")
+            return
+        try:
+            self._handlers[type(req)](client, req, frames)
+        except E.DaemonError as exc:
+            kind = "by_ref" if isinstance(req, P.InferByRef) else "by_value" if isinstance(
+                req, P.InferByValue) else None
+            self._error(client, req.request_id, exc.code, exc.message, kind)
+
+    @staticmethod
+    def _frames(frames: list[Any], n: int, what: str) -> None:
+        if len(frames) - 2 != n:
+            raise E.BadRequest(f"{what} needs {n} array frame(s), got {len(frames) - 2}")
+
+    @staticmethod
+    def _array(frame: Any, dtype: str, want: str, count: int, width: int, what: str) -> np.ndarray:
+        if dtype != want:
+            raise E.BadRequest(f"{what}: dtype {dtype!r} not accepted, send {want!r}")
+        try:
+            return P.as_array(frame.buffer, dtype, count, width)
+        except ValueError as exc:
+            raise E.BadRequest(f"{what}: {exc}") from None
+
+    def _dataset(self, name: str) -> DatasetEntry:
+        ds = self.datasets.get(name)
+        if ds is None:
+            raise E.BadRequest(f"unknown dataset {name!r} (registered: {', '.join(self.datasets) or 'none'})")
+        if ds.state != "ready":
+            raise E.BadRequest(f"dataset {name!r} is still being registered")
+        return ds
+
+    def _deadline(self, now: float, deadline_s: float | None) -> float | None:
+        if deadline_s is None:
+            return None
+        if not deadline_s > 0:
+            raise E.Timeout(f"deadline_s={deadline_s} leaves no time to compute")
+        return now + deadline_s
+
+    def _infer_by_ref(self, client: bytes, req: P.InferByRef, frames: list[Any]) -> None:
+        now = time.monotonic()
+        self._frames(frames, 1, "InferByRef")
+        ds = self._dataset(req.dataset)
+        if req.num_samples < 0:
+            raise E.BadRequest(f"num_samples={req.num_samples} is negative")
+        ids = self._array(frames[2], req.ids_dtype, P.SAMPLE_ID_DTYPE, req.num_samples, 1, "sample ids")
+        starts, counts, pairs = ds.pair_ranges(ids)
+        if pairs > self.cfg.max_pairs_per_query:
+            raise E.BadRequest(f"query has {pairs} pairs, more than max_pairs_per_query={self.cfg.max_pairs_per_query}")
+        q = Query(client, req.request_id, ds.name, req.num_samples, pairs, now,
+                  self._deadline(now, req.deadline_s), starts=starts, counts=counts)
+        self._submit(q)
+
+    def _infer_by_value(self, client: bytes, req: P.InferByValue, frames: list[Any]) -> None:
+        now = time.monotonic()
+        self._frames(frames, 2, "InferByValue")
+        n = req.num_pairs
+        if n < 0 or n > self.cfg.max_pairs_per_query:
+            raise E.BadRequest(f"num_pairs={n} outside [0, max_pairs_per_query={self.cfg.max_pairs_per_query}]")
+        dense = self._array(frames[2], req.dense_dtype, P.DENSE_DTYPE, n, P.DENSE_FEATURES, "dense")
+        sparse = self._array(frames[3], req.sparse_dtype, P.SPARSE_DTYPE, n, P.SPARSE_FEATURES, "sparse")
+        if n and not np.isfinite(dense).all():
+            raise E.BadRequest("dense features contain NaN or infinity")
+        if n and self._rows is not None:
+            bad = (sparse < 0) | (sparse >= self._rows)
+            if bad.any():
+                r, t = (int(v) for v in np.argwhere(bad)[0])
+                raise E.BadRequest(f"sparse id {int(sparse[r, t])} of pair {r} table {t} outside [0, {self.table_rows[t]})")
+        elif n and int(sparse.min()) < 0:
+            raise E.BadRequest("sparse ids must be >= 0")
+        q = Query(client, req.request_id, BY_VALUE_KEY, 0, n, now, self._deadline(now, req.deadline_s),
+                  dense=dense, sparse=sparse, frames=frames)
+        self._submit(q)
+
+    def _submit(self, q: Query) -> None:
+        if q.num_pairs == 0:
+            q.finished = True
+            self._reply_result(q, np.empty(0, np.float32), time.monotonic())
+            return
+        if self.state != "starting" and not any(e.ready for e in self.sup.engines):
+            raise E.EngineFailed("no engine is running (restarting); "
+                                 + "; ".join(f"{e.name}: {e.last_error}" for e in self.sup.engines))
+        self.batcher.submit(q)
+
+    def _load_samples(self, client: bytes, req: P.LoadSamples | P.UnloadSamples, frames: list[Any]) -> None:
+        self._frames(frames, 1, type(req).__name__)
+        ds = self._dataset(req.dataset)
+        ids = self._array(frames[2], req.ids_dtype, P.SAMPLE_ID_DTYPE, req.num_samples, 1, "sample ids")
+        ds.set_loaded(ids, isinstance(req, P.LoadSamples))
+        self._send(client, P.Ack(request_id=req.request_id))
+
+    def _register(self, client: bytes, req: P.RegisterDataset, frames: list[Any]) -> None:
+        self._frames(frames, 0, "RegisterDataset")
+        old = self.datasets.get(req.name)
+        if old is not None:
+            if os.path.realpath(old.path) != os.path.realpath(req.path):
+                raise E.BadRequest(f"dataset {req.name!r} is already registered with path {old.path}")
+            if old.state == "ready":
+                self._send(client, P.Ack(request_id=req.request_id))
+            else:
+                old.waiters.append((client, req.request_id))
+            return
+        if not req.name or not req.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise E.BadRequest(f"dataset name {req.name!r}: use letters, digits, '-', '_', '.'")
+        ds = open_dataset(req.name, req.path, self.table_rows)
+        ds.state = "registering"
+        ds.waiters.append((client, req.request_id))
+        self.datasets[req.name] = ds
+        for e in self.sup.engines:
+            if e.sock is not None and e.state in ("starting", "ready"):
+                self.sup.send(e, P.AddDataset(name=ds.name, path=ds.path))
+                ds.waiting.add(e.name)
+        self._dataset_progress(ds, "")
+
+    def _dataset_progress(self, ds: DatasetEntry, error: str) -> None:
+        if error:
+            self.datasets.pop(ds.name, None)
+            for client, rid in ds.waiters:
+                self._error(client, rid, E.BAD_REQUEST, f"dataset {ds.name!r}: an engine could not add it: {error}")
+            ds.waiters.clear()
+        elif not ds.waiting and ds.state != "ready":
+            ds.state = "ready"
+            log.info("dataset %s registered (%d samples) from %s", ds.name, ds.num_samples, ds.path)
+            for client, rid in ds.waiters:
+                self._send(client, P.Ack(request_id=rid))
+            ds.waiters.clear()
+
+    def engine_spec_datasets(self) -> dict[str, str]:
+        return {name: ds.path for name, ds in self.datasets.items()}
+
+    # ================= batches =================
+    def _pump(self) -> None:
+        now = time.monotonic()
+        for q in self.batcher.expire(now):
+            self._error(q.client, q.request_id, E.TIMEOUT, "deadline passed while queued", q=q)
+        while self.batcher.pending():
+            best: Engine | None = None
+            for e in self.sup.engines:
+                if e.ready and e.free_slots and (best is None or len(e.inflight) < len(best.inflight)):
+                    best = e
+            if best is None or not self.batcher.should_close(now, engine_idle=not best.inflight):
+                break
+            b = self.batcher.take(now)
+            if b is None:
+                break
+            self._dispatch(best, b, now)
+        self._arm_wakeup(now)
+
+    def _dispatch(self, e: Engine, b: Batch, now: float) -> None:
+        slot = e.free_slots.pop()
+        t0 = time.perf_counter()
+        ranges = fill_slot(b, e.region.slots[slot])
+        assembly = time.perf_counter() - t0
+        e.inflight[b.batch_id] = (b, slot, now, assembly)
+        self.sup.send(e, P.BatchReady(batch_id=b.batch_id, slot=slot, kind="ref" if b.key else "value",
+                                      dataset=b.key, num_ranges=ranges, num_pairs=b.num_pairs))
+        if self.metrics is not None:
+            self.metrics.set_inflight(e.name, len(e.inflight))
+
+    def _arm_wakeup(self, now: float) -> None:
+        t = self.batcher.next_wakeup()
+        if t is None:
+            return
+        if self._wake is not None and self._wake_at <= t + 1e-4:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_at = t
+        self._wake = self.loop.call_later(max(0.0, t - now), self._on_wakeup)
+
+    def _on_wakeup(self) -> None:
+        self._wake = None
+        self._pump()
+
+    def on_control(self, e: Engine, msg: Any) -> None:
+        if isinstance(msg, P.BatchDone):
+            self._batch_done(e, msg)
+        elif isinstance(msg, P.Heartbeat):
+            pass
+        elif isinstance(msg, P.BatchFailed):
+            entry = e.inflight.pop(msg.batch_id, None)
+            if entry is not None:
+                e.free_slots.append(entry[1])
+                self._fail_batch(entry[0], E.ENGINE_FAILED, f"engine {e.name} failed the batch: {msg.message}")
+        elif isinstance(msg, P.EngineReady):
+            e.state = "ready"
+            e.ready_at = time.monotonic()
+            e.ever_ready = True
+            e.device_memory_bytes = msg.device_memory_bytes
+            log.info("engine %s ready (pid %d, %d bytes of device memory)", e.name, msg.pid, msg.device_memory_bytes)
+            if self.metrics is not None:
+                self.metrics.set_engine_up(e.name, True)
+                self.metrics.set_device_memory(e.name, msg.device_memory_bytes)
+            self._check_started()
+        elif isinstance(msg, P.EngineFailed):
+            e.load_failed = True
+            e.last_error = msg.message
+            log.error("engine %s (%s) cannot load: %s", e.name, e.device, msg.message)
+        elif isinstance(msg, P.DatasetAdded):
+            ds = self.datasets.get(msg.name)
+            if ds is not None and ds.state == "registering":
+                ds.waiting.discard(e.name)
+                self._dataset_progress(ds, f"{e.name}: {msg.error}" if msg.error else "")
+
+    def _batch_done(self, e: Engine, msg: P.BatchDone) -> None:
+        entry = e.inflight.pop(msg.batch_id, None)
+        if entry is None:
+            return
+        b, slot, sent, assembly = entry
+        now = time.monotonic()
+        e.batches_done += 1
+        self.totals["batches"] += 1
+        preds = e.region.slots[slot].out[:b.num_pairs]
+        for q, p in Batcher.complete(b, preds):
+            if q.deadline is not None and now > q.deadline:
+                self._error(q.client, q.request_id, E.TIMEOUT, "deadline passed before the result was ready", q=q)
+            else:
+                self._reply_result(q, p, now)
+        e.free_slots.append(slot)
+        if self.metrics is not None:
+            self.metrics.observe_batch(e.name, b.num_pairs, sent - b.oldest_arrival, assembly, msg.compute_s,
+                                       msg.hot_lookups, msg.cold_lookups)
+            self.metrics.set_inflight(e.name, len(e.inflight))
+
+    def _reply_result(self, q: Query, preds: np.ndarray, now: float) -> None:
+        self._send(q.client, P.InferResult(request_id=q.request_id, num_pairs=q.num_pairs), preds)
+        q.frames = q.dense = q.sparse = q.result = None
+        t = self.totals
+        t["queries"] += 1
+        t["samples"] += q.num_samples
+        t["pairs"] += q.num_pairs
+        if self.metrics is not None:
+            self.metrics.observe_query(q.kind, "ok", q.num_samples, q.num_pairs, now - q.arrival)
+
+    def _fail_batch(self, b: Batch, code: str, message: str) -> None:
+        for q in self.batcher.fail(b):
+            self._error(q.client, q.request_id, code, message, q=q)
+
+    def _fail_queued(self, code: str, message: str) -> None:
+        for q in self.batcher.drain_all():
+            self._error(q.client, q.request_id, code, message, q=q)
+
+    def on_engine_lost(self, e: Engine, reason: str) -> None:
+        others = any(o.ready for o in self.sup.engines if o is not e)
+        for b, _, _, _ in list(e.inflight.values()):
+            if b.attempts < 2 and others and not self.sup.stopping:
+                self.batcher.retry(b)
+            else:
+                self._fail_batch(b, E.ENGINE_FAILED, f"engine {e.name} was lost while computing: {reason}")
+        e.inflight.clear()
+        e.free_slots = []
+        if not e.ever_ready:
+            e.load_failed = True
+        for ds in list(self.datasets.values()):
+            if e.name in ds.waiting:
+                ds.waiting.discard(e.name)
+                self._dataset_progress(ds, "")
+        if self.metrics is not None:
+            self.metrics.set_engine_up(e.name, False)
+            self.metrics.set_inflight(e.name, 0)
+            if not self.sup.stopping:
+                self.metrics.engine_restarted(e.name)
+        if not others and self.state == "serving":
+            self._fail_queued(E.ENGINE_FAILED, f"every engine is down (last: {e.name}: {reason})")
+        self._check_started()
+        if hasattr(self, "loop"):
+            self.loop.call_soon(self.after_io)
+
+    def _check_started(self) -> None:
+        if not self._started.done() and all(e.ready or e.load_failed for e in self.sup.engines):
+            self._started.set_result(True)
+
+    # ================= status =================
+    def _status(self, client: bytes, req: P.GetStatus, frames: list[Any]) -> None:
+        now = time.monotonic()
+        engines = [P.EngineStatus(
+            name=e.name, device=e.device, state=e.state, pid=e.pid,
+            gpu_part=self.cfg.embedding_weights_on_gpu_part if e.device.startswith("cuda") else 0.0,
+            inflight=len(e.inflight), restarts=e.restarts, batches_done=e.batches_done,
+            last_heartbeat_age_s=(now - e.last_heartbeat) if e.state in ("ready", "starting") else None,
+            device_memory_bytes=e.device_memory_bytes, last_error=e.last_error) for e in self.sup.engines]
+        rates: dict[str, float] = {}
+        t = self.totals
+        if self._rate_marks:
+            t0, q0, s0, p0, b0 = self._rate_marks[0]
+            dt = max(1e-9, now - t0)
+            rates = {"queries_per_s": (t["queries"] - q0) / dt, "samples_per_s": (t["samples"] - s0) / dt,
+                     "pairs_per_s": (t["pairs"] - p0) / dt, "batches_per_s": (t["batches"] - b0) / dt}
+        self._send(client, P.Status(
+            request_id=req.request_id, pid=os.getpid(), uptime_s=now - self.started_mono, state=self.state,
+            endpoint=self.cfg.endpoint, engines=engines, queue_queries=self.batcher.queued_queries,
+            queue_pairs=self.batcher.queued_pairs, inflight_batches=sum(len(e.inflight) for e in self.sup.engines),
+            datasets={n: d.num_samples for n, d in self.datasets.items()}, rates=rates,
+            totals=dict(self.totals), recent_errors=list(self.recent_errors)))

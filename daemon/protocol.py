@@ -1,0 +1,240 @@
+"""The wire format: msgspec structs (tagged unions) for headers, raw array frames for data.
+
+Client <-> dispatcher (DEALER <-> ROUTER): frame 0 is a msgpack header (`Request` / `Reply`
+union), frames 1.. are raw little-endian array bytes whose dtype and shape the header states.
+Dispatcher <-> engine (PAIR over ipc://): one msgpack frame per `Control` message; batch data
+travels through the engine's shared-memory slots, never through the socket.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+import numpy as np
+
+SAMPLE_ID_DTYPE = "<i8"
+DENSE_DTYPE = "<f4"
+SPARSE_DTYPE = "<i4"
+PRED_DTYPE = "<f4"
+DENSE_FEATURES = 13
+SPARSE_FEATURES = 26
+
+
+class _Msg(msgspec.Struct, tag=True, array_like=True, frozen=True):
+    pass
+
+
+# ---- requests (client -> dispatcher) ----
+class InferByRef(_Msg):
+    """+ one frame: sample ids (`ids_dtype`, num_samples values) of a registered dataset."""
+
+    request_id: int
+    dataset: str
+    num_samples: int
+    deadline_s: float | None = None  # budget from arrival at the daemon; None = no deadline
+    ids_dtype: str = SAMPLE_ID_DTYPE
+
+
+class InferByValue(_Msg):
+    """+ two frames: dense [num_pairs, 13] and sparse [num_pairs, 26]."""
+
+    request_id: int
+    num_pairs: int
+    deadline_s: float | None = None
+    dense_dtype: str = DENSE_DTYPE
+    sparse_dtype: str = SPARSE_DTYPE
+
+
+class LoadSamples(_Msg):
+    """+ one frame: sample ids. Marks them servable (the LoadGen working set)."""
+
+    request_id: int
+    dataset: str
+    num_samples: int
+    ids_dtype: str = SAMPLE_ID_DTYPE
+
+
+class UnloadSamples(_Msg):
+    request_id: int
+    dataset: str
+    num_samples: int
+    ids_dtype: str = SAMPLE_ID_DTYPE
+
+
+class RegisterDataset(_Msg):
+    request_id: int
+    name: str
+    path: str
+
+
+class GetStatus(_Msg):
+    request_id: int
+
+
+Request = Union[InferByRef, InferByValue, LoadSamples, UnloadSamples, RegisterDataset, GetStatus]
+
+
+# ---- replies (dispatcher -> client) ----
+class InferResult(_Msg):
+    """+ one frame: float32 predictions, request order."""
+
+    request_id: int
+    num_pairs: int
+
+
+class Ack(_Msg):
+    request_id: int
+
+
+class EngineStatus(msgspec.Struct, frozen=True):
+    name: str
+    device: str
+    state: str  # starting | ready | dead | stopped
+    pid: int
+    gpu_part: float
+    inflight: int
+    restarts: int
+    batches_done: int
+    last_heartbeat_age_s: float | None
+    device_memory_bytes: int
+    last_error: str
+
+
+class Status(_Msg):
+    request_id: int
+    pid: int
+    uptime_s: float
+    state: str  # starting | serving | draining
+    endpoint: str
+    engines: list[EngineStatus]
+    queue_queries: int
+    queue_pairs: int
+    inflight_batches: int
+    datasets: dict[str, int]  # name -> number of samples
+    rates: dict[str, float]  # queries/s, samples/s, pairs/s, batches/s over the last seconds
+    totals: dict[str, int]  # counts by outcome since start
+    recent_errors: list[str]
+
+
+class Error(_Msg):
+    request_id: int
+    code: str
+    message: str
+
+
+Reply = Union[InferResult, Ack, Status, Error]
+
+
+# ---- control (dispatcher <-> engine process) ----
+class BatchReady(_Msg):
+    """Slot `slot` holds a batch: kind "ref" = int64 starts/counts of `num_ranges` pair ranges of
+    `dataset`; kind "value" = dense f32 / sparse i32 rows of `num_pairs` pairs."""
+
+    batch_id: int
+    slot: int
+    kind: str
+    dataset: str
+    num_ranges: int
+    num_pairs: int
+
+
+class BatchDone(_Msg):
+    batch_id: int
+    slot: int
+    num_pairs: int
+    hot_lookups: int
+    cold_lookups: int
+    compute_s: float
+
+
+class BatchFailed(_Msg):
+    batch_id: int
+    slot: int
+    message: str
+
+
+class Heartbeat(_Msg):
+    seq: int
+    busy_s: float  # how long the current batch has been running (0 when idle)
+    batches_done: int
+
+
+class EngineReady(_Msg):
+    device: str
+    pid: int
+    device_memory_bytes: int
+
+
+class EngineFailed(_Msg):
+    """The engine cannot work (model failed to load, backend broken); it exits after sending."""
+
+    message: str
+
+
+class AddDataset(_Msg):
+    name: str
+    path: str
+
+
+class DatasetAdded(_Msg):
+    name: str
+    error: str  # "" on success
+
+
+class Shutdown(_Msg):
+    pass
+
+
+Control = Union[
+    BatchReady, BatchDone, BatchFailed, Heartbeat, EngineReady, EngineFailed, AddDataset,
+    DatasetAdded, Shutdown,
+]
+
+
+class EngineSpec(msgspec.Struct, frozen=True):
+    """Everything an engine process needs, handed over as msgspec bytes (nothing pickled)."""
+
+    name: str
+    device: str
+    artifact: str
+    gpu_part: float
+    control_endpoint: str
+    shm_path: str
+    slots: int
+    max_batch_pairs: int
+    heartbeat_interval_s: float
+    datasets: dict[str, str]
+    parent_pid: int
+
+
+_ENC = msgspec.msgpack.Encoder()
+encode = _ENC.encode
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+control_decoder = msgspec.msgpack.Decoder(Control)
+spec_decoder = msgspec.msgpack.Decoder(EngineSpec)
+_raw_decoder = msgspec.msgpack.Decoder()
+
+
+def salvage_request_id(header: Any) -> int:
+    """Best-effort request id of a header that failed validation (-1 if none can be read)."""
+    try:
+        raw = _raw_decoder.decode(header)
+    except Exception:
+        return -1
+    if isinstance(raw, list) and len(raw) > 1 and isinstance(raw[1], int) and not isinstance(raw[1], bool):
+        return raw[1]
+    return -1
+
+
+def as_array(buf: Any, dtype: str, count: int, width: int = 1) -> np.ndarray:
+    """View a received frame as `count` x `width` values of `dtype`; ValueError if the size is wrong."""
+    view = memoryview(buf)
+    itemsize = np.dtype(dtype).itemsize
+    expected = count * width * itemsize
+    if view.nbytes != expected:
+        raise ValueError(
+            f"frame has {view.nbytes} bytes, expected {expected} ({count} x {width} x {dtype})"
+        )
+    arr = np.frombuffer(view, dtype=dtype)
+    return arr.reshape(count, width) if width > 1 else arr

@@ -1,0 +1,220 @@
+"""Engine supervision: spawn engine processes, watch heartbeats and exits, restart with backoff.
+
+The dispatcher owns the event loop; this module owns each engine's process, control socket and
+shared-memory region, and tells the dispatcher (through `EngineEvents`) what happened. An engine is
+declared lost when its process exits (seen at once through its sentinel) or, once ready, when no
+heartbeat came for `heartbeat_timeout_s` (hung: it is then killed).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import zmq
+
+from daemon import protocol as P
+from daemon.batcher import Batch
+from daemon.config import DaemonConfig
+from daemon.shm import Region
+
+log = logging.getLogger("dlrm.supervisor")
+_MAX_BACKOFF_S = 60.0
+_STABLE_S = 30.0  # a run this long resets the backoff
+
+
+class EngineEvents(Protocol):
+    def on_control(self, engine: "Engine", msg: Any) -> None: ...
+    def on_engine_lost(self, engine: "Engine", reason: str) -> None: ...
+    def engine_spec_datasets(self) -> dict[str, str]: ...
+    def after_io(self) -> None: ...
+
+
+class Engine:
+    """One configured device: its current process (if any), slots and in-flight batches."""
+
+    def __init__(self, index: int, name: str, device: str, region: Region) -> None:
+        self.index = index
+        self.name = name
+        self.device = device
+        self.region = region
+        self.state = "stopped"  # starting | ready | dead | stopped
+        self.proc: Any = None
+        self.sock: zmq.Socket | None = None
+        self.endpoint = ""
+        self.generation = 0
+        self.free_slots: list[int] = []
+        self.inflight: dict[int, tuple[Batch, int, float]] = {}  # batch_id -> (batch, slot, sent at)
+        self.last_heartbeat = 0.0
+        self.started_at = 0.0
+        self.ready_at = 0.0
+        self.restarts = 0
+        self.failures_in_row = 0
+        self.batches_done = 0
+        self.device_memory_bytes = 0
+        self.last_error = ""
+        self.ever_ready = False
+        self.load_failed = False
+        self.restart_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid) if self.proc is not None and self.proc.pid else 0
+
+
+class Supervisor:
+    def __init__(self, config: DaemonConfig, ctx: zmq.Context, loop: asyncio.AbstractEventLoop,
+                 events: EngineEvents, shm_prefix: str) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.loop = loop
+        self.events = events
+        self.mp = multiprocessing.get_context("spawn")
+        self.engines: list[Engine] = []
+        self.stopping = False
+        for i, (name, dev) in enumerate(zip(config.engine_names, config.engines)):
+            path = Path("/dev/shm") / f"{shm_prefix}{i}"
+            region = Region(path, config.inflight_batches, config.max_batch_pairs, owner=True)
+            self.engines.append(Engine(i, name, dev, region))
+
+    # ---- lifecycle ----
+    def start(self, e: Engine) -> None:
+        e.restart_handle = None
+        if self.stopping:
+            return
+        e.generation += 1
+        e.endpoint = f"ipc://{self.config.runtime_dir}/engine-{e.index:02d}-{e.generation:06d}.sock"
+        sock = self.ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(e.endpoint)
+        e.sock = sock
+        spec = P.EngineSpec(
+            name=e.name, device=e.device, artifact=self.config.model,
+            gpu_part=self.config.embedding_weights_on_gpu_part, control_endpoint=e.endpoint,
+            shm_path=str(e.region.path), slots=self.config.inflight_batches,
+            max_batch_pairs=self.config.max_batch_pairs,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            datasets=self.events.engine_spec_datasets(), parent_pid=os.getpid())
+        from engines.process import engine_main
+
+        proc = self.mp.Process(target=engine_main, args=(P.encode(spec),), name=f"dlrm-engine-{e.name}",
+                               daemon=True)
+        proc.start()
+        e.proc = proc
+        e.state = "starting"
+        e.started_at = e.last_heartbeat = time.monotonic()
+        e.free_slots = list(range(self.config.inflight_batches))
+        self.loop.add_reader(sock.getsockopt(zmq.FD), self._readable, e, e.generation)
+        self.loop.add_reader(proc.sentinel, self._exited, e, e.generation)
+        log.info("engine %s (%s) starting, pid %d", e.name, e.device, proc.pid)
+
+    def _detach(self, e: Engine) -> None:
+        if e.sock is not None:
+            self.loop.remove_reader(e.sock.getsockopt(zmq.FD))
+            e.sock.close(0)
+            e.sock = None
+            if e.endpoint.startswith("ipc://"):
+                try:
+                    os.unlink(e.endpoint[6:])
+                except OSError:
+                    pass
+        if e.proc is not None:
+            self.loop.remove_reader(e.proc.sentinel)
+
+    def lose(self, e: Engine, reason: str) -> None:
+        """The engine's process is gone or hung: kill it, tell the dispatcher, schedule a restart."""
+        if e.state in ("dead", "stopped"):
+            return
+        was_ready = e.ready
+        log.error("engine %s lost: %s", e.name, reason)
+        e.last_error = reason
+        self._detach(e)
+        if e.proc is not None and e.proc.is_alive():
+            e.proc.kill()
+        if e.proc is not None:
+            e.proc.join(timeout=2.0)
+        e.state = "dead"
+        self.events.on_engine_lost(e, reason)
+        if self.stopping:
+            return
+        ran = time.monotonic() - (e.ready_at if was_ready else e.started_at)
+        e.failures_in_row = 1 if (was_ready and ran > _STABLE_S) else e.failures_in_row + 1
+        delay = min(_MAX_BACKOFF_S, self.config.restart_backoff_s * 2 ** (e.failures_in_row - 1))
+        log.info("engine %s restarts in %.1f s", e.name, delay)
+        e.restarts += 1
+        e.restart_handle = self.loop.call_later(delay, self.start, e)
+
+    def _exited(self, e: Engine, generation: int) -> None:
+        if generation == e.generation and e.proc is not None:
+            e.proc.join(timeout=1.0)
+            self.lose(e, f"engine process {e.pid} exited with code {e.proc.exitcode}")
+
+    def check_heartbeats(self, now: float) -> None:
+        for e in self.engines:
+            if e.ready and now - e.last_heartbeat > self.config.heartbeat_timeout_s:
+                self.lose(e, f"no heartbeat for {now - e.last_heartbeat:.2f} s (hung)")
+
+    def all_heartbeats_recent(self, now: float) -> bool:
+        return all(e.ready and now - e.last_heartbeat <= self.config.heartbeat_timeout_s
+                   for e in self.engines)
+
+    # ---- control messages ----
+    def _readable(self, e: Engine, generation: int) -> None:
+        self.drain(e, generation)
+        self.events.after_io()
+
+    def drain(self, e: Engine, generation: int | None = None) -> None:
+        sock = e.sock
+        if sock is None or (generation is not None and generation != e.generation):
+            return
+        while e.sock is sock:
+            try:
+                data = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            e.last_heartbeat = time.monotonic()
+            try:
+                msg = P.control_decoder.decode(data)
+            except Exception as exc:
+                self.lose(e, f"undecodable control message: {exc}")
+                return
+            self.events.on_control(e, msg)
+
+    def pending_input(self) -> bool:
+        return any(e.sock is not None and e.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN for e in self.engines)
+
+    def send(self, e: Engine, msg: Any) -> None:
+        assert e.sock is not None
+        e.sock.send(P.encode(msg))
+
+    # ---- shutdown ----
+    def stop_all(self, timeout_s: float = 5.0) -> None:
+        """Ask every engine to exit, wait, kill stragglers, remove sockets and shared memory."""
+        self.stopping = True
+        for e in self.engines:
+            if e.restart_handle is not None:
+                e.restart_handle.cancel()
+            if e.sock is not None and e.proc is not None and e.proc.is_alive():
+                try:
+                    e.sock.send(P.encode(P.Shutdown()), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        deadline = time.monotonic() + timeout_s
+        for e in self.engines:
+            if e.proc is not None:
+                e.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+                if e.proc.is_alive():
+                    log.warning("engine %s did not exit; killing it", e.name)
+                    e.proc.kill()
+                    e.proc.join(timeout=2.0)
+            self._detach(e)
+            e.state = "stopped"
+            e.region.close()

@@ -1,0 +1,181 @@
+"""The engine process shell: control socket, heartbeats, shared-memory slots around any backend.
+
+Started by the supervisor with the multiprocessing *spawn* method (never fork: CUDA). The only
+argument is a msgspec-encoded `EngineSpec` (bytes). Two threads:
+  main thread  owns the PAIR control socket to the dispatcher, relays messages and sends heartbeats
+               every `heartbeat_interval_s`, even while a batch computes or the model loads;
+  work thread  loads the backend, then runs batches and dataset registrations in arrival order and
+               hands results back to the main thread over an inproc PAIR socket.
+Exit codes: 0 after Shutdown, 70 if the backend cannot be created, 1 on a lost dispatcher.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from daemon import protocol as P
+from daemon.shm import Region
+from engines.backend import EngineBackend
+
+log = logging.getLogger("dlrm.engine")
+EXIT_LOAD_FAILED = 70
+EXIT_ORPHANED = 1
+_WARMUP_PAIRS = 1024
+
+
+def create_backend(device: str, artifact: str, gpu_part: float) -> EngineBackend:
+    """'null' selects the null backend here; every real device goes through engines.factory."""
+    if device == "null":
+        from engines.null_backend import NullBackend
+
+        return NullBackend(device, artifact)
+    from engines.factory import create_backend as factory_create
+
+    return factory_create(device, Path(artifact), gpu_part)
+
+
+class _Worker(threading.Thread):
+    def __init__(self, spec: P.EngineSpec, ctx: zmq.Context, region: Region) -> None:
+        super().__init__(name=f"engine-{spec.name}-work", daemon=True)
+        self.spec = spec
+        self.region = region
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.out = ctx.socket(zmq.PAIR)
+        self.out.connect(f"inproc://relay-{id(self)}")
+        self.busy_since = 0.0
+        self.batches_done = 0
+        self.backend: EngineBackend | None = None
+
+    def _send(self, msg: Any) -> None:
+        self.out.send(P.encode(msg))
+
+    def run(self) -> None:
+        try:
+            backend = create_backend(self.spec.device, self.spec.artifact, self.spec.gpu_part)
+            for name, path in self.spec.datasets.items():
+                backend.register_dataset(name, Path(path))
+            n = min(_WARMUP_PAIRS, self.spec.max_batch_pairs)
+            backend.infer_by_value(np.zeros((n, P.DENSE_FEATURES), np.float32),
+                                   np.zeros((n, P.SPARSE_FEATURES), np.int32), np.empty(n, np.float32))
+        except BaseException as exc:  # any load failure must reach the dispatcher as text
+            log.exception("engine %s: backend failed to load", self.spec.name)
+            self._send(P.EngineFailed(message=f"{type(exc).__name__}: {exc}"))
+            return
+        self.backend = backend
+        self._send(P.EngineReady(device=self.spec.device, pid=os.getpid(),
+                                 device_memory_bytes=int(backend.device_memory_bytes())))
+        while True:
+            msg = self.inbox.get()
+            if msg is None:
+                break
+            if isinstance(msg, P.BatchReady):
+                self._batch(backend, msg)
+            elif isinstance(msg, P.AddDataset):
+                try:
+                    backend.register_dataset(msg.name, Path(msg.path))
+                    self._send(P.DatasetAdded(name=msg.name, error=""))
+                except Exception as exc:
+                    self._send(P.DatasetAdded(name=msg.name, error=f"{type(exc).__name__}: {exc}"))
+        backend.close()
+
+    def _batch(self, backend: EngineBackend, msg: P.BatchReady) -> None:
+        t0 = time.perf_counter()
+        self.busy_since = time.monotonic()
+        try:
+            v = self.region.slots[msg.slot]
+            n = msg.num_pairs
+            if msg.kind == "ref":
+                r = msg.num_ranges
+                stats = backend.infer_by_ref(msg.dataset, v.starts[:r], v.counts[:r], v.out[:n])
+            else:
+                stats = backend.infer_by_value(v.dense[:n], v.sparse[:n], v.out[:n])
+            reply: Any = P.BatchDone(batch_id=msg.batch_id, slot=msg.slot, num_pairs=n,
+                                     hot_lookups=int(stats.hot_lookups), cold_lookups=int(stats.cold_lookups),
+                                     compute_s=time.perf_counter() - t0)
+        except Exception as exc:
+            log.exception("engine %s: batch %d failed", self.spec.name, msg.batch_id)
+            reply = P.BatchFailed(batch_id=msg.batch_id, slot=msg.slot, message=f"{type(exc).__name__}: {exc}")
+        self.busy_since = 0.0
+        self.batches_done += 1
+        self._send(reply)
+
+
+def run_engine(spec: P.EngineSpec) -> int:
+    ctx = zmq.Context()
+    ctrl = ctx.socket(zmq.PAIR)
+    ctrl.setsockopt(zmq.LINGER, 1000)
+    ctrl.connect(spec.control_endpoint)
+    region = Region(Path(spec.shm_path), spec.slots, spec.max_batch_pairs, owner=False)
+    relay = ctx.socket(zmq.PAIR)
+    worker = _Worker(spec, ctx, region)
+    relay.bind(f"inproc://relay-{id(worker)}")
+    worker.start()
+    poller = zmq.Poller()
+    poller.register(ctrl, zmq.POLLIN)
+    poller.register(relay, zmq.POLLIN)
+    interval_ms = max(1, int(spec.heartbeat_interval_s * 1000))
+    next_hb = 0.0
+    seq = 0
+    code = 0
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= next_hb:
+                busy = worker.busy_since
+                ctrl.send(P.encode(P.Heartbeat(seq=seq, busy_s=now - busy if busy else 0.0,
+                                               batches_done=worker.batches_done)))
+                seq += 1
+                next_hb = now + spec.heartbeat_interval_s
+                if os.getppid() != spec.parent_pid:
+                    log.error("engine %s: dispatcher is gone, exiting", spec.name)
+                    code = EXIT_ORPHANED
+                    break
+            events = dict(poller.poll(min(interval_ms, max(0, int((next_hb - now) * 1000)) + 1)))
+            if relay in events:
+                while True:
+                    try:
+                        data = relay.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    ctrl.send(data)
+                    if isinstance(P.control_decoder.decode(data), P.EngineFailed):
+                        code = EXIT_LOAD_FAILED
+                if code:
+                    break
+            if ctrl in events:
+                stop = False
+                while True:
+                    try:
+                        msg = P.control_decoder.decode(ctrl.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    if isinstance(msg, P.Shutdown):
+                        stop = True
+                        break
+                    worker.inbox.put(msg)
+                if stop:
+                    break
+    finally:
+        worker.inbox.put(None)
+        worker.join(timeout=5.0)
+        region.close()
+        ctx.destroy(linger=1000)
+    return code
+
+
+def engine_main(spec_bytes: bytes) -> None:
+    """multiprocessing target (spawn): decode the spec, serve, exit with run_engine's code."""
+    spec = P.spec_decoder.decode(spec_bytes)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s engine[{spec.name}] %(levelname)s %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))
+    sys.exit(run_engine(spec))

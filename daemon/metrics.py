@@ -114,16 +114,18 @@ class DaemonMetrics:
             self._engines.add(engine)
 
     def observe_query(self, kind: str, outcome: str, samples: int, pairs: int, latency_s: float) -> None:
-        """One answered request. `outcome` is "ok" or the error code; an error also counts in errors."""
+        """One answered inference request; `outcome` is "ok" or the error code of its Error reply.
+
+        Errors are counted in dlrm_errors_total by observe_error alone (the dispatcher calls it for
+        every Error reply, inference or not), so this does not count them a second time.
+        """
         self.queries.labels(kind=kind, outcome=outcome).inc()
         self.samples.labels(kind=kind, outcome=outcome).inc(samples)
         self.pairs.labels(kind=kind, outcome=outcome).inc(pairs)
         self.latency.labels(kind=kind).observe(latency_s)
-        if outcome != "ok":
-            self.errors.labels(code=outcome).inc()
 
     def observe_error(self, code: str) -> None:
-        """An error reply to a request that is not an inference (register/load/status)."""
+        """One Error reply, to any request (inference, register, load, status, malformed)."""
         self.errors.labels(code=code).inc()
 
     def observe_batch(self, engine: str, pairs: int, queue_wait_s: float, assembly_s: float,

@@ -26,6 +26,7 @@ def _exercise(m: DaemonMetrics) -> None:
     m.observe_query("by_ref", "ok", samples=3, pairs=810, latency_s=0.012)
     m.observe_query("by_ref", "ok", samples=1, pairs=100, latency_s=0.031)
     m.observe_query("by_value", "TIMEOUT", samples=0, pairs=200, latency_s=0.5)
+    m.observe_error("TIMEOUT")  # the dispatcher reports every Error reply once here
     m.observe_error("BAD_REQUEST")
     m.observe_batch("cpu0", pairs=910, queue_wait_s=0.002, assembly_s=0.001, compute_s=0.007,
                     hot_lookups=900, cold_lookups=100)

@@ -27,8 +27,9 @@ def _gather_kernel(
     cold_ptr,  # int8 [total - n_hot, D] (pinned host, zero-copy)
     out_ptr, stride_ob, stride_ot,  # [B, T, D] fp16/bf16, last dim contiguous
     hot_count_ptr,  # int64 [1], incremented by the number of hot lookups (if COUNT)
+    count_limit_ptr,  # int64 [1]: count only lookups below this flat index (if LIMIT)
     n_lookups, n_hot,
-    T: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr,
+    T: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr, LIMIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     lk = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # flattened lookup b*T + t
@@ -52,7 +53,11 @@ def _gather_kernel(
     dst = out_ptr + (b * stride_ob + t * stride_ot)[:, None] + cols[None, :]
     tl.store(dst, val.to(out_ptr.dtype.element_ty), mask=valid[:, None])
     if COUNT:
-        n = tl.sum((valid & is_hot).to(tl.int64), axis=0)
+        counted = valid & is_hot
+        if LIMIT:
+            # A CUDA graph replays a padded batch: the real size lives in device memory.
+            counted = counted & (lk < tl.load(count_limit_ptr))
+        n = tl.sum(counted.to(tl.int64), axis=0)
         tl.atomic_add(hot_count_ptr, n)
 
 
@@ -65,13 +70,15 @@ def embedding_gather(
     cold: torch.Tensor | None,
     out: torch.Tensor,
     hot_count: torch.Tensor | None = None,
+    count_limit: torch.Tensor | None = None,
     block: int = 64,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Gather and dequantize sparse [B, T] into out [B, T, D]; returns `out`.
 
     `hot` holds file rows [0, n_hot) with n_hot = hot.shape[0]; `cold` the rest (None when all rows are
-    hot). `hot_count` (int64 [1]) is incremented by the number of lookups served from `hot`.
+    hot). `hot_count` (int64 [1]) is incremented by the number of lookups served from `hot`; with
+    `count_limit` (int64 [1], device), only among the first count_limit[0] flat lookups (b * T + t).
     """
     B, T = sparse.shape
     D = hot.shape[1]
@@ -96,8 +103,9 @@ def embedding_gather(
         table_offsets, row_position, scales, hot, hot if cold is None else cold,
         out, out.stride(0), out.stride(1),
         hot_count if count else table_offsets,
+        count_limit if count_limit is not None else table_offsets,
         n, hot.shape[0],
-        T=T, D=D, BLOCK=block, COUNT=count, num_warps=num_warps,
+        T=T, D=D, BLOCK=block, COUNT=count, LIMIT=count_limit is not None, num_warps=num_warps,
     )
     return out
 

@@ -133,3 +133,19 @@ def test_gather_full_shapes_gpu(n_hot_share: float) -> None:
 def test_interaction_full_shapes_gpu(batch: int) -> None:
     _check_interaction(batch=batch, tables=26, dtype=torch.float16, device="cuda", pad=1)
     _check_interaction(batch=batch, tables=26, dtype=torch.bfloat16, device="cuda", pad=0)
+
+
+def test_gather_count_limit_counts_only_real_pairs() -> None:
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    rows = [40, 9, 77]
+    tb = _tables(rows, 60, gen, "cpu")
+    sparse = _ids(rows, 11, gen)
+    out = torch.full((11, 3, D), float("nan"), dtype=torch.float16)
+    count = torch.zeros(1, dtype=torch.int64)
+    real = 7  # the last 4 pairs are padding, as in a replayed CUDA graph
+    embedding_gather(sparse, tb["offsets"], tb["row_position"], tb["scales"], tb["hot"], tb["cold"], out,
+                     count, count_limit=torch.tensor([real * 3]))
+    _, ref_hot = embedding_gather_reference(sparse[:real], tb["offsets"], tb["row_position"], tb["scales"],
+                                            tb["hot"], tb["cold"])
+    assert int(count.item()) == ref_hot
+    assert not torch.isnan(out).any()

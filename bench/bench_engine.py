@@ -1,0 +1,254 @@
+"""GpuBackend throughput on the GPU, beside a plain PyTorch fp16 DLRM forward measured in the same run.
+
+Builds (on the device machine) a random int8 artifact with MLPerf table sizes scaled by --scale, rows in
+frequency order for Zipf-skewed ids (SPEC hot/cold rule: per-table probabilities, sorted globally), and a
+dataset of --pairs pairs with such ids. Then, per gpu_part (1.0, 0.5, 0.3, 0.1): load time, share of
+lookups served from device memory, the captured forward alone (graph replay) and whole infer_by_ref /
+infer_by_value calls (index gather, forward, predictions back to the host) at several batch sizes.
+Baseline: engines.model.DLRM in fp16 on the device (per-table embedding lookups, eager), same batches.
+Correctness: engine vs engines.reference.Int8Reference on 2,000 pairs.
+
+Run on the device machine: `python3 bench/bench_engine.py --out $OUT/engine.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engines.gpu_backend import GpuBackend  # noqa: E402
+from engines.model import DLRM, DLRMConfig, random_state_dict  # noqa: E402
+from engines.reference import Int8Reference  # noqa: E402
+from formats.artifact import Artifact, table_offsets, write_artifact  # noqa: E402
+from formats.dataset import write_dataset  # noqa: E402
+
+
+def zipf_ids(rng: np.random.Generator, n: int, rows: np.ndarray, a: float) -> np.ndarray:
+    return np.minimum(rng.zipf(a, (n, len(rows))) - 1, rows[None, :] - 1).astype(np.int32)
+
+
+def frequency_row_order(rows: np.ndarray, a: float) -> np.ndarray:
+    """Global rows sorted by per-table probability of a Zipf(a) id, most likely first."""
+    offs = table_offsets(rows)
+    logp = np.empty(int(offs[-1]), dtype=np.float64)
+    for t, r in enumerate(rows):
+        k = np.arange(1, int(r) + 1, dtype=np.float64)
+        w = -a * np.log(k)
+        logp[offs[t] : offs[t + 1]] = w - np.log(np.exp(w - w.max()).sum()) - w.max()
+    return np.argsort(-logp, kind="stable").astype(np.int32)
+
+
+def build(root: Path, scale: float, pairs: int, a: float, seed: int) -> tuple[Path, Path, DLRMConfig, dict]:
+    config = DLRMConfig.mlperf().scaled(scale)
+    rows = np.asarray(config.table_rows)
+    rng = np.random.default_rng(seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    mlp_state = _mlp_state(config, seed)
+
+    def tables():
+        for t, r in enumerate(rows):
+            q = torch.empty((int(r), config.embedding_dim), dtype=torch.int8, device=dev)
+            q.random_(-127, 128, generator=gen)
+            yield t, q.cpu().numpy()
+
+    scales = (rng.random(config.num_tables) * 0.02 + 0.002).astype(np.float32)
+    art = root / "artifact"
+    t0 = time.perf_counter()
+    write_artifact(art, config, tables(), scales, mlp_state, row_order=frequency_row_order(rows, a))
+    t_art = time.perf_counter() - t0
+    dense = np.log1p(rng.exponential(5.0, (pairs, config.dense_features))).astype(np.float32)
+    sparse = zipf_ids(rng, pairs, rows, a)
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(100, 701, pairs // 100))])
+    offsets = np.append(offsets[offsets < pairs], pairs).astype(np.int64)
+    ds = root / "dataset"
+    write_dataset(ds, (rng.random(pairs) < 0.25).astype(np.float32), dense, sparse, offsets, config.table_rows,
+                  "bench")
+    return art, ds, config, {"artifact_s": t_art, "offsets": offsets, "dense": dense, "sparse": sparse}
+
+
+def _mlp_state(config: DLRMConfig, seed: int) -> dict[str, np.ndarray]:
+    tiny = DLRMConfig(tuple(1 for _ in config.table_rows), config.embedding_dim, config.dense_features,
+                      config.bottom_mlp, config.top_mlp)
+    return {k: v.numpy() for k, v in random_state_dict(tiny, seed).items() if not k.startswith("emb_l.")}
+
+
+def cuda_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+def wall_ms(fn, reps: int = 10, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def baseline_model(art: Artifact) -> DLRM:
+    """engines.model.DLRM in fp16 on the device with the artifact's dequantized tables."""
+    cfg = art.config
+    model = DLRM(cfg, device="meta")
+    emb = torch.from_numpy(np.asarray(art.embeddings)).cuda()
+    pos = torch.from_numpy(np.asarray(art.row_position)).cuda().long()
+    state = {}
+    for t in range(cfg.num_tables):
+        a, b = int(art.table_offsets[t]), int(art.table_offsets[t + 1])
+        state[f"emb_l.{t}.weight"] = (emb[pos[a:b]].float() * float(art.scales[t])).half()
+    for k, v in art.mlp.items():
+        state[k] = torch.from_numpy(np.asarray(v)).cuda().half()
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
+    """Milliseconds of each stage of one eager forward at batch n (for docs/GPU_NOTES.md)."""
+    from kernels.dot_interaction import dot_interaction
+    from kernels.embedding_gather import embedding_gather
+
+    x = eng.dense_in[:n].to(eng.dtype)
+    def bottom() -> torch.Tensor:
+        y = x
+        for w, b in eng.bottom:
+            y = eng._linear_relu(y, w, b)
+        return y
+    bo = bottom()
+    emb = eng.emb_buf[:n]
+    def top() -> torch.Tensor:
+        y = eng.top_in[:n]
+        for i, (w, b) in enumerate(eng.top):
+            y = eng._linear_relu(y, w, b) if i < len(eng.top) - 1 else torch.nn.functional.linear(y, w, b)
+        return y
+    return {
+        "bottom_mlp": cuda_ms(bottom),
+        "gather": cuda_ms(lambda: embedding_gather(eng.sparse_in[:n], eng.table_offsets, eng.row_position,
+                                                   eng.scales, eng.hot, eng.cold, emb)),
+        "interaction": cuda_ms(lambda: dot_interaction(bo, emb, eng.top_in[:n])),
+        "top_mlp": cuda_ms(top),
+        "graph_forward": cuda_ms(lambda: eng._run(n)),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=float, default=0.05)
+    ap.add_argument("--pairs", type=int, default=1_000_000)
+    ap.add_argument("--zipf", type=float, default=1.05)
+    ap.add_argument("--max-batch", type=int, default=262_144)
+    ap.add_argument("--parts", type=str, default="1.0,0.5,0.3,0.1")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    card = torch.cuda.get_device_name()
+    res: dict = {"card": card, "args": {k: str(v) for k, v in vars(args).items()}}
+    root = Path(tempfile.mkdtemp(prefix="bench_engine_"))
+    art_path, ds_path, config, extra = build(root, args.scale, args.pairs, args.zipf, 7)
+    res["artifact_s"] = extra["artifact_s"]
+    res["total_rows"] = config.total_rows
+    print(f"{card}: artifact {config.total_rows} rows ({config.total_rows * 128 / 1e9:.2f} GB int8) "
+          f"built in {extra['artifact_s']:.1f} s", flush=True)
+    dense, sparse, offsets = extra["dense"], extra["sparse"], extra["offsets"]
+    art = Artifact.open(art_path)
+    batches = [b for b in (2048, 8192, 32768, 131072, 262144) if b <= args.max_batch]
+
+    # Baseline first: the same batches through the fp16 PyTorch module.
+    model = baseline_model(art)
+    base = {}
+    with torch.no_grad():
+        dd = torch.from_numpy(dense).cuda()
+        ss = torch.from_numpy(sparse).cuda()
+        for b in batches:
+            ms = cuda_ms(lambda b=b: model(dd[:b].half(), ss[:b]), reps=10)
+            base[b] = b / ms * 1e3
+            print(f"  baseline fp16 DLRM forward batch {b}: {ms:.3f} ms  {base[b] / 1e6:.2f} M pairs/s", flush=True)
+        p_base = model(dd[:2000].half(), ss[:2000]).float().cpu().numpy()
+    del model, dd, ss
+    torch.cuda.empty_cache()
+    res["baseline_pairs_per_s"] = base
+
+    ref = Int8Reference(art, 1.0).predict(dense[:2000], sparse[:2000])
+    parts = [float(p) for p in args.parts.split(",")]
+    configs = [(parts[0], True), (parts[0], False)] + [(p, True) for p in parts[1:]]
+    rows = []
+    for part, fused in configs:
+        t0 = time.perf_counter()
+        sizes = None if (part, fused) == configs[0] else [b for b in batches]
+        eng = GpuBackend("cuda:0", art_path, part, max_batch_pairs=args.max_batch, graph_sizes=sizes,
+                         fused_relu=fused)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eng.register_dataset("bench", ds_path)
+        reg_s = time.perf_counter() - t0
+        out = np.full(args.pairs, np.nan, dtype=np.float32)
+        st = eng.infer_by_value(dense[:2000], sparse[:2000], out)
+        err = float(np.abs(out[:2000] - ref).max())
+        err_base = float(np.abs(p_base - ref).max())
+        entry = {"gpu_part": part, "fused_relu": fused, "load_s": load_s, "register_s": reg_s, "times": vars(eng.times),
+                 "max_abs_err_vs_int8_ref": err, "baseline_max_abs_err": err_base,
+                 "device_bytes": eng.device_memory_bytes(), "by_batch": {}}
+        st = eng.infer_by_ref("bench", np.array([0]), np.array([args.pairs]), out)
+        entry["hot_share"] = st.hot_lookups / (st.hot_lookups + st.cold_lookups)
+        print(f"gpu_part {part}: load {load_s:.2f} s ({eng.times.hot_s:.2f} hot, {eng.times.cold_s:.2f} cold, "
+              f"{eng.times.graphs_s:.2f} graphs), HBM share {entry['hot_share']:.4f}, err {err:.2e} "
+              f"(fp16 baseline {err_base:.2e})", flush=True)
+        for b in batches:
+            # whole samples: ranges of the dataset's sample partition adding up to about b pairs
+            s_end = int(np.searchsorted(offsets, b))
+            starts, counts = offsets[:s_end], np.diff(offsets[: s_end + 1])
+            n = int(counts.sum())
+            eng.dense_in[:b].copy_(torch.from_numpy(dense[:b]).cuda())
+            eng.sparse_in[:b].copy_(torch.from_numpy(sparse[:b]).cuda())
+            torch.cuda.synchronize()
+            with torch.cuda.stream(eng.stream):
+                fwd_ms = cuda_ms(lambda b=b: eng._run(b), reps=20)
+            ref_ms = wall_ms(lambda: eng.infer_by_ref("bench", starts, counts, out))
+            val_ms = wall_ms(lambda b=b: eng.infer_by_value(dense[:b], sparse[:b], out), reps=5)
+            entry["by_batch"][b] = {"forward_pairs_per_s": b / fwd_ms * 1e3, "by_ref_pairs_per_s": n / ref_ms * 1e3,
+                                    "by_value_pairs_per_s": b / val_ms * 1e3, "by_ref_pairs": n}
+            print(f"  batch {b}: graph forward {b / fwd_ms / 1e3:.2f} M pairs/s; infer_by_ref ({n} pairs) "
+                  f"{n / ref_ms / 1e3:.2f} M/s; infer_by_value {b / val_ms / 1e3:.2f} M/s", flush=True)
+        if (part, fused) == configs[0]:
+            entry["stages_ms"] = stage_breakdown(eng, batches[-1])
+            print("  stages at batch", batches[-1], {k: round(v, 3) for k, v in entry["stages_ms"].items()}, flush=True)
+        eng.close()
+        del eng
+        torch.cuda.empty_cache()
+        rows.append(entry)
+    res["engine"] = rows
+
+    print(f"\n== engine summary ({card}; {config.total_rows * 128 / 1e9:.2f} GB int8 tables, Zipf {args.zipf}) ==")
+    print("gpu_part  fusedReLU HBM-share  load_s  batch   fwd Mpairs/s  by_ref M/s  by_value M/s  fp16-baseline M/s")
+    for e in rows:
+        for b, v in e["by_batch"].items():
+            print(f"{e['gpu_part']:8.1f}  {str(e['fused_relu']):9s} {e['hot_share']:9.4f}  {e['load_s']:6.2f}  {b:6d}  "
+                  f"{v['forward_pairs_per_s'] / 1e6:12.2f}  {v['by_ref_pairs_per_s'] / 1e6:10.2f}  "
+                  f"{v['by_value_pairs_per_s'] / 1e6:12.2f}  {base[b] / 1e6:17.2f}")
+    print("max |engine - Int8Reference| per part:", [f"{e['max_abs_err_vs_int8_ref']:.2e}" for e in rows])
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""GPU engine backend: int8 hot/cold embeddings, Triton gather + interaction, half-precision MLPs, CUDA graphs.
+
+Placement (SPEC "Quantization and placement"): rows [0, n_hot) of the frequency-ordered artifact go to
+device memory, the rest to pinned host memory that the gather kernel reads zero-copy; the remap table
+(row_position) lives on the device. By-reference datasets are copied to the device once at registration
+(NVIDIA's "start_from_device"), so a by-reference batch moves only its pair indices over PCIe.
+
+One forward: bottom MLP (cuBLAS through F.linear, fp16/bf16) -> fused gather of all 26 lookups
+(kernels.embedding_gather) -> dot interaction written straight into the top-MLP input
+(kernels.dot_interaction; the buffer is 480 wide with a zero last column and a zero-padded first top
+weight, so every GEMM has aligned K) -> top MLP -> sigmoid. Fixed batch sizes are captured as CUDA graphs;
+a batch is padded up to the next captured size (padding rows keep earlier, already-validated ids, so
+they read valid rows; the hot-lookup count is limited to the real rows in the kernel).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engines.backend import BatchStats, pair_index
+from engines.placement import Placement
+from formats.artifact import Artifact
+from formats.dataset import Dataset
+from kernels.dot_interaction import dot_interaction
+from kernels.embedding_gather import embedding_gather
+
+_CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
+
+
+class GpuBackendError(RuntimeError):
+    """A GPU engine that cannot load or serve (the message says what and where)."""
+
+
+@dataclass
+class _DeviceDataset:
+    dense: torch.Tensor  # float32 [N, 13] on the device
+    sparse: torch.Tensor  # int32 [N, 26] on the device
+    num_pairs: int
+
+
+@dataclass
+class LoadTimes:
+    """Seconds spent loading, for the notes and the benchmark."""
+
+    hot_s: float = 0.0
+    cold_s: float = 0.0
+    remap_s: float = 0.0
+    graphs_s: float = 0.0
+    datasets_s: dict[str, float] = field(default_factory=dict)
+
+
+def default_graph_sizes(max_batch_pairs: int) -> list[int]:
+    """Powers of two from 512 up to max_batch_pairs (itself included): padding wastes at most half."""
+    sizes = [s for s in (1 << k for k in range(9, 31)) if s < max_batch_pairs]
+    return sizes + [max_batch_pairs]
+
+
+class GpuBackend:
+    """EngineBackend on one CUDA device (see engines/backend.py)."""
+
+    def __init__(
+        self,
+        device: str,
+        artifact: Path | str | Artifact,
+        gpu_part: float = 1.0,
+        max_batch_pairs: int = 65536,
+        dtype: torch.dtype = torch.float16,
+        graph_sizes: Sequence[int] | None = None,
+        fused_relu: bool = True,
+    ) -> None:
+        if not torch.cuda.is_available():
+            raise GpuBackendError(f"{device}: CUDA is not available on this machine")
+        self.device = device
+        self._dev = torch.device(device)
+        if self._dev.type != "cuda":
+            raise GpuBackendError(f"GpuBackend needs a cuda:N device, got {device!r}")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise GpuBackendError(f"dtype must be float16 or bfloat16, got {dtype}")
+        if max_batch_pairs < 1:
+            raise GpuBackendError(f"max_batch_pairs must be positive, got {max_batch_pairs}")
+        self.dtype = dtype
+        self.fused_relu = fused_relu
+        self.max_batch_pairs = int(max_batch_pairs)
+        self.times = LoadTimes()
+        art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
+        self.config = art.config
+        self.placement = Placement.from_artifact(art, gpu_part)
+        self._datasets: dict[str, _DeviceDataset] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        torch.cuda.set_device(self._dev)
+        self.stream = torch.cuda.Stream(self._dev)
+        with torch.cuda.stream(self.stream):
+            self._load_tables(art)
+            self._load_mlp(art)
+            self._alloc_buffers()
+        sizes = default_graph_sizes(self.max_batch_pairs) if graph_sizes is None else sorted(set(graph_sizes))
+        if any(s < 1 or s > self.max_batch_pairs for s in sizes):
+            raise GpuBackendError(f"graph sizes {sizes} must lie in [1, max_batch_pairs={self.max_batch_pairs}]")
+        t0 = time.perf_counter()
+        self._capture(sizes)
+        self.times.graphs_s = time.perf_counter() - t0
+
+    # ---- loading -------------------------------------------------------------------------------------
+    def _load_tables(self, art: Artifact) -> None:
+        n_hot, total, dim = self.placement.n_hot, self.placement.total_rows, self.config.embedding_dim
+        emb = art.embeddings
+        t0 = time.perf_counter()
+        self.hot = torch.empty((n_hot, dim), dtype=torch.int8, device=self._dev)
+        staging = torch.empty((min(_CHUNK_ROWS, max(n_hot, 1)), dim), dtype=torch.int8, pin_memory=True)
+        st_np = staging.numpy()
+        for a in range(0, n_hot, _CHUNK_ROWS):
+            b = min(n_hot, a + _CHUNK_ROWS)
+            st_np[: b - a] = emb[a:b]
+            self.hot[a:b].copy_(staging[: b - a], non_blocking=True)
+            self.stream.synchronize()  # the staging buffer is reused next step
+        self.times.hot_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_cold = total - n_hot
+        self.cold: torch.Tensor | None = None
+        if n_cold:
+            # Pinned (page-locked, device-mapped under UVA): the gather kernel reads it over PCIe directly.
+            self.cold = torch.empty((n_cold, dim), dtype=torch.int8, pin_memory=True)
+            cold_np = self.cold.numpy()
+            for a in range(0, n_cold, _CHUNK_ROWS):
+                b = min(n_cold, a + _CHUNK_ROWS)
+                cold_np[a:b] = emb[n_hot + a : n_hot + b]
+        self.times.cold_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.row_position = torch.from_numpy(np.ascontiguousarray(art.row_position, dtype=np.int32)).to(self._dev)
+        self.table_offsets = torch.from_numpy(np.asarray(art.table_offsets, dtype=np.int64)).to(self._dev)
+        self.scales = torch.from_numpy(np.asarray(art.scales, dtype=np.float32)).to(self._dev)
+        self.stream.synchronize()
+        self.times.remap_s = time.perf_counter() - t0
+
+    def _load_mlp(self, art: Artifact) -> None:
+        cfg = self.config
+        w = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in art.mlp.items()}
+        self.bottom = [
+            (w[f"bot_l.{2 * i}.weight"].to(self._dev, self.dtype), w[f"bot_l.{2 * i}.bias"].to(self._dev, self.dtype))
+            for i in range(len(cfg.bottom_mlp))
+        ]
+        self.top = []
+        width = cfg.interaction_width
+        self.top_in_width = (width + 7) // 8 * 8  # 16-byte aligned rows for cuBLAS
+        for i in range(len(cfg.top_mlp)):
+            weight = w[f"top_l.{2 * i}.weight"]
+            if i == 0 and self.top_in_width != width:
+                weight = F.pad(weight, (0, self.top_in_width - width))  # zero columns meet zero inputs
+            self.top.append((weight.to(self._dev, self.dtype), w[f"top_l.{2 * i}.bias"].to(self._dev, self.dtype)))
+
+    def _alloc_buffers(self) -> None:
+        m, cfg = self.max_batch_pairs, self.config
+        dev = self._dev
+        self.dense_in = torch.zeros((m, cfg.dense_features), dtype=torch.float32, device=dev)
+        # Zeros are valid ids: padding rows of a replayed graph always read real rows.
+        self.sparse_in = torch.zeros((m, cfg.num_tables), dtype=torch.int32, device=dev)
+        self.emb_buf = torch.empty((m, cfg.num_tables, cfg.embedding_dim), dtype=self.dtype, device=dev)
+        self.top_in = torch.zeros((m, self.top_in_width), dtype=self.dtype, device=dev)
+        self.pred = torch.empty(m, dtype=torch.float32, device=dev)
+        self.counts = torch.zeros(2, dtype=torch.int64, device=dev)  # [limit, hot lookups]
+        self.dense_host = torch.empty((m, cfg.dense_features), dtype=torch.float32, pin_memory=True)
+        self.sparse_host = torch.empty((m, cfg.num_tables), dtype=torch.int32, pin_memory=True)
+        self.pred_host = torch.empty(m, dtype=torch.float32, pin_memory=True)
+        self.counts_host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+
+    # ---- the forward ---------------------------------------------------------------------------------
+    def _forward(self, n: int) -> None:
+        """Predict rows [0, n) of dense_in/sparse_in into pred[:n]; hot count into counts[1]."""
+        x = self.dense_in[:n].to(self.dtype)
+        for weight, bias in self.bottom:
+            x = self._linear_relu(x, weight, bias)
+        self.counts[1:].zero_()
+        emb = self.emb_buf[:n]
+        embedding_gather(self.sparse_in[:n], self.table_offsets, self.row_position, self.scales, self.hot,
+                         self.cold, emb, self.counts[1:], count_limit=self.counts[:1])
+        y = dot_interaction(x, emb, self.top_in[:n])
+        last = len(self.top) - 1
+        for i, (weight, bias) in enumerate(self.top):
+            y = self._linear_relu(y, weight, bias) if i < last else F.linear(y, weight, bias)
+        self.pred[:n].copy_(torch.sigmoid(y.float()).reshape(-1))
+
+    def _linear_relu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if self.fused_relu:
+            # cuBLASLt bias+ReLU epilogue: saves a read and a write of every activation.
+            return torch._addmm_activation(bias, x, weight.t())
+        return torch.relu(F.linear(x, weight, bias))
+
+    def _capture(self, sizes: Sequence[int]) -> None:
+        with torch.cuda.stream(self.stream):
+            self.counts[0] = 0
+            for s in sizes:
+                self._forward(s)  # compiles the kernels and picks cuBLAS algorithms outside capture
+            self.stream.synchronize()
+            pool = None
+            for s in sorted(sizes, reverse=True):  # largest first so smaller graphs reuse its pool
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=self.stream):
+                    self._forward(s)
+                pool = g.pool()
+                self._graphs[s] = g
+        self._sizes = sorted(self._graphs)
+
+    def _run(self, n: int) -> int:
+        """Forward of the first n staged rows (already on the device, enqueued on self.stream)."""
+        self.counts[:1].fill_(n * self.config.num_tables)
+        size = next((s for s in self._sizes if s >= n), None)
+        if size is None:
+            self._forward(n)
+        else:
+            self._graphs[size].replay()
+        return n
+
+    def _finish(self, n: int, out: np.ndarray, at: int) -> tuple[int, int]:
+        self.pred_host[:n].copy_(self.pred[:n], non_blocking=True)
+        self.counts_host.copy_(self.counts, non_blocking=True)
+        self.stream.synchronize()
+        out[at : at + n] = self.pred_host[:n].numpy()
+        hot = int(self.counts_host[1])
+        return hot, n * self.config.num_tables - hot
+
+    # ---- EngineBackend -------------------------------------------------------------------------------
+    def register_dataset(self, name: str, path: Path) -> None:
+        t0 = time.perf_counter()
+        ds = Dataset.open(path)  # every id is checked against the model's tables below
+        with torch.cuda.stream(self.stream):
+            dense = torch.empty((ds.num_pairs, self.config.dense_features), dtype=torch.float32, device=self._dev)
+            sparse = torch.empty((ds.num_pairs, self.config.num_tables), dtype=torch.int32, device=self._dev)
+            for a in range(0, ds.num_pairs, _CHUNK_ROWS):
+                b = min(ds.num_pairs, a + _CHUNK_ROWS)
+                chunk = np.ascontiguousarray(ds.sparse[a:b])
+                try:
+                    self.placement.check_sparse(chunk)
+                except ValueError as exc:
+                    raise GpuBackendError(f"dataset {name!r} at {path}: pairs {a}..{b}: {exc}") from exc
+                sparse[a:b].copy_(torch.from_numpy(chunk))
+                dense[a:b].copy_(torch.from_numpy(np.ascontiguousarray(ds.dense[a:b], dtype=np.float32)))
+            self.stream.synchronize()
+        self._datasets[name] = _DeviceDataset(dense, sparse, ds.num_pairs)
+        self.times.datasets_s[name] = time.perf_counter() - t0
+
+    def infer_by_ref(
+        self, dataset: str, pair_starts: np.ndarray, pair_counts: np.ndarray, out: np.ndarray
+    ) -> BatchStats:
+        ds = self._datasets.get(dataset)
+        if ds is None:
+            raise GpuBackendError(f"dataset {dataset!r} is not registered on {self.device}")
+        starts = np.asarray(pair_starts, dtype=np.int64)
+        counts = np.asarray(pair_counts, dtype=np.int64)
+        if starts.size and (starts.min() < 0 or (starts + counts).max() > ds.num_pairs or counts.min() < 0):
+            raise GpuBackendError(f"pair ranges outside dataset {dataset!r} ({ds.num_pairs} pairs)")
+        idx_all = pair_index(starts, counts)
+        self._check_out(out, idx_all.size)
+        hot = cold = 0
+        with torch.cuda.stream(self.stream):
+            for a in range(0, idx_all.size, self.max_batch_pairs):
+                idx_np = idx_all[a : a + self.max_batch_pairs]
+                n = idx_np.size
+                idx = torch.from_numpy(idx_np).to(self._dev, non_blocking=False)
+                torch.index_select(ds.dense, 0, idx, out=self.dense_in[:n])
+                torch.index_select(ds.sparse, 0, idx, out=self.sparse_in[:n])
+                self._run(n)
+                h, c = self._finish(n, out, a)
+                hot, cold = hot + h, cold + c
+        return BatchStats(hot, cold)
+
+    def infer_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:
+        cfg = self.config
+        if dense.ndim != 2 or dense.shape[1] != cfg.dense_features or sparse.shape[0] != dense.shape[0]:
+            raise GpuBackendError(f"dense must be [n, {cfg.dense_features}] and sparse [n, {cfg.num_tables}], "
+                                  f"got {list(dense.shape)} and {list(sparse.shape)}")
+        try:
+            self.placement.check_sparse(sparse)
+        except ValueError as exc:
+            raise GpuBackendError(f"by-value batch: {exc}") from exc
+        total = dense.shape[0]
+        self._check_out(out, total)
+        hot = cold = 0
+        with torch.cuda.stream(self.stream):
+            for a in range(0, total, self.max_batch_pairs):
+                b = min(total, a + self.max_batch_pairs)
+                n = b - a
+                self.dense_host.numpy()[:n] = dense[a:b]
+                self.sparse_host.numpy()[:n] = sparse[a:b]
+                self.dense_in[:n].copy_(self.dense_host[:n], non_blocking=True)
+                self.sparse_in[:n].copy_(self.sparse_host[:n], non_blocking=True)
+                self._run(n)
+                h, c = self._finish(n, out, a)
+                hot, cold = hot + h, cold + c
+        return BatchStats(hot, cold)
+
+    def device_memory_bytes(self) -> int:
+        return int(torch.cuda.memory_allocated(self._dev))
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._datasets.clear()
+        for name in ("hot", "cold", "row_position", "emb_buf", "top_in", "dense_in", "sparse_in", "pred"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        torch.cuda.synchronize(self._dev)
+        torch.cuda.empty_cache()
+
+    @staticmethod
+    def _check_out(out: np.ndarray, n: int) -> None:
+        if out.dtype != np.float32 or out.ndim != 1 or out.shape[0] < n:
+            raise GpuBackendError(f"out must be float32 [>= {n}], got {out.dtype}{list(out.shape)}")

@@ -1,11 +1,13 @@
 """A backend that answers at once: the dispatcher's benchmark engine and the daemon tests' engine.
 
 Predictions are a cheap deterministic function of the inputs so tests can check that every pair
-came back to the right query in the right place:
-  by reference: every pair of a range [start, start+count) gets (start mod 2**20) / 2**20;
+came back to the right query in the right place, however the dispatcher cut and packed it:
+  by reference: pair p of the dataset gets (p mod 2**20) / 2**20;
   by value:     a pair's prediction is its dense[:, 0].
-The environment variable DLRM_NULL_DELAY_S (seconds per batch) makes batches slow, for tests of
-batching, deadlines and draining.
+Environment (test and benchmark hooks, read at start):
+  DLRM_NULL_DELAY_S  seconds to sleep per batch (tests of batching, deadlines and draining);
+  DLRM_NULL_FILL=0   by reference, leave the output slot as it is: the dispatcher benchmark measures
+                     the dispatcher's ceiling, not numpy writing predictions.
 """
 from __future__ import annotations
 
@@ -20,9 +22,12 @@ from engines.backend import BatchStats
 _SCALE = np.float32(1.0 / (1 << 20))
 
 
-def null_ref_prediction(pair_starts: np.ndarray) -> np.ndarray:
-    """The prediction the null backend gives every pair of a range starting at `pair_starts`."""
-    return (np.asarray(pair_starts) & ((1 << 20) - 1)).astype(np.float32) * _SCALE
+_MASK = (1 << 20) - 1
+
+
+def null_ref_prediction(pairs: np.ndarray) -> np.ndarray:
+    """The null backend's by-reference prediction for dataset pair indices `pairs`."""
+    return (np.asarray(pairs) & _MASK).astype(np.float32) * _SCALE
 
 
 class NullBackend:
@@ -32,6 +37,8 @@ class NullBackend:
         self.device = device
         self._datasets: dict[str, Path] = {}
         self._delay_s = float(os.environ.get("DLRM_NULL_DELAY_S", "0") or 0)
+        self._fill = os.environ.get("DLRM_NULL_FILL", "1") != "0"
+        self._arange = np.arange(0, dtype=np.int32)
 
     def register_dataset(self, name: str, path: Path) -> None:
         if not (Path(path) / "meta.json").is_file():
@@ -45,7 +52,16 @@ class NullBackend:
             raise KeyError(f"dataset {dataset!r} is not registered in this engine")
         if self._delay_s:
             time.sleep(self._delay_s)
-        out[:] = np.repeat(null_ref_prediction(pair_starts), pair_counts)
+        if self._fill and len(out):
+            # pair index = start of its range + position in the range, in int32 modulo 2**20
+            counts = np.asarray(pair_counts, dtype=np.int64)
+            base = ((np.asarray(pair_starts, np.int64) - (np.cumsum(counts) - counts)) & _MASK).astype(np.int32)
+            idx = np.repeat(base, counts)
+            if len(self._arange) < len(idx):
+                self._arange = np.arange(len(idx), dtype=np.int32)
+            idx += self._arange[:len(idx)]
+            idx &= _MASK
+            np.multiply(idx, _SCALE, out=out, casting="unsafe")
         return BatchStats(hot_lookups=26 * len(out), cold_lookups=0)
 
     def infer_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:

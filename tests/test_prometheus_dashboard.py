@@ -168,8 +168,7 @@ def _write_dataset(path: Path, num_samples: int = 64) -> None:
 
 
 def test_dashboard_queries_return_data_from_live_daemon(tmp_short: Path) -> None:
-    # TEMPORARY until daemon/client.py lands (another engineer's issue); then a plain import.
-    Client = pytest.importorskip("daemon.client").Client
+    from daemon.client import Client
 
     ds = tmp_short / "ds"
     _write_dataset(ds)
@@ -249,44 +248,6 @@ def _connect(endpoint: str, daemon: subprocess.Popen, log: Path) -> "Client":  #
             if time.monotonic() > deadline:
                 pytest.fail(f"dlrm-daemon not answering on {endpoint}:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-
-
-def test_dashboard_queries_return_data_from_exporter(tmp_short: Path) -> None:
-    """The same check against DaemonMetrics fed directly: tells a dashboard bug from a daemon bug."""
-    from prometheus_client import CollectorRegistry
-
-    from daemon.metrics import DaemonMetrics, start_exporter
-
-    registry = CollectorRegistry()
-    m = DaemonMetrics(registry)
-    exporter = start_exporter(registry, "127.0.0.1", 0)
-    stop = threading.Event()
-
-    def feed() -> None:
-        rng = np.random.default_rng(0)
-        for e in ("null0", "null1"):
-            m.set_engine_up(e, True)
-            m.set_device_memory(e, 1 << 20)
-        while not stop.is_set():
-            for e in ("null0", "null1"):
-                m.observe_batch(e, pairs=int(rng.integers(100, 5000)), queue_wait_s=0.001,
-                                assembly_s=0.0005, compute_s=float(rng.random() * 0.02),
-                                hot_lookups=900, cold_lookups=100)
-                m.set_inflight(e, int(rng.integers(0, 3)))
-            m.observe_query("by_ref", "ok", samples=4, pairs=1000, latency_s=float(rng.random() * 0.03))
-            m.observe_reply(0.0002)
-            m.set_queue_depth(int(rng.integers(0, 5)), int(rng.integers(0, 2000)))
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=feed, daemon=True)
-    thread.start()
-    prom = Prometheus(tmp_short, [f"127.0.0.1:{exporter.port}"])
-    try:
-        check_dashboard(prom, thread.is_alive)
-    finally:
-        stop.set()
-        prom.close()
-        exporter.close()
 
 
 def test_dashboard_is_ready_for_file_provisioning() -> None:

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from daemon import exitcodes
 from daemon.sdnotify import Notifier, NotifyError
 
 
@@ -87,3 +94,42 @@ def test_send_failure_is_typed(tmp_path: Path) -> None:
 def test_relative_address_rejected() -> None:
     with pytest.raises(ValueError, match="NOTIFY_SOCKET"):
         Notifier.from_env({"NOTIFY_SOCKET": "relative/path"})
+
+
+def test_live_daemon_speaks_the_protocol(tmp_path: Path) -> None:
+    """dlrm-daemon (null engines) as systemd would run it: STATUS, READY, WATCHDOG, then STOPPING
+    and exit 0 on SIGTERM, all read from the notify socket the test binds."""
+    root = Path(__file__).resolve().parent.parent
+    run = Path(tempfile.mkdtemp(prefix="dlrm-sd-"))  # short: ipc paths are limited to 107 bytes
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(run / "notify"))
+    env = {**os.environ, "NOTIFY_SOCKET": str(run / "notify"), "WATCHDOG_USEC": "1000000",
+           "RUNTIME_DIRECTORY": str(run / "rt")}
+    env.pop("WATCHDOG_PID", None)
+    log = open(tmp_path / "daemon.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--engines", "null",
+                             "--drain-timeout-s", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, cwd=root)
+    seen: list[dict[str, str]] = []
+    try:
+        sock.settimeout(60)
+        deadline = time.monotonic() + 60
+        # Ready first, then at least two watchdog pings (interval 1 s: pinged every 0.5 s).
+        while sum("WATCHDOG" in m for m in seen) < 2 and time.monotonic() < deadline:
+            seen.append(_recv(sock))
+        ready = [i for i, m in enumerate(seen) if m.get("READY") == "1"]
+        assert ready, (seen, (tmp_path / "daemon.log").read_text()[-2000:])
+        assert seen[ready[0]]["MAINPID"] == str(proc.pid)
+        assert any("STATUS" in m for m in seen)
+        assert all(i > ready[0] for i, m in enumerate(seen) if "WATCHDOG" in m)
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING" not in seen[-1]:
+            seen.append(_recv(sock))
+        assert proc.wait(timeout=30) == exitcodes.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        sock.close()
+        shutil.rmtree(run, ignore_errors=True)

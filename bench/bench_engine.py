@@ -127,6 +127,7 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
     """Milliseconds of each stage of one eager forward at batch n (for docs/GPU_NOTES.md)."""
     from kernels.dot_interaction import dot_interaction
     from kernels.embedding_gather import embedding_gather
+    from kernels.gather_interaction import gather_interaction
 
     x = eng.dense_in[:n].to(eng.dtype)
     def bottom() -> torch.Tensor:
@@ -146,6 +147,9 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
         "gather": cuda_ms(lambda: embedding_gather(eng.sparse_in[:n], eng.table_offsets, eng.row_position,
                                                    eng.scales, eng.hot, eng.cold, emb)),
         "interaction": cuda_ms(lambda: dot_interaction(bo, emb, eng.top_in[:n])),
+        "fused_gather_interaction": cuda_ms(lambda: gather_interaction(
+            bo, eng.sparse_in[:n], eng.table_offsets, eng.row_position, eng.scales, eng.hot, eng.cold,
+            eng.top_in[:n])),
         "top_mlp": cuda_ms(top),
         "graph_forward": cuda_ms(lambda: eng._run(n)),
     }
@@ -189,13 +193,15 @@ def main() -> int:
 
     ref = Int8Reference(art, 1.0).predict(dense[:2000], sparse[:2000])
     parts = [float(p) for p in args.parts.split(",")]
-    configs = [(parts[0], True), (parts[0], False)] + [(p, True) for p in parts[1:]]
+    # (gpu_part, fused ReLU epilogue, fused gather+interaction): v2, then v1's pieces for comparison
+    configs = ([(parts[0], True, True), (parts[0], True, False), (parts[0], False, False)]
+               + [(p, True, True) for p in parts[1:]])
     rows = []
-    for part, fused in configs:
+    for part, fused, fgather in configs:
         t0 = time.perf_counter()
-        sizes = None if (part, fused) == configs[0] else [b for b in batches]
+        sizes = None if (part, fused, fgather) == configs[0] else [b for b in batches]
         eng = GpuBackend("cuda:0", art_path, part, max_batch_pairs=args.max_batch, graph_sizes=sizes,
-                         fused_relu=fused)
+                         fused_relu=fused, fused_gather=fgather)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         eng.register_dataset("bench", ds_path)
@@ -204,7 +210,7 @@ def main() -> int:
         st = eng.infer_by_value(dense[:2000], sparse[:2000], out)
         err = float(np.abs(out[:2000] - ref).max())
         err_base = float(np.abs(p_base - ref).max())
-        entry = {"gpu_part": part, "fused_relu": fused, "load_s": load_s, "register_s": reg_s, "times": vars(eng.times),
+        entry = {"gpu_part": part, "fused_relu": fused, "fused_gather": fgather, "load_s": load_s, "register_s": reg_s, "times": vars(eng.times),
                  "max_abs_err_vs_int8_ref": err, "baseline_max_abs_err": err_base,
                  "device_bytes": eng.device_memory_bytes(), "by_batch": {}}
         st = eng.infer_by_ref("bench", np.array([0]), np.array([args.pairs]), out)
@@ -228,7 +234,7 @@ def main() -> int:
                                     "by_value_pairs_per_s": b / val_ms * 1e3, "by_ref_pairs": n}
             print(f"  batch {b}: graph forward {b / fwd_ms / 1e3:.2f} M pairs/s; infer_by_ref ({n} pairs) "
                   f"{n / ref_ms / 1e3:.2f} M/s; infer_by_value {b / val_ms / 1e3:.2f} M/s", flush=True)
-        if (part, fused) == configs[0]:
+        if (part, fused, fgather) == configs[1]:
             entry["stages_ms"] = stage_breakdown(eng, batches[-1])
             print("  stages at batch", batches[-1], {k: round(v, 3) for k, v in entry["stages_ms"].items()}, flush=True)
         eng.close()
@@ -238,10 +244,10 @@ def main() -> int:
     res["engine"] = rows
 
     print(f"\n== engine summary ({card}; {config.total_rows * 128 / 1e9:.2f} GB int8 tables, Zipf {args.zipf}) ==")
-    print("gpu_part  fusedReLU HBM-share  load_s  batch   fwd Mpairs/s  by_ref M/s  by_value M/s  fp16-baseline M/s")
+    print("gpu_part  fusedReLU fusedGather HBM-share  load_s  batch   fwd Mpairs/s  by_ref M/s  by_value M/s  fp16-baseline M/s")
     for e in rows:
         for b, v in e["by_batch"].items():
-            print(f"{e['gpu_part']:8.1f}  {str(e['fused_relu']):9s} {e['hot_share']:9.4f}  {e['load_s']:6.2f}  {b:6d}  "
+            print(f"{e['gpu_part']:8.1f}  {str(e['fused_relu']):9s} {str(e['fused_gather']):11s} {e['hot_share']:9.4f}  {e['load_s']:6.2f}  {b:6d}  "
                   f"{v['forward_pairs_per_s'] / 1e6:12.2f}  {v['by_ref_pairs_per_s'] / 1e6:10.2f}  "
                   f"{v['by_value_pairs_per_s'] / 1e6:12.2f}  {base[b] / 1e6:17.2f}")
     print("max |engine - Int8Reference| per part:", [f"{e['max_abs_err_vs_int8_ref']:.2e}" for e in rows])

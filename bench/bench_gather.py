@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.dot_interaction import dot_interaction  # noqa: E402
 from kernels.embedding_gather import embedding_gather  # noqa: E402
+from kernels.gather_interaction import gather_interaction  # noqa: E402
 
 D, T = 128, 26
 
@@ -126,6 +128,23 @@ def main() -> int:
                   f"{L * D / ms / 1e6:.0f} GB/s rows  err {err:.2g}", flush=True)
     res["variants"] = variants
     best = min(variants, key=lambda v: v["ms"])
+    # The fused gather + interaction (kernels/gather_interaction.py) on the same ids and table.
+    bottom = torch.randn(args.batch, D, device="cuda").half()
+    inter = torch.empty((args.batch, 480), dtype=torch.float16, device="cuda")
+    fused = []
+    for pairs in (1, 2, 4, 8):
+        for warps in (2, 4, 8):
+            ms = bench_ms(lambda pairs=pairs, warps=warps: gather_interaction(
+                bottom, pb["ids"], pb["offsets"], pb["row_position"], pb["scales"], table, None, inter,
+                pairs_per_program=pairs, num_warps=warps))
+            fused.append({"pairs": pairs, "warps": warps, "ms": ms, "pairs_per_s": args.batch / ms * 1e3,
+                          "row_GBps": L * D / ms / 1e6})
+            print(f"  fused gather+interaction pairs={pairs} warps={warps}: {ms:.3f} ms  "
+                  f"{args.batch / ms / 1e3:.1f} M pairs/s  {L * D / ms / 1e6:.0f} GB/s rows", flush=True)
+    res["fused"] = fused
+    bestf = min(fused, key=lambda v: v["ms"])
+    ms_sep = best["ms"] + bench_ms(lambda: dot_interaction(bottom, out, inter))
+    res["separate_gather_plus_interaction_ms"] = ms_sep
     # Baselines: index_select of the int8 rows alone, and the full PyTorch path (remap + select + dequant).
     pos = pb["row_position"][(pb["offsets"][None, :] + pb["ids"].long())].long().reshape(-1)
     ms_sel = bench_ms(lambda: torch.index_select(table, 0, pos))
@@ -133,7 +152,7 @@ def main() -> int:
                                .float() * pb["scales"][None, :, None]).half())
     res["index_select"] = {"ms": ms_sel, "row_GBps": L * D / ms_sel / 1e6}
     res["torch_path"] = {"ms": ms_ref, "row_GBps": L * D / ms_ref / 1e6}
-    del table, out
+    del table, out, inter
     torch.cuda.empty_cache()
 
     # Hot/cold with Zipf ids: one pinned host buffer big enough for the largest cold tier (gpu_part 0.1).
@@ -182,6 +201,9 @@ def main() -> int:
     print(f"device copy bandwidth          {res['copy_GBps']:8.0f} GB/s (read+write)")
     print(f"best kernel (block {best['block']}, warps {best['warps']}) {best['row_GBps']:8.0f} GB/s of rows, "
           f"{best['total_GBps']:.0f} GB/s counting fp16 out + ids + remap, {best['rows_per_s'] / 1e9:.2f} G rows/s")
+    print(f"fused gather+interaction (pairs {bestf['pairs']}, warps {bestf['warps']}) {bestf['ms']:.3f} ms = "
+          f"{bestf['pairs_per_s'] / 1e6:.1f} M pairs/s; separate kernels {ms_sep:.3f} ms = "
+          f"{args.batch / ms_sep / 1e3:.1f} M pairs/s")
     print(f"torch.index_select int8 rows    {res['index_select']['row_GBps']:8.0f} GB/s")
     print(f"torch remap+select+dequant      {res['torch_path']['row_GBps']:8.0f} GB/s")
     print(f"all-cold zero-copy (pinned)     {res['all_cold']['row_GBps']:8.1f} GB/s  "

@@ -5,9 +5,10 @@ device memory, the rest to pinned host memory that the gather kernel reads zero-
 (row_position) lives on the device. By-reference datasets are copied to the device once at registration
 (NVIDIA's "start_from_device"), so a by-reference batch moves only its pair indices over PCIe.
 
-One forward: bottom MLP (cuBLAS through F.linear, fp16/bf16) -> fused gather of all 26 lookups
-(kernels.embedding_gather) -> dot interaction written straight into the top-MLP input
-(kernels.dot_interaction; the buffer is 480 wide with a zero last column and a zero-padded first top
+One forward: bottom MLP (cuBLAS, bias+ReLU in the GEMM epilogue, fp16/bf16) -> gather of all 26
+lookups and the dot interaction, fused in one kernel (kernels.gather_interaction; or, with
+fused_gather=False, kernels.embedding_gather into an fp16 [B,26,128] buffer then kernels.dot_interaction),
+written straight into the top-MLP input (the buffer is 480 wide with a zero last column and a zero-padded first top
 weight, so every GEMM has aligned K) -> top MLP -> sigmoid. Fixed batch sizes are captured as CUDA graphs;
 a batch is padded up to the next captured size (padding rows keep earlier, already-validated ids, so
 they read valid rows; the hot-lookup count is limited to the real rows in the kernel).
@@ -29,6 +30,7 @@ from formats.artifact import Artifact
 from formats.dataset import Dataset
 from kernels.dot_interaction import dot_interaction
 from kernels.embedding_gather import embedding_gather
+from kernels.gather_interaction import gather_interaction
 
 _CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
 
@@ -73,6 +75,7 @@ class GpuBackend:
         dtype: torch.dtype = torch.float16,
         graph_sizes: Sequence[int] | None = None,
         fused_relu: bool = True,
+        fused_gather: bool = True,
     ) -> None:
         if not torch.cuda.is_available():
             raise GpuBackendError(f"{device}: CUDA is not available on this machine")
@@ -86,6 +89,7 @@ class GpuBackend:
             raise GpuBackendError(f"max_batch_pairs must be positive, got {max_batch_pairs}")
         self.dtype = dtype
         self.fused_relu = fused_relu
+        self.fused_gather = fused_gather
         self.max_batch_pairs = int(max_batch_pairs)
         self.times = LoadTimes()
         art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
@@ -160,7 +164,8 @@ class GpuBackend:
         self.dense_in = torch.zeros((m, cfg.dense_features), dtype=torch.float32, device=dev)
         # Zeros are valid ids: padding rows of a replayed graph always read real rows.
         self.sparse_in = torch.zeros((m, cfg.num_tables), dtype=torch.int32, device=dev)
-        self.emb_buf = torch.empty((m, cfg.num_tables, cfg.embedding_dim), dtype=self.dtype, device=dev)
+        self.emb_buf = (torch.empty((m, cfg.num_tables, cfg.embedding_dim), dtype=self.dtype, device=dev)
+                        if not self.fused_gather else None)
         self.top_in = torch.zeros((m, self.top_in_width), dtype=self.dtype, device=dev)
         self.pred = torch.empty(m, dtype=torch.float32, device=dev)
         self.counts = torch.zeros(2, dtype=torch.int64, device=dev)  # [limit, hot lookups]
@@ -176,10 +181,14 @@ class GpuBackend:
         for weight, bias in self.bottom:
             x = self._linear_relu(x, weight, bias)
         self.counts[1:].zero_()
-        emb = self.emb_buf[:n]
-        embedding_gather(self.sparse_in[:n], self.table_offsets, self.row_position, self.scales, self.hot,
-                         self.cold, emb, self.counts[1:], count_limit=self.counts[:1])
-        y = dot_interaction(x, emb, self.top_in[:n])
+        if self.fused_gather:
+            y = gather_interaction(x, self.sparse_in[:n], self.table_offsets, self.row_position, self.scales,
+                                   self.hot, self.cold, self.top_in[:n], self.counts[1:], self.counts[:1])
+        else:
+            emb = self.emb_buf[:n]
+            embedding_gather(self.sparse_in[:n], self.table_offsets, self.row_position, self.scales, self.hot,
+                             self.cold, emb, self.counts[1:], count_limit=self.counts[:1])
+            y = dot_interaction(x, emb, self.top_in[:n])
         last = len(self.top) - 1
         for i, (weight, bias) in enumerate(self.top):
             y = self._linear_relu(y, weight, bias) if i < last else F.linear(y, weight, bias)

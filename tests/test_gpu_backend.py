@@ -81,8 +81,9 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_part,dtype", [(1.0, torch.float16), (0.3, torch.float16), (0.5, torch.bfloat16)])
-def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("gpu_part,dtype,fused", [(1.0, torch.float16, True), (0.3, torch.float16, True),
+                                                  (0.5, torch.bfloat16, True), (0.3, torch.float16, False)])
+def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: torch.dtype, fused: bool) -> None:
     from engines.gpu_backend import GpuBackend
     from engines.reference import Int8Reference
 
@@ -90,7 +91,8 @@ def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: t
     ref = Int8Reference(art, gpu_part)
     dense, sparse = model_files["dense"], model_files["sparse"]
     want = ref.predict(dense, sparse)
-    eng = GpuBackend("cuda:0", model_files["artifact"], gpu_part, max_batch_pairs=4096, dtype=dtype)
+    eng = GpuBackend("cuda:0", model_files["artifact"], gpu_part, max_batch_pairs=4096, dtype=dtype,
+                     fused_gather=fused, fused_relu=fused)
     try:
         # by value, a size that pads to a captured graph and one larger than max_batch_pairs
         for n in (1, 777, 9001):

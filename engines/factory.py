@@ -20,5 +20,5 @@ def create_backend(device: str, artifact_path: Path | str, gpu_part: float) -> E
             from engines.gpu_backend import GpuBackend
         except ImportError as exc:
             raise ValueError(f"device {device}: the GPU backend is unavailable ({exc})") from exc
-        return GpuBackend(artifact_path, gpu_part, device)
+        return GpuBackend(device, artifact_path, gpu_part)
     raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda:N'")

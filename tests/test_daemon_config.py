@@ -1,0 +1,73 @@
+"""Configuration: TOML < DLRM_* environment < flags; errors name the key; check-config and --help."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon import exitcodes
+from daemon.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "d.toml"
+    p.write_text(text)
+    return p
+
+
+def test_precedence_and_types(tmp_path: Path) -> None:
+    p = write(tmp_path, 'engines = ["null", "null"]\nmax_batch_pairs = 1000\nmax_queue_delay_s = 0.01\n'
+                        f'runtime_dir = "{tmp_path}/rt"\n')
+    cfg = load_config(p, env={})
+    assert cfg.engines == ("null", "null") and cfg.max_batch_pairs == 1000
+    assert cfg.endpoint == f"ipc://{tmp_path}/rt/dlrm.sock" and cfg.engine_names == ("null0", "null1")
+    cfg = load_config(p, {"max_batch_pairs": "2000"}, env={"DLRM_MAX_BATCH_PAIRS": "1500",
+                                                           "DLRM_MAX_QUEUE_DELAY_S": "0.5"})
+    assert cfg.max_batch_pairs == 2000 and cfg.max_queue_delay_s == 0.5
+    with pytest.raises(Exception):
+        cfg.max_batch_pairs = 3  # type: ignore[misc]  # frozen
+
+
+@pytest.mark.parametrize("text,key,what", [
+    ('engines = ["null"]\nbogus = 1\n', "bogus", "unknown key"),
+    ('engines = ["null"]\nmax_batch_pairs = -5\n', "max_batch_pairs", "positive"),
+    ('engines = ["null"]\nmax_batch_pairs = "many"\n', "max_batch_pairs", "integer"),
+    ('engines = ["tpu:0"]\n', "engines", "unknown device"),
+    ('engines = ["cpu"]\n', "model", "required"),
+    ('engines = ["null"]\nembedding_weights_on_gpu_part = 1.5\n', "embedding_weights_on_gpu_part", "[0, 1]"),
+    ('engines = ["null"]\nheartbeat_timeout_s = 0.1\n', "heartbeat_timeout_s", "exceed"),
+    ('engines = ["null"]\nendpoint = "udp://x"\n', "endpoint", "ipc://"),
+    ('engines = ["null"]\n[datasets]\nds = "/nonexistent"\n', "datasets", "not a dataset"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, key: str, what: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={})
+    assert info.value.key == key and f"'{key}'" in str(info.value) and what in str(info.value)
+
+
+def test_env_error_names_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="DLRM_INFLIGHT_BATCHES"):
+        load_config(write(tmp_path, 'engines = ["null"]\n'), env={"DLRM_INFLIGHT_BATCHES": "x"})
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=60)
+
+
+def test_cli_check_config_and_help(tmp_path: Path) -> None:
+    ok = _cli("check-config", str(write(tmp_path, f'engines = ["null"]\nruntime_dir = "{tmp_path}"\n')))
+    assert ok.returncode == 0 and 'engines = ["null"]' in ok.stdout
+    bad = _cli("check-config", str(write(tmp_path, 'engines = ["null"]\nmax_queue_pairs = 0\n')))
+    assert bad.returncode == exitcodes.CONFIG_ERROR and "'max_queue_pairs'" in bad.stderr
+    serve_bad = _cli("--config", str(tmp_path / "d.toml"))
+    assert serve_bad.returncode == exitcodes.CONFIG_ERROR and "max_queue_pairs" in serve_bad.stderr
+    h = _cli("--help")
+    assert h.returncode == 0 and "--max-batch-pairs" in h.stdout and "DLRM_MAX_BATCH_PAIRS" in h.stdout
+    assert _cli("--no-such-flag").returncode == exitcodes.USAGE

@@ -6,6 +6,8 @@ memory-mapped 20 GB table never needs a full-size temporary.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -13,12 +15,17 @@ from torch import Tensor
 CHUNK_ROWS = 1 << 16
 
 
-def table_scale(weight: Tensor) -> float:
-    """maxabs / 127.5 in float32 (0.0 for an all-zero table)."""
+def table_scale(weight: Tensor, after_chunk: Callable[[Tensor], None] | None = None) -> float:
+    """maxabs / 127.5 in float32 (0.0 for an all-zero table).
+
+    `after_chunk` sees each row chunk once it is read (the converter drops its mapped pages there).
+    """
     maxabs = torch.zeros((), dtype=torch.float32)
     for start in range(0, weight.shape[0], CHUNK_ROWS):
-        chunk = weight[start : start + CHUNK_ROWS].float()
-        maxabs = torch.maximum(maxabs, chunk.abs().max())
+        chunk = weight[start : start + CHUNK_ROWS]
+        maxabs = torch.maximum(maxabs, chunk.float().abs().max())
+        if after_chunk is not None:
+            after_chunk(chunk)
     return float(maxabs / torch.tensor(127.5, dtype=torch.float32))
 
 

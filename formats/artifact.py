@@ -31,6 +31,7 @@ META = "meta.json"
 DATA_FILES = (EMBEDDINGS, ROW_POSITION, ROW_ORDER, SCALES, MLP)
 SAMPLE_BLOCKS = 64
 BLOCK = 1 << 20
+RELEASE_ROWS = 1 << 16  # rows scattered into embeddings.int8 between page releases
 
 
 class ArtifactError(ValueError):
@@ -231,7 +232,6 @@ def write_artifact(
         mm = mmap.mmap(f.fileno(), total * dim) if total else None
         try:
             emb = np.frombuffer(mm, dtype=np.int8).reshape(total, dim) if mm is not None else None
-            last_t = -1
             for item in tables:
                 t, start, rows = (item[0], 0, item[1]) if len(item) == 2 else item  # type: ignore[misc]
                 rows = np.asarray(rows)
@@ -240,14 +240,16 @@ def write_artifact(
                 if start + rows.shape[0] > config.table_rows[t]:
                     raise ValueError(f"table {t}: rows {start}..{start + rows.shape[0]} beyond {config.table_rows[t]}")
                 g0 = int(offsets[t]) + int(start)
-                assert emb is not None
-                emb[position[g0 : g0 + rows.shape[0]]] = rows
+                assert emb is not None and mm is not None
+                for s in range(0, rows.shape[0], RELEASE_ROWS):
+                    part = rows[s : s + RELEASE_ROWS]
+                    emb[position[g0 + s : g0 + s + part.shape[0]]] = part
+                    # Frequency order scatters a table over the whole file: drop our mappings of the
+                    # touched pages after every block so RSS stays bounded (they stay in the page cache).
+                    _release(mm)
                 written[t] += rows.shape[0]
                 if on_rows is not None:
                     on_rows(int(rows.shape[0]))
-                if t != last_t and last_t >= 0 and mm is not None:
-                    _release(mm)
-                last_t = t
             del emb
         finally:
             if mm is not None:
@@ -287,6 +289,6 @@ def write_artifact(
 
 
 def _release(mm: mmap.mmap) -> None:
-    """Write back and drop the output pages from this process: keeps RSS near one table."""
-    mm.flush()
+    """Unmap the written pages from this process. Safe without msync: on a shared file mapping the
+    kernel keeps dirty pages in the page cache and writes them back later; only our RSS drops."""
     mm.madvise(mmap.MADV_DONTNEED)

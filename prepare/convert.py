@@ -73,28 +73,40 @@ def convert(checkpoint: Path, out: Path, row_frequencies: Path | None = None) ->
 
 def _quantized_chunks(state: dict[str, Tensor], config: DLRMConfig, scales: np.ndarray, file: Path
                       ) -> Iterator[tuple[int, int, np.ndarray]]:
+    release = _Releaser(file)
     for t in range(config.num_tables):
         weight = state[f"emb_l.{t}.weight"]
-        scales[t] = table_scale(weight)
+        scales[t] = table_scale(weight, release)
         for start in range(0, weight.shape[0], CHUNK_ROWS):
-            yield t, start, quantize_chunk(weight[start : start + CHUNK_ROWS], float(scales[t])).numpy()
-        release_pages(weight, file)
+            chunk = weight[start : start + CHUNK_ROWS]
+            yield t, start, quantize_chunk(chunk, float(scales[t])).numpy()
+            release(chunk)
 
 
-def release_pages(tensor: Tensor, file: Path) -> None:
+class _Releaser:
+    """release_pages with the checkpoint's mappings looked up once."""
+
+    def __init__(self, file: Path) -> None:
+        self.spans = _file_mappings(file)
+
+    def __call__(self, tensor: Tensor) -> None:
+        release_pages(tensor, self.spans)
+
+
+def release_pages(tensor: Tensor, spans: list[tuple[int, int]]) -> None:
     """Drop a memory-mapped tensor's pages from this process (they are clean: re-read on touch).
 
-    Only inside a mapping of `file` (per /proc/self/maps): MADV_DONTNEED on anonymous memory would
-    zero it, so a tensor that was not memory-mapped is left alone.
+    Only inside `spans`, the checkpoint file's mappings (/proc/self/maps): MADV_DONTNEED on anonymous
+    memory would zero it, so a tensor that was not memory-mapped is left alone.
     """
-    nbytes = tensor.untyped_storage().nbytes()
+    nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
         return
     page = mmap.PAGESIZE
-    start = tensor.untyped_storage().data_ptr()
+    start = tensor.data_ptr()
     lo = start - start % page
     hi = -(-(start + nbytes) // page) * page
-    if any(m_lo <= lo and hi <= m_hi for m_lo, m_hi in _file_mappings(file)):
+    if any(m_lo <= lo and hi <= m_hi for m_lo, m_hi in spans):
         _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 

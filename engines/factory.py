@@ -1,6 +1,6 @@
 """Backend factory: "cpu" -> CpuBackend, "cuda:N" -> GpuBackend (imported only when asked for).
 
-Both backends take the same constructor arguments: (artifact_path, gpu_part, device).
+CpuBackend takes (artifact_path, gpu_part, device); GpuBackend takes (device, artifact_path, gpu_part).
 """
 from __future__ import annotations
 

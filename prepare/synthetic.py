@@ -14,8 +14,8 @@ to its row under the criteo pipeline's `int(hex, 16) % rows` rule (empty -> 0 ->
 Labels are planted: the generated DLRM (engines.model) runs on the generated features and each label
 is drawn ~ Bernoulli(p). The last layer is calibrated so logits have std `--logit-std` (default 1.3)
 and mean `--logit-mean` (default -1.1): the fp32 AUC lands near 0.79 (the real model: 0.80) and int8
-effects are measurable. To keep generation fast on a CPU, the planted MLPs have a live core of `--planted-width` hidden units (default
-64); the other units of the full-width layers have zero outgoing weights, so the saved full-width
+effects are measurable. To keep generation fast on a CPU, the planted MLPs have a live core of
+`--planted-width` hidden units (default 64); the other units of the full-width layers have zero outgoing weights, so the saved full-width
 checkpoint computes exactly (up to float rounding) the probabilities the labels were drawn from.
 
 `--full-size` writes an int8 artifact and a dataset directly instead (prepare/synthetic_fullsize.py).
@@ -39,7 +39,7 @@ MANIFEST_FORMAT = "dlrm-synthetic"
 CHECKPOINT = "model.pt"
 MANIFEST = "manifest.json"
 CHUNK_PAIRS = 32768  # fixed: the random streams (hence the bytes) depend on it
-CALIBRATION_PAIRS = 8192
+CALIBRATION_PAIRS = 4096
 EMBEDDING_STD = 0.3  # dot products of two rows ~ N(0, 128 * 0.3**4) ~ unit scale
 
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                             pairs_per_day=args.pairs_per_day, alpha=args.zipf,
                             planted_width=args.planted_width, logit_std=args.logit_std,
                             logit_mean=args.logit_mean)
-    except (SyntheticError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # SyntheticError and the formats' errors are ValueErrors
         print(f"dlrm-prepare synthetic: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in info.items() if k != "table_rows"}, indent=1))
@@ -130,8 +130,13 @@ def generate(out: Path, config: DLRMConfig, *, seed: int = 1, days: int = 3, pai
     emb = [gen.embedding_table(model_rng, r, config.embedding_dim, EMBEDDING_STD) for r in config.table_rows]
     mlp = gen.planted_mlp(model_rng, config, planted_width)
     narrow = gen.narrow_config(config, planted_width)
-    calibrate_last_layer(mlp, emb, narrow, np.random.default_rng(calib_ss), law, skews, logit_std, logit_mean)
-    core = planted_model(emb, mlp, narrow)
+    core_w = gen.narrow_view(mlp, narrow)
+    core = planted_model(emb, core_w)  # shares core_w's arrays: calibration edits them in place
+    last = calibrate_last_layer(core, core_w, np.random.default_rng(calib_ss), law, skews, logit_std,
+                                logit_mean)
+    for key in (last + ".weight", last + ".bias"):
+        block = core_w[key]
+        mlp[key][tuple(slice(0, s) for s in block.shape)] = block
 
     names = [f"day_{d}" for d in range(days)]
     stats = []
@@ -177,10 +182,10 @@ def generate(out: Path, config: DLRMConfig, *, seed: int = 1, days: int = 3, pai
     return manifest
 
 
-def planted_model(emb: list[np.ndarray], mlp: dict[str, np.ndarray], narrow: DLRMConfig) -> torch.nn.Module:
-    """engines.model.DLRM of the planted core, sharing the embedding arrays (no copies)."""
+def planted_model(emb: list[np.ndarray], core_w: dict[str, np.ndarray]) -> torch.nn.Module:
+    """engines.model.DLRM of the planted core, sharing the numpy arrays (no copies)."""
     state = {f"emb_l.{t}.weight": torch.from_numpy(w) for t, w in enumerate(emb)}
-    state.update({k: torch.from_numpy(v) for k, v in gen.narrow_view(mlp, narrow).items()})
+    state.update({k: torch.from_numpy(v) for k, v in core_w.items()})
     return load_dlrm_state_dict(state)
 
 
@@ -189,22 +194,24 @@ def predict(model: torch.nn.Module, dense: np.ndarray, sparse: np.ndarray) -> np
         return model(torch.from_numpy(dense), torch.from_numpy(sparse)).numpy().astype(np.float64)
 
 
-def calibrate_last_layer(mlp: dict[str, np.ndarray], emb: list[np.ndarray], narrow: DLRMConfig,
-                         rng: np.random.Generator, law: gen.FeatureLaw, skews: list[gen.TableSkew],
-                         logit_std: float, logit_mean: float) -> None:
-    """Rescale the output layer so the planted logits have the wanted mean and std (in place).
+def calibrate_last_layer(model: torch.nn.Module, core_w: dict[str, np.ndarray], rng: np.random.Generator,
+                         law: gen.FeatureLaw, skews: list[gen.TableSkew], logit_std: float,
+                         logit_mean: float) -> str:
+    """Rescale the output layer so the planted logits have the wanted mean and std; edits `core_w`
+    in place (the arrays `model` runs on) and returns the layer's key prefix.
 
     The logit is read through the model's own sigmoid: with the output weights shrunk by `eps` the
     probabilities stay near 0.5, where logit(p) / eps recovers the pre-sigmoid value accurately.
     """
-    key = f"top_l.{2 * (len(narrow.top_mlp) - 1)}"
-    w, b = mlp[key + ".weight"], mlp[key + ".bias"]
+    key = max((k for k in core_w if k.startswith("top_l.")), key=lambda k: int(k.split(".")[1]))
+    key = key.rsplit(".", 1)[0]
+    w, b = core_w[key + ".weight"], core_w[key + ".bias"]
     eps = 1e-3
     original = w.copy()
     w *= eps
     b[:] = 0.0
     chunk = gen.draw_chunk(rng, CALIBRATION_PAIRS, law, skews)
-    p = np.clip(predict(planted_model(emb, mlp, narrow), chunk.dense, chunk.sparse), 1e-12, 1 - 1e-12)
+    p = np.clip(predict(model, chunk.dense, chunk.sparse), 1e-12, 1 - 1e-12)
     z = np.log(p / (1.0 - p)) / eps
     std = float(z.std())
     if not (std > 0 and math.isfinite(std)):
@@ -212,3 +219,4 @@ def calibrate_last_layer(mlp: dict[str, np.ndarray], emb: list[np.ndarray], narr
     factor = logit_std / std
     w[:] = original * np.float32(factor)
     b[:] = np.float32(logit_mean - float(z.mean()) * factor)
+    return key

@@ -68,13 +68,17 @@ class TableSkew:
         return counts
 
 
-def table_skews(rng: np.random.Generator, table_rows: tuple[int, ...], alpha: float) -> list[TableSkew]:
+def table_skews(rng: np.random.Generator, table_rows: tuple[int, ...], alpha: float,
+                scatter: bool = True) -> list[TableSkew]:
+    """`scatter=False`: rank r is row r (hot rows first), for writers that need locality."""
     skews = []
     for rows in table_rows:
         mult = int(rng.integers(1, rows)) if rows > 1 else 1
         while math.gcd(mult, rows) != 1:  # coprime multiplier -> the map is a permutation
             mult += 1
         add = int(rng.integers(0, rows))
+        if not scatter:
+            mult, add = 1, 0
         skews.append(TableSkew(int(rows), float(alpha), mult, add))
     return skews
 

@@ -22,7 +22,7 @@ SMALL = DLRMConfig.mlperf().scaled(1.0, 1500)
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("syn")
-    synthetic.generate(out, SMALL, seed=7, days=2, pairs_per_day=5000)
+    synthetic.generate(out, SMALL, seed=7, days=2, pairs_per_day=3000)
     return out
 
 
@@ -48,15 +48,15 @@ def test_layout_and_manifest(small_run: Path) -> None:
     assert m["train_days"] == ["day_0"] and m["test_day"] == "day_1"
     assert m["table_rows"] == list(SMALL.table_rows)
     for d in m["days"]:
-        assert (small_run / d["file"]).is_file() and d["pairs"] == 5000
+        assert (small_run / d["file"]).is_file() and d["pairs"] == 3000
         assert 0.1 < d["positive_rate"] < 0.5
 
 
 def test_deterministic_for_a_seed(small_run: Path, tmp_path: Path) -> None:
-    synthetic.generate(tmp_path / "a", SMALL, seed=7, days=2, pairs_per_day=5000)
+    synthetic.generate(tmp_path / "a", SMALL, seed=7, days=2, pairs_per_day=3000)
     for name in ("day_0", "day_1", "model.pt"):
         assert (tmp_path / "a" / name).read_bytes() == (small_run / name).read_bytes(), name
-    synthetic.generate(tmp_path / "b", SMALL, seed=8, days=2, pairs_per_day=5000)
+    synthetic.generate(tmp_path / "b", SMALL, seed=8, days=2, pairs_per_day=3000)
     assert (tmp_path / "b" / "day_1").read_bytes() != (small_run / "day_1").read_bytes()
 
 
@@ -71,7 +71,7 @@ def test_checkpoint_loads_with_full_mlperf_widths(small_run: Path) -> None:
 
 def test_tsv_round_trip_and_planted_labels(small_run: Path) -> None:
     labels, dense, sparse = parse_criteo(small_run / "day_1", SMALL.table_rows)
-    assert len(labels) == 5000
+    assert len(labels) == 3000
     assert (sparse == 0).mean() > 0.01 and (dense == 0).mean() > 0.05  # some empty fields
     model = load_dlrm_state_dict(small_run / "model.pt")
     with torch.inference_mode():
@@ -133,7 +133,7 @@ def test_planted_core_equals_full_width_model() -> None:
     full_state = {f"emb_l.{t}.weight": torch.from_numpy(w) for t, w in enumerate(emb)}
     full_state.update({k: torch.from_numpy(v) for k, v in mlp.items()})
     full = load_dlrm_state_dict(full_state)
-    core = synthetic.planted_model(emb, mlp, narrow)
+    core = synthetic.planted_model(emb, gen.narrow_view(mlp, narrow))
     dense = torch.rand(500, 13) * 5
     sparse = torch.from_numpy(np.stack([rng.integers(0, r, 500) for r in cfg.table_rows], 1).astype(np.int32))
     with torch.inference_mode():
@@ -151,3 +151,34 @@ def test_cli_contract(tmp_path: Path) -> None:
     assert synthetic.run(args) == 0
     m = json.loads((tmp_path / "y" / "manifest.json").read_text())
     assert max(m["table_rows"]) == 100
+
+
+def test_full_size_path_at_tiny_scale(tmp_path: Path) -> None:
+    from formats.artifact import Artifact
+    from formats.dataset import Dataset
+    from formats.trace import reference_sample_sizes
+
+    cfg = DLRMConfig.mlperf().scaled(1e-4, 3000)
+    parser = argparse.ArgumentParser()
+    synthetic.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "fs"), "--full-size", "--samples", "120",
+                              "--scale", "1e-4", "--max-rows", "3000", "--seed", "3"])
+    assert synthetic.run(args) == 0
+    art = Artifact.open(tmp_path / "fs" / "artifact")
+    ds = Dataset.open(tmp_path / "fs" / "dataset")
+    assert art.config == cfg and ds.table_rows == cfg.table_rows
+    assert ds.num_samples == 120
+    np.testing.assert_array_equal(ds.sample_offsets, reference_sample_sizes(120 * 700)[:121])
+    emb = np.asarray(art.embeddings)
+    assert emb.min() >= -127 and emb.std() > 60  # uniform random int8 rows
+    assert set(np.unique(ds.labels)) <= {0.0, 1.0} and 0.05 < ds.labels.mean() < 0.95
+    # Frequency order: the dataset's lookups land mostly in the first tenth of the file (hot part).
+    pos = art.row_position[np.asarray(ds.sparse, np.int64) + art.table_offsets[:-1]]
+    assert (pos < 0.1 * art.total_rows).mean() > 0.5
+    assert not np.array_equal(art.row_order, np.arange(art.total_rows))
+    # Same seed, same bytes.
+    synthetic.run(parser.parse_args(["--out", str(tmp_path / "fs2"), "--full-size", "--samples", "120",
+                                     "--scale", "1e-4", "--max-rows", "3000", "--seed", "3"]))
+    for name in ("artifact/embeddings.int8", "artifact/row_order.npy", "dataset/sparse.npy",
+                 "dataset/labels.npy", "dataset/dense.npy"):
+        assert (tmp_path / "fs" / name).read_bytes() == (tmp_path / "fs2" / name).read_bytes(), name

@@ -48,12 +48,13 @@ class Backend(Protocol):
 class NullBackend:
     """Answers every request at once, in process.
 
-    With `sample_offsets` the reply holds one prediction per pair (a fixed value derived from the pair
-    index, so accuracy plumbing can be checked); without, it is empty (LoadGen's ceiling).
+    With `sample_offsets` the reply holds one prediction per pair (with `scores`, a fixed value derived
+    from the pair index, so accuracy plumbing can be checked; else zeros); without, it is empty.
     """
 
-    def __init__(self, sample_offsets: np.ndarray | None = None) -> None:
+    def __init__(self, sample_offsets: np.ndarray | None = None, scores: bool = True) -> None:
         self._offsets = None if sample_offsets is None else np.asarray(sample_offsets, dtype=np.int64)
+        self._scores = scores  # False: zeros of the right length (cheap, for ceilings)
         self._replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
         self._empty = np.empty(0, dtype=np.float32)
         self.loaded = 0
@@ -72,6 +73,9 @@ class NullBackend:
 
         starts = self._offsets[sample_ids]
         counts = self._offsets[sample_ids + 1] - starts
+        if not self._scores:
+            self._replies.put(Reply(request_id, np.zeros(int(counts.sum()), dtype=np.float32)))
+            return
         pairs = pair_index(starts, counts)
         # A deterministic stand-in score in [0, 1): distinct per pair, so misplaced data shows.
         self._replies.put(Reply(request_id, ((pairs * 2654435761) % 1000003 / 1000003.0).astype(np.float32)))

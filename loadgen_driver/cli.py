@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=30.0,
                    help="a request without reply for this long fails the run")
     p.add_argument("--slow-sut", action="store_true", help="ConstructSUT instead of ConstructFastSUT")
+    p.add_argument("--completion", choices=("capi", "python"), default="capi",
+                   help="capi: complete each batch with one call of LoadGen's C API (no per-sample "
+                        "Python object; falls back to python if not found); python: the binding")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     return p
 
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             labels=np.asarray(dataset.labels) if accuracy else None,
             samples_per_request=args.samples_per_request, max_inflight=args.max_inflight,
             reply_timeout_s=args.timeout_s, fast_sut=not args.slow_sut,
-            progress=sys.stderr.isatty() and not args.quiet,
+            progress=sys.stderr.isatty() and not args.quiet, completion=args.completion,
         )
     except BackendError as exc:
         print(f"loadgen_driver: {exc}", file=sys.stderr)
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         except AccuracyLogError as exc:
             auc_lines, ok = [f"accuracy: {exc}"], False
     summary = read_summary(result.output_dir)
+    notes.append(f"completion through the {result.completion} path")
     print(format_summary(args.scenario, args.mode, summary, stats.completed_samples,
                          stats.completed_pairs, result.wall_s, stats.error_samples,
                          stats.complete_ns_per_sample(), notes, auc_lines))

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlperf_loadgen as lg
 import numpy as np
 
+from loadgen_driver import capi
 from loadgen_driver.backend import Backend
 from loadgen_driver.sut import DriverSUT, SutStats
 
@@ -19,6 +20,7 @@ class RunResult:
     stats: SutStats
     wall_s: float
     output_dir: Path
+    completion: str  # "capi" (one C call per batch) or "python" (QuerySampleResponse per sample)
 
 
 class Progress:
@@ -67,10 +69,12 @@ def run_test(
     reply_timeout_s: float = 30.0,
     fast_sut: bool = True,
     progress: bool = False,
+    completion: str = "capi",
 ) -> RunResult:
     """Run LoadGen to the end; the SUT has completed every sample (with data or as an error)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    sut = DriverSUT(backend, sample_offsets, labels, samples_per_request, max_inflight, reply_timeout_s)
+    sut = DriverSUT(backend, sample_offsets, labels, samples_per_request, max_inflight, reply_timeout_s,
+                    capi=capi.load() if completion == "capi" else None)
     log_settings = lg.LogSettings()
     log_settings.log_output.outdir = str(output_dir)
     log_settings.log_output.copy_summary_to_stdout = False
@@ -91,4 +95,4 @@ def run_test(
         sut.stop()
         (lg.DestroyFastSUT if fast_sut else lg.DestroySUT)(handle)
         lg.DestroyQSL(qsl)
-    return RunResult(sut.stats, wall, output_dir)
+    return RunResult(sut.stats, wall, output_dir, "capi" if sut.capi is not None else "python")

@@ -4,7 +4,9 @@ Threads: LoadGen's issue thread calls `issue` (splits a query into requests of `
 samples, sends each, waits for a free slot of the `max_inflight` window); the completion thread polls the
 backend and completes each reply's samples with one `QuerySamplesComplete` call. Memory stays bounded:
 only the in-flight requests' id arrays are held (numpy, no per-sample Python objects beyond one batch).
-The one per-sample Python step is building LoadGen's `QuerySampleResponse`; its cost is measured.
+The one per-sample Python step is building LoadGen's `QuerySampleResponse` (Python binding); with
+`capi` (loadgen_driver/capi.py) the batch is completed by one C call and no per-sample object exists.
+Its cost is measured either way (`SutStats.complete_seconds`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from engines.backend import pair_index
 from loadgen_driver.backend import Backend
+from loadgen_driver.capi import CComplete
 
 log = logging.getLogger("loadgen_driver")
 
@@ -55,6 +58,7 @@ class DriverSUT:
         max_inflight: int = 64,
         reply_timeout_s: float = 30.0,
         poll_ms: int = 50,
+        capi: CComplete | None = None,
     ) -> None:
         self.backend = backend
         self.offsets = None if sample_offsets is None else np.asarray(sample_offsets, dtype=np.int64)
@@ -62,6 +66,7 @@ class DriverSUT:
         self.samples_per_request = max(1, samples_per_request)
         self.reply_timeout_s = reply_timeout_s
         self.poll_ms = poll_ms
+        self.capi = capi  # None: one QuerySampleResponse object per sample (the Python binding)
         self.stats = SutStats()
         self.failed = threading.Event()  # after the first error: complete at once, send nothing
         self._window = threading.Semaphore(max_inflight)
@@ -155,8 +160,7 @@ class DriverSUT:
         ids, idx, _ = entry
         t0 = time.perf_counter()
         if self.offsets is None:
-            responses = [lg.QuerySampleResponse(i, 0, 0) for i in ids.tolist()]
-            lg.QuerySamplesComplete(responses)
+            self._complete_empty(ids)
             pairs = 0
         else:
             starts = self.offsets[idx]
@@ -175,19 +179,25 @@ class DriverSUT:
                 buf, width = preds, 4
             sizes = counts * width
             ptrs = buf.ctypes.data + (np.cumsum(sizes) - sizes)
-            responses = [
-                lg.QuerySampleResponse(i, p, s)
-                for i, p, s in zip(ids.tolist(), ptrs.tolist(), sizes.tolist())
-            ]
-            # buf stays referenced until LoadGen has copied what it logs (inside this call).
-            lg.QuerySamplesComplete(responses)
+            # buf stays referenced until LoadGen has copied what it logs (inside the call).
+            if self.capi is not None:
+                self.capi.complete(ids, ptrs, sizes)
+            else:
+                responses = [
+                    lg.QuerySampleResponse(i, p, s)
+                    for i, p, s in zip(ids.tolist(), ptrs.tolist(), sizes.tolist())
+                ]
+                lg.QuerySamplesComplete(responses)
             del buf
         self.stats.complete_seconds += time.perf_counter() - t0
         self.stats.completed_samples += len(ids)
         self.stats.completed_pairs += pairs
 
     def _complete_empty(self, ids: np.ndarray) -> None:
-        lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids.tolist()])
+        if self.capi is not None:
+            self.capi.complete(ids, 0, 0)
+        else:
+            lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids.tolist()])
 
     def _record(self, message: str) -> None:
         self.failed.set()

@@ -81,10 +81,20 @@ def test_performance_run_null_backend(dataset: Path, tmp_path: Path, scenario: s
         assert (out / name).exists()
 
 
-def test_accuracy_log_holds_prediction_label_pairs(dataset: Path, tmp_path: Path) -> None:
+def test_capi_completion_is_found() -> None:
+    from loadgen_driver import capi
+
+    assert capi.load() is not None  # the pinned mlcommons-loadgen 6.0.17 keeps its symbol table
+
+
+@pytest.mark.parametrize("scenario,completion", [("Offline", "capi"), ("Offline", "python"),
+                                                 ("Server", "capi")])
+def test_accuracy_log_holds_prediction_label_pairs(dataset: Path, tmp_path: Path, scenario: str,
+                                                   completion: str) -> None:
     out = tmp_path / "acc"
-    rc = main(["--scenario", "Offline", "--mode", "AccuracyOnly", "--dataset", str(dataset),
-               "--backend", "null", "--samples-per-request", "37", "--output-dir", str(out), "--quiet"])
+    rc = main(["--scenario", scenario, "--mode", "AccuracyOnly", "--dataset", str(dataset),
+               "--backend", "null", "--samples-per-request", "37", "--output-dir", str(out), "--quiet",
+               "--completion", completion, "--target-qps", "5000"])
     assert rc == 0
     ds = Dataset.open(dataset)
     preds, labels, order = read_accuracy_log(out / "mlperf_log_accuracy.json")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -99,33 +100,50 @@ class NullBackend:
 class DaemonBackend:
     """dlrm-daemon through daemon.client.PipelinedClient (many requests in flight on one socket).
 
-    ZeroMQ sockets are not thread-safe: one lock serialises `send` (issue thread) and `poll`
-    (completion thread); `poll` holds it only for a non-blocking receive and waits outside it.
+    The client's socket is single-threaded, so only the completion thread touches it: `send` (issue
+    thread) queues the request and wakes that thread through an inproc socket; `poll` waits on both
+    sockets, sends what is queued, then collects replies. A `send` costs a deque append and one
+    inproc message, never a wait on a reply.
     """
 
     def __init__(self, endpoint: str, dataset_name: str, dataset_path: str, timeout_s: float = 10.0) -> None:
         try:
+            import zmq
+
             from daemon.client import Client, PipelinedClient
             from daemon.errors import DaemonError
         except ImportError as exc:  # the daemon package is part of this project; say what is missing
             raise BackendError(f"daemon client library unavailable: {exc}") from exc
+        self._zmq = zmq
         self._daemon_error = DaemonError
         self.dataset = dataset_name
+        self.endpoint = endpoint
+        self._control = Client(endpoint, timeout_s=timeout_s)
         try:
-            self._control = Client(endpoint, timeout_s=timeout_s)
             self._control.status()
-            self._control.register_dataset(dataset_name, dataset_path)
         except DaemonError as exc:
-            raise BackendError(f"daemon at {endpoint}: {type(exc).__name__}: {exc}") from exc
+            self._control.close()
+            raise BackendError(f"daemon at {endpoint} is not answering ({exc}); is dlrm-daemon "
+                               f"running there?") from exc
+        self._call("RegisterDataset", self._control.register_dataset, dataset_name, dataset_path)
         self._client = PipelinedClient(endpoint)
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        ctx = zmq.Context.instance()
+        addr = f"inproc://loadgen-driver-wake-{id(self)}"
+        self._wake_rx = ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(addr)
+        self._wake_tx = ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(addr)
+        self._tx_lock = threading.Lock()  # the wake sender may be used by LoadGen's issue threads
+        self._outbox: deque[tuple[int, np.ndarray]] = deque()
+        self._poller = zmq.Poller()
+        self._poller.register(self._client.socket, zmq.POLLIN)
+        self._poller.register(self._wake_rx, zmq.POLLIN)
 
-    def _call(self, what: str, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _call(self, what: str, fn: Callable[..., object], *args: object) -> None:
         try:
             fn(*args)
         except self._daemon_error as exc:
-            raise BackendError(f"daemon {what} failed: {type(exc).__name__}: {exc}") from exc
+            raise BackendError(f"daemon {what} failed: {exc}") from exc
 
     def load_samples(self, sample_ids: np.ndarray) -> None:
         self._call("LoadSamples", self._control.load_samples, self.dataset, sample_ids)
@@ -134,26 +152,31 @@ class DaemonBackend:
         self._call("UnloadSamples", self._control.unload_samples, self.dataset, sample_ids)
 
     def send(self, request_id: int, sample_ids: np.ndarray) -> None:
-        with self._lock:
-            self._client.send_by_ref(request_id, self.dataset, sample_ids)
-        self._wake.set()
+        self._outbox.append((request_id, np.ascontiguousarray(sample_ids, dtype=np.int64)))
+        with self._tx_lock:
+            self._wake_tx.send(b"", self._zmq.NOBLOCK)
 
     def poll(self, timeout_ms: int) -> list[Reply]:
-        waited = 0.0
-        step_ms = 0  # first try without waiting, then short waits so senders get the lock
-        while True:
-            with self._lock:
-                got = self._client.poll(step_ms)
-            if got:
-                return [_convert(r) for r in got]
-            if waited >= timeout_ms:
-                return []
-            step_ms = 1
-            waited += 1.0
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._wake_rx in ready:
+            try:
+                while True:
+                    self._wake_rx.recv(self._zmq.NOBLOCK)
+            except self._zmq.Again:
+                pass
+        while self._outbox:
+            rid, ids = self._outbox.popleft()
+            try:
+                self._client.send_by_ref(rid, self.dataset, ids)
+            except self._zmq.ZMQError as exc:
+                return [Reply(rid, None, f"send failed: {exc}")]
+        return [_convert(r) for r in self._client.poll(0)]
 
     def close(self) -> None:
         self._client.close()
         self._control.close()
+        self._wake_tx.close(0)
+        self._wake_rx.close(0)
 
 
 def _convert(reply) -> Reply:  # type: ignore[no-untyped-def]

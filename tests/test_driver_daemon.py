@@ -1,0 +1,128 @@
+"""loadgen_driver against a live dlrm-daemon (subprocess): null engines, a CPU engine, failures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines.model import DLRMConfig, random_state_dict
+from engines.null_backend import null_ref_prediction
+from engines.reference import Int8Reference
+from formats.artifact import Artifact
+from formats.dataset import Dataset
+from formats.frequencies import write_row_frequencies
+from loadgen_driver.accuracy import read_accuracy_log
+from loadgen_driver.cli import main
+from loadgen_driver.summary import read_summary
+from prepare.convert import convert
+from test_daemon_support import DaemonProc, make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def null_setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    d = tmp_path_factory.mktemp("drvnull")
+    ds = make_dataset(d / "ds", np.random.default_rng(3).integers(1, 20, size=400))
+    art = d / "art"  # the null engine reads no model; the dispatcher wants table_rows
+    art.mkdir()
+    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    daemon = DaemonProc({"engines": ["null"], "model": str(art), "max_batch_pairs": 4096,
+                         "max_pairs_per_query": 600})
+    try:
+        daemon.wait_serving()
+        yield daemon, ds
+    finally:
+        daemon.terminate()
+
+
+def _run(daemon: DaemonProc, ds: Path, out: Path, *extra: str) -> int:
+    return main(["--dataset", str(ds), "--endpoint", daemon.endpoint, "--output-dir", str(out),
+                 "--quiet", "--min-query-count", "200", *extra])
+
+
+@pytest.mark.parametrize("scenario,extra", [("Offline", ["--min-duration-s", "0"]),
+                                            ("Server", ["--min-duration-s", "1"])])
+def test_performance_through_daemon(null_setup, tmp_path: Path, scenario: str,  # type: ignore[no-untyped-def]
+                                    extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    daemon, ds = null_setup
+    rc = _run(daemon, ds, tmp_path, "--scenario", scenario, "--target-qps", "1000",
+              "--samples-per-request", "16", *extra)
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert read_summary(tmp_path).result == "VALID", printed.out
+    assert "errors: 0 samples" in printed.out
+
+
+def test_accuracy_log_matches_null_engine(null_setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    daemon, ds = null_setup
+    assert _run(daemon, ds, tmp_path, "--scenario", "Offline", "--mode", "AccuracyOnly",
+                "--samples-per-request", "16") == 0
+    preds, labels, order = read_accuracy_log(tmp_path / "mlperf_log_accuracy.json")
+    d = Dataset.open(ds)
+    assert sorted(order.tolist()) == list(range(d.num_samples))
+    pairs = np.concatenate([np.arange(d.sample_offsets[s], d.sample_offsets[s + 1]) for s in order])
+    np.testing.assert_array_equal(preds, null_ref_prediction(pairs))
+    np.testing.assert_array_equal(labels, d.labels[pairs])
+
+
+def test_daemon_errors_fail_the_run(null_setup, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    daemon, ds = null_setup
+    # 200 samples of up to 19 pairs exceed the daemon's max_pairs_per_query (600): BAD_REQUEST.
+    rc = _run(daemon, ds, tmp_path, "--scenario", "Offline", "--min-duration-s", "0",
+              "--target-qps", "1000", "--samples-per-request", "200")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "RUN FAILED" in err and "BAD_REQUEST" in err and "sample ids" in err
+
+
+def test_daemon_down_fails_fast(tmp_path: Path) -> None:
+    ds = make_dataset(tmp_path / "ds", np.full(10, 3))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "loadgen_driver.cli", "--scenario", "Server",
+                           "--dataset", str(ds), "--endpoint", f"ipc://{tmp_path}/nobody.sock",
+                           "--timeout-s", "2", "--output-dir", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "not answering" in proc.stderr and "nobody.sock" in proc.stderr
+    assert time.monotonic() - t0 < 50
+
+
+def test_accuracy_auc_equals_reference_on_cpu_engine(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    config = DLRMConfig.mlperf().scaled(1e-4, cap=1000)
+    torch.save(random_state_dict(config, seed=5), tmp_path / "ckpt.pt")
+    rng = np.random.default_rng(9)
+    write_row_frequencies(tmp_path / "f.bin", [rng.random(r).astype(np.float32) for r in config.table_rows])
+    convert(tmp_path / "ckpt.pt", tmp_path / "art", tmp_path / "f.bin")
+    ds_path = make_dataset(tmp_path / "ds", rng.integers(1, 30, size=80), seed=4,
+                           table_rows=config.table_rows)
+    ds = Dataset.open(ds_path)
+    ref = Int8Reference(Artifact.open(tmp_path / "art")).predict(np.asarray(ds.dense), np.asarray(ds.sparse))
+    from sklearn.metrics import roc_auc_score
+
+    expected_auc = roc_auc_score(ds.labels, ref)  # over all pairs, in dataset order
+    daemon = DaemonProc({"engines": ["cpu"], "model": str(tmp_path / "art"), "max_batch_pairs": 512,
+                         "heartbeat_timeout_s": 5.0})
+    try:
+        daemon.wait_serving(60)
+        out = tmp_path / "logs"
+        rc = main(["--scenario", "Offline", "--mode", "AccuracyOnly", "--dataset", str(ds_path),
+                   "--endpoint", daemon.endpoint, "--output-dir", str(out), "--quiet",
+                   "--samples-per-request", "8", "--fp32-auc", str(expected_auc)])
+    finally:
+        daemon.terminate()
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    preds, labels, order = read_accuracy_log(out / "mlperf_log_accuracy.json")
+    pairs = np.concatenate([np.arange(ds.sample_offsets[s], ds.sample_offsets[s + 1]) for s in order])
+    np.testing.assert_allclose(preds, ref[pairs], rtol=1e-5, atol=1e-6)
+    assert f"AUC={100 * expected_auc:.3f}%" in printed
+    assert "AUC ratio to fp32" in printed and "99%: PASS, 99.9%: PASS" in printed

@@ -111,7 +111,8 @@ class RawChunk:
 
     dense_int: np.ndarray  # int64 [n, 13] raw integer values (meaningless where missing)
     dense_missing: np.ndarray  # bool [n, 13]
-    hex_values: np.ndarray  # int64 [n, 26] 32-bit categorical values (meaningless where missing)
+    hex_values: np.ndarray  # int64 [n, 26] 32-bit categorical values (meaningless where missing;
+    #                       [0, 26] when drawn without hex)
     cat_missing: np.ndarray  # bool [n, 26]
     sparse: np.ndarray  # int32 [n, 26] row ids the model sees: hex % rows, 0 where missing
     dense: np.ndarray  # float32 [n, 13] log(max(0, x) + 1), 0 where missing
@@ -120,29 +121,32 @@ class RawChunk:
 def draw_chunk(rng: np.random.Generator, n: int, law: FeatureLaw, skews: list[TableSkew],
                with_hex: bool = True) -> RawChunk:
     """`with_hex=False` skips the hex values (the full-size dataset stores row ids only)."""
-    z = rng.standard_normal((n, DENSE))
-    dense_int = np.floor(np.exp(law.dense_mu + law.dense_sigma * z)).astype(np.int64) - 1
+    z = rng.standard_normal((n, DENSE), dtype=np.float32)
+    z *= law.dense_sigma.astype(np.float32)
+    z += law.dense_mu.astype(np.float32)
+    dense_int = np.floor(np.exp(z)).astype(np.int64) - 1
     np.clip(dense_int, 0, 2**31 - 1, out=dense_int)
     neg = rng.random(n) < 0.03  # Criteo's I2 has small negative values
     dense_int[neg, 1] = -rng.integers(1, 4, int(neg.sum()))
-    dense_missing = rng.random((n, DENSE)) < law.dense_missing
-    cat_missing = rng.random((n, TABLES)) < law.cat_missing
+    dense_missing = rng.random((n, DENSE), dtype=np.float32) < law.dense_missing.astype(np.float32)
+    cat_missing = rng.random((n, TABLES), dtype=np.float32) < law.cat_missing.astype(np.float32)
 
-    rows = np.empty((n, TABLES), dtype=np.int64)
-    hex_values = np.empty((n, TABLES), dtype=np.int64)
+    rows_t = np.empty((TABLES, n), dtype=np.int32)  # table-major: contiguous writes per table
+    hex_values = np.empty((n, TABLES) if with_hex else (0, TABLES), dtype=np.int64)
     for t, sk in enumerate(skews):
         r = sk.sample(rng, n)
-        rows[:, t] = r
+        rows_t[t] = r
         if not with_hex:
             continue
         # Any value = row + k*rows maps back to `row` under the criteo rule int(hex,16) % rows.
         kmax = (2**32 - 1 - r) // sk.rows
         hex_values[:, t] = r + np.floor(rng.random(n) * (kmax + 1)).astype(np.int64) * sk.rows
-    rows[cat_missing] = 0  # an empty field reads as 0, i.e. row 0 of the table
+    rows_t[cat_missing.T] = 0  # an empty field reads as 0, i.e. row 0 of the table
+    rows = np.ascontiguousarray(rows_t.T)
 
     dense = np.log(np.maximum(dense_int, 0) + 1.0).astype(np.float32)
     dense[dense_missing] = 0.0
-    return RawChunk(dense_int, dense_missing, hex_values, cat_missing, rows.astype(np.int32), dense)
+    return RawChunk(dense_int, dense_missing, hex_values, cat_missing, rows, dense)
 
 
 # ----------------------------------------------------------------------------------------------

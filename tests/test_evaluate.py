@@ -41,8 +41,8 @@ def test_int8_and_fp32(setup: Path, capsys: pytest.CaptureFixture) -> None:
     p8 = np.load(d / "p8.npy")
     expect8 = Int8Reference(Artifact.open(d / "art")).predict(np.asarray(ds.dense), np.asarray(ds.sparse))
     np.testing.assert_allclose(p8, expect8, rtol=1e-5, atol=1e-6)
-    out = capsys.readouterr().out
-    assert f"AUC {roc_auc_score(ds.labels, p8):.6f}" in out
+    printed = float(capsys.readouterr().out.split("AUC ")[1].split()[0])
+    assert printed == pytest.approx(roc_auc_score(ds.labels, p8), abs=1e-6)
 
     assert cli_main(["eval", "--checkpoint", str(d / "ckpt.pt"), "--model", str(d / "art"),
                      "--dataset", str(d / "ds"), "--precision", "fp32", "--out", str(d / "p32.npy"),
@@ -74,3 +74,23 @@ def test_errors(setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> N
                   np.array([0, 4]), big, "too big")
     assert cli_main(["eval", "--model", str(d / "art"), "--dataset", str(tmp_path / "b")]) == 1
     assert "pair 2 has id" in capsys.readouterr().err
+
+
+def test_criteo_to_eval_end_to_end(setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """TSV -> `dlrm-prepare criteo --model` -> `dlrm-prepare eval`."""
+    rng = np.random.default_rng(4)
+    hexes = rng.integers(0, 2 ** 32, (120, 26))
+    lines = ["\t".join([str(i % 2)] + [str(int(v)) for v in rng.integers(-1, 500, 13)]
+                       + ["%08x" % int(h) for h in row]) for i, row in enumerate(hexes)]
+    (tmp_path / "day_23").write_text("\n".join(lines) + "\n")
+    assert cli_main(["criteo", str(tmp_path / "day_23"), "--model", str(setup / "art"),
+                     "--out", str(tmp_path / "ds")]) == 0
+    ds = Dataset.open(tmp_path / "ds")
+    np.testing.assert_array_equal(ds.sparse, hexes % np.array(CONFIG.table_rows))
+    assert ds.table_rows == CONFIG.table_rows
+    assert cli_main(["eval", "--model", str(setup / "art"), "--dataset", str(tmp_path / "ds"),
+                     "--out", str(tmp_path / "p.npy")]) == 0
+    expect = Int8Reference(Artifact.open(setup / "art")).predict(np.asarray(ds.dense), np.asarray(ds.sparse))
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expect, rtol=1e-5, atol=1e-6)
+    printed = float(capsys.readouterr().out.split("AUC ")[1].split()[0])
+    assert printed == pytest.approx(roc_auc_score(ds.labels, expect), abs=1e-5)

@@ -8,7 +8,10 @@ Runs are short (seconds) and NOT of MLPerf length. Example:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import queue
+import subprocess
 import sys
 import tempfile
 import threading
@@ -18,7 +21,8 @@ from pathlib import Path
 import mlperf_loadgen as lg
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from loadgen_driver import capi  # noqa: E402
 from loadgen_driver.backend import Backend, NullBackend  # noqa: E402
@@ -57,7 +61,62 @@ class RawNullSut:
                 lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids[k:k + self.chunk]])
 
 
+def hollow_dataset(path: Path, offsets: np.ndarray) -> Path:
+    """A dataset directory whose pair arrays are zero-filled sparse files (the null engine never reads
+    them): the daemon's by-reference path at any size without writing gigabytes."""
+    from numpy.lib.format import open_memmap
+
+    from formats.trace import write_trace
+
+    path.mkdir(parents=True, exist_ok=True)
+    n = int(offsets[-1])
+    for name, dtype, tail in (("labels", "<f4", ()), ("dense", "<f4", (13,)), ("sparse", "<i4", (26,))):
+        open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=(n, *tail)).flush()
+    np.save(path / "sample_offsets.npy", offsets.astype("<i8"), allow_pickle=False)
+    write_trace(path / "trace.txt", offsets)
+    (path / "meta.json").write_text(json.dumps({
+        "format": "dlrm-dataset", "version": 1, "num_pairs": n, "num_samples": len(offsets) - 1,
+        "table_rows": [50] * 26, "source": "bench_driver hollow"}))
+    return path
+
+
+def start_daemon(workdir: Path, engines: str, fill: bool) -> tuple[subprocess.Popen, str]:
+    """`python -m daemon.cli` with null engines and a stand-in artifact; returns (process, endpoint)."""
+    from daemon.client import Client
+    from daemon.errors import DaemonError
+
+    art = workdir / "art"
+    art.mkdir(exist_ok=True)
+    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    engine_list = ", ".join(f'"{e}"' for e in engines.split(","))
+    conf = workdir / "daemon.toml"
+    conf.write_text(f'runtime_dir = "{workdir}"\nmodel = "{art}"\nengines = [{engine_list}]\n'
+                    f'max_batch_pairs = 1048576\nmax_queue_pairs = 200000000\n'
+                    f'max_pairs_per_query = 8000000\nlog_level = "WARNING"\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DLRM_NULL_FILL": "1" if fill else "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(conf)], cwd=ROOT, env=env)
+    endpoint = f"ipc://{workdir}/dlrm.sock"
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"daemon exited with {proc.returncode}")
+        try:
+            with Client(endpoint, timeout_s=0.5) as c:
+                if c.status()["state"] == "serving":
+                    return proc, endpoint
+        except DaemonError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("daemon did not start serving within 60 s")
+
+
 def settings_for(scenario: str, qps: float, duration_s: float, n: int) -> lg.TestSettings:
+    if scenario == "Offline":
+        # A fixed sample count instead of a duration: a SUT faster than `qps` is not INVALID then.
+        ts, _ = build_test_settings(RunSettings(scenario, "PerformanceOnly", n, target_qps=qps,
+                                                min_duration_ms=0, min_query_count=int(qps * duration_s)))
+        return ts
     ts, _ = build_test_settings(RunSettings(scenario, "PerformanceOnly", n, target_qps=qps,
                                             min_duration_ms=int(duration_s * 1000), min_query_count=1))
     return ts
@@ -125,12 +184,15 @@ def main() -> int:
     p.add_argument("--samples-per-request", type=int, default=4096)
     p.add_argument("--max-inflight", type=int, default=64)
     p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval")
-    p.add_argument("--daemon-endpoint", default=None)
+    p.add_argument("--daemon-endpoint", default=None, help="a running daemon (else --start-daemon)")
     p.add_argument("--dataset", default=None, help="dataset directory (daemon config; else synthetic)")
+    p.add_argument("--start-daemon", default=None, metavar="ENGINES",
+                   help="start dlrm-daemon with these engines (e.g. null or null,null) on a hollow dataset")
+    p.add_argument("--no-fill", action="store_true", help="null engine skips writing predictions")
     args = p.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    if args.dataset:
+    if args.dataset and not args.start_daemon:
         from formats.dataset import Dataset
 
         offsets = np.asarray(Dataset.open(Path(args.dataset)).sample_offsets, dtype=np.int64)
@@ -138,6 +200,22 @@ def main() -> int:
         sizes = np.random.default_rng(123).choice([100, 100] + [200] * 12 + [300, 300, 400, 500, 600, 700],
                                                    args.samples)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    daemon = None
+    if args.start_daemon:
+        work = Path(tempfile.mkdtemp(prefix="bdrv-", dir="/tmp"))
+        args.dataset = str(hollow_dataset(work / "ds", offsets))
+        daemon, args.daemon_endpoint = start_daemon(work, args.start_daemon, not args.no_fill)
+        print(f"daemon: engines {args.start_daemon}, fill {not args.no_fill}, at {args.daemon_endpoint}")
+    try:
+        run_all(args, offsets)
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
+    return 0
+
+
+def run_all(args: argparse.Namespace, offsets: np.ndarray) -> None:
     print(f"switchinterval {sys.getswitchinterval()} s, duration {args.duration_s} s per run, "
           f"{len(offsets) - 1} samples, chunk {args.chunk}, samples/request {args.samples_per_request}")
     print("| config | scenario | target/s | samples/s | p99 ms | result | notes |")
@@ -146,7 +224,6 @@ def main() -> int:
         print(one(config, "Offline", args.offline_qps, args, offsets), flush=True)
         for rate in [float(r) for r in args.server_rates.split(",") if r]:
             print(one(config, "Server", rate, args, offsets), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

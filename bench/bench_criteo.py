@@ -1,6 +1,6 @@
 """Throughput of `dlrm-prepare criteo` TSV parsing (MB/s of TSV), on a generated day file.
 
-    .venv/bin/python -m bench.bench_criteo --mb 200 [--block-mb 8] [--gzip]
+    .venv/bin/python -m bench.bench_criteo --mb 200 [--block-mb 8] [--gzip] [--workers N]
 
 Writes a Criteo-like TSV (label, 13 ints with ~20% empty, 26 8-char hex with ~10% empty) to a
 temporary directory, then times ``prepare.criteo.preprocess`` into a dataset directory with the
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=200)
     ap.add_argument("--block-mb", type=int, default=8)
     ap.add_argument("--gzip", action="store_true")
+    ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
     unit = distinct_lines(20_000)
     reps = max(1, int(args.mb * 1e6 / len(unit)))
@@ -50,11 +51,11 @@ def main() -> None:
         day.read_bytes()  # warm the page cache
         t0, c0 = time.perf_counter(), time.process_time()
         res = preprocess([day], ModuloMap(MLPERF_ROWS), Path(tmp) / "ds",
-                         block_bytes=args.block_mb << 20)
+                         block_bytes=args.block_mb << 20, workers=args.workers)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     mb = res.input_bytes / 1e6
     print(f"{res.lines} lines, {mb:.1f} MB TSV{' (gzip input)' if args.gzip else ''}, "
-          f"block {args.block_mb} MiB: {dt:.2f} s wall, {mb / dt:.1f} MB/s, {res.lines / dt / 1e6:.2f} M lines/s; "
+          f"block {args.block_mb} MiB, {args.workers} threads: {dt:.2f} s wall, {mb / dt:.1f} MB/s, {res.lines / dt / 1e6:.2f} M lines/s; "
           f"CPU time {cpu:.2f} s ({mb / cpu:.1f} MB/s per busy core)")
 
 

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Generator, Sequence
 
 import numpy as np
 
 from formats.dataset import DatasetError, DatasetWriter
 from formats.frequencies import write_row_frequencies
 from formats.trace import TraceError, read_trace, reference_sample_sizes
-from prepare.criteo_parse import (N_CAT, CriteoFormatError, count_lines, dense_transform,
+from prepare.criteo_parse import (N_CAT, Block, CriteoFormatError, count_lines, dense_transform,
                                   iter_line_blocks, parse_block)
 
 MLPERF_MAX_IND_RANGE = 40_000_000
@@ -100,6 +103,43 @@ def _bar(total: int, desc: str):  # type: ignore[no-untyped-def]
 
 
 @dataclass
+class _Parsed:
+    nbytes: int
+    lines: int
+    block: Block
+    ids: np.ndarray | None
+    dense: np.ndarray | None
+
+
+def _parse_one(data: bytes, name: str, line: int, skip_bad: bool,
+               mapper: ModuloMap | DictionaryMap | None) -> _Parsed:
+    blk = parse_block(data, name, line, skip_bad)
+    ids = mapper(blk.cats) if mapper is not None else None
+    dense = dense_transform(blk.ints) if mapper is not None else None
+    return _Parsed(len(data), data.count(b"\n"), blk, ids, dense)
+
+
+def _parsed_blocks(files: Sequence[Path], mapper: ModuloMap | DictionaryMap | None, skip_bad: bool,
+                   block_bytes: int, workers: int, desc: str) -> Generator[_Parsed, None, None]:
+    """Blocks parsed (and mapped) by ``workers`` threads -- numpy releases the GIL in its array
+    loops -- and yielded in file order, so output order and first-error reporting are unchanged."""
+    with _bar(sum(p.stat().st_size for p in files), desc) as bar, \
+            ThreadPoolExecutor(max(1, workers), thread_name_prefix="criteo") as pool:
+        pending: deque[Future[_Parsed]] = deque()
+        try:
+            for path in files:
+                for data, line in iter_line_blocks(path, block_bytes, bar.update):
+                    pending.append(pool.submit(_parse_one, data, str(path), line, skip_bad, mapper))
+                    if len(pending) > 2 * workers:
+                        yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+@dataclass
 class PrepareResult:
     num_pairs: int = 0
     num_samples: int = 0
@@ -111,20 +151,17 @@ class PrepareResult:
 
 
 def build_dictionaries(files: Sequence[Path], max_ind_range: int, skip_bad: bool,
-                       block_bytes: int = 8 << 20) -> DictionaryMap:
+                       block_bytes: int = 8 << 20, workers: int = 1) -> DictionaryMap:
     dmap = DictionaryMap(max_ind_range)
-    total = sum(p.stat().st_size for p in files)
-    with _bar(total, "dictionaries") as bar:
-        for path in files:
-            for data, line in iter_line_blocks(path, block_bytes, bar.update):
-                dmap.observe(parse_block(data, str(path), line, skip_bad).cats)
+    for parsed in _parsed_blocks(files, None, skip_bad, block_bytes, workers, "dictionaries"):
+        dmap.observe(parsed.block.cats)   # in file order: ids follow first appearance
     return dmap
 
 
 def preprocess(files: Sequence[Path], mapper: ModuloMap | DictionaryMap, out: Path | None,
                freq_out: Path | None = None, trace: Path | None = None, seed: int = 123,
                max_pairs: int | None = None, skip_bad: bool = False,
-               block_bytes: int = 8 << 20) -> PrepareResult:
+               block_bytes: int = 8 << 20, workers: int = 1) -> PrepareResult:
     """Parse ``files`` in order into a dataset at ``out`` (first ``max_pairs`` good lines) and/or
     count per-row accesses of all their lines into ``freq_out``. Raises CriteoFormatError,
     CriteoError, DatasetError, TraceError."""
@@ -134,29 +171,27 @@ def preprocess(files: Sequence[Path], mapper: ModuloMap | DictionaryMap, out: Pa
     counts = [np.zeros(r, np.int64) for r in table_rows] if freq_out else None
     limit = max_pairs if max_pairs is not None else np.iinfo(np.int64).max
     t0 = time.perf_counter()
+    blocks: Generator[_Parsed, None, None] | None = None
     try:
-        with _bar(sum(p.stat().st_size for p in files), "criteo") as bar:
-            for path in files:
-                for data, line in iter_line_blocks(path, block_bytes, bar.update):
-                    res.input_bytes += len(data)
-                    blk = parse_block(data, str(path), line, skip_bad)
-                    res.lines += data.count(b"\n")
-                    if blk.bad_lines:
-                        res.bad_lines += blk.bad_lines
-                        if blk.first_bad and len(res.first_bad) < 5:
-                            res.first_bad.append(blk.first_bad)
-                    ids = mapper(blk.cats)
-                    if counts is not None:
-                        _count_rows(counts, ids)
-                    if writer is not None and res.num_pairs < limit:
-                        n = int(min(len(ids), limit - res.num_pairs))
-                        writer.append(blk.labels[:n].astype(np.float32),
-                                      dense_transform(blk.ints[:n]), ids[:n])
-                        res.num_pairs += n
-                    if counts is None and res.num_pairs >= limit:
-                        break
-                if counts is None and res.num_pairs >= limit:
-                    break
+        blocks = _parsed_blocks(files, mapper, skip_bad, block_bytes, workers, "criteo")
+        for parsed in blocks:
+            blk, ids, dense = parsed.block, parsed.ids, parsed.dense
+            assert ids is not None and dense is not None
+            res.input_bytes += parsed.nbytes
+            res.lines += parsed.lines
+            if blk.bad_lines:
+                res.bad_lines += blk.bad_lines
+                if blk.first_bad and len(res.first_bad) < 5:
+                    res.first_bad.append(blk.first_bad)
+            if counts is not None:
+                _count_rows(counts, ids)
+            if writer is not None and res.num_pairs < limit:
+                n = int(min(len(ids), limit - res.num_pairs))
+                writer.append(blk.labels[:n].astype(np.float32), dense[:n], ids[:n])
+                res.num_pairs += n
+            if counts is None and res.num_pairs >= limit:
+                break
+        blocks.close()   # stops the reader and cancels blocks parsed ahead (also in finally)
         if writer is not None:
             offsets = read_trace(trace) if trace else reference_sample_sizes(res.num_pairs, seed)
             if offsets[-1] != res.num_pairs:
@@ -168,6 +203,8 @@ def preprocess(files: Sequence[Path], mapper: ModuloMap | DictionaryMap, out: Pa
         if counts is not None and freq_out is not None:
             write_row_frequencies(freq_out, [c.astype(np.float32) for c in counts])
     finally:
+        if blocks is not None:
+            blocks.close()
         if writer is not None:
             writer.abort()
     res.seconds = time.perf_counter() - t0
@@ -211,12 +248,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="drop malformed lines (counted and reported) instead of stopping")
     parser.add_argument("--block-mb", type=int, default=8, help="read block size in MiB")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="parsing threads (default: CPUs, at most 8)")
 
 
 def _mapper(args: argparse.Namespace) -> ModuloMap | DictionaryMap:
     block = args.block_mb << 20
     if args.dictionary_days:
-        return build_dictionaries(args.dictionary_days, args.max_ind_range, args.skip_bad_lines, block)
+        return build_dictionaries(args.dictionary_days, args.max_ind_range, args.skip_bad_lines, block,
+                                  args.workers)
     if args.model:
         from formats.artifact import read_meta
         return ModuloMap([int(r) for r in read_meta(Path(args.model))["table_rows"]])
@@ -241,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
             half = -(-sum(count_lines(p) for p in args.files) // 2)
             max_pairs = half if max_pairs is None else min(max_pairs, half)
         res = preprocess(args.files, mapper, args.out, args.count_frequencies_out, args.trace,
-                         args.seed, max_pairs, args.skip_bad_lines, args.block_mb << 20)
+                         args.seed, max_pairs, args.skip_bad_lines, args.block_mb << 20,
+                         args.workers)
     except (CriteoFormatError, CriteoError, DatasetError, TraceError, OSError) as exc:
         print(f"dlrm-prepare criteo: error: {exc}", file=sys.stderr)
         return 1

@@ -74,7 +74,7 @@ def test_malformed_line_reports_file_line_reason(tmp_path: Path, bad, reason: st
     p = tmp_path / "day_0"
     p.write_text("\n".join(lines) + "\n")
     with pytest.raises(CriteoFormatError, match=f"day_0:4: {reason}"):
-        criteo.preprocess([p], criteo.ModuloMap(ROWS), tmp_path / "out", block_bytes=64)
+        criteo.preprocess([p], criteo.ModuloMap(ROWS), tmp_path / "out", block_bytes=64, workers=2)
     assert not (tmp_path / "out" / "meta.json").exists()
     res = criteo.preprocess([p], criteo.ModuloMap(ROWS), tmp_path / "out", skip_bad=True)
     assert res.bad_lines == 1 and res.num_pairs == 4 and "day_0:4:" in res.first_bad[0]
@@ -92,7 +92,7 @@ def test_cli_gzip_blocks_trace_and_frequencies(tmp_path: Path, capsys: pytest.Ca
     rows = ",".join(map(str, ROWS))
     # tiny blocks exercise the carry-over between reads
     res = criteo.preprocess([plain, gz], criteo.ModuloMap(ROWS), tmp_path / "ds",
-                            freq_out=tmp_path / "f.bin", block_bytes=1000)
+                            freq_out=tmp_path / "f.bin", block_bytes=1000, workers=3)
     assert res.num_pairs == 700 and res.lines == 700
     ds = Dataset.open(tmp_path / "ds")
     lab, den, sp = py_parse(lines, ROWS)
@@ -121,7 +121,8 @@ def test_dictionary_days_first_appearance_order(tmp_path: Path) -> None:
     a, b = tmp_path / "day_0", tmp_path / "day_1"
     a.write_text("\n".join(lines[:120]) + "\n")
     b.write_text("\n".join(lines[120:]) + "\n")
-    dmap = criteo.build_dictionaries([a, b], max_ind_range=1000, skip_bad=False, block_bytes=3000)
+    dmap = criteo.build_dictionaries([a, b], max_ind_range=1000, skip_bad=False, block_bytes=3000,
+                                     workers=4)
     res = criteo.preprocess([b], dmap, tmp_path / "ds")
     # independent reference: python dicts in insertion order over both days
     dicts: list[dict[int, int]] = [{} for _ in range(26)]

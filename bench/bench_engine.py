@@ -31,8 +31,16 @@ from formats.artifact import Artifact, table_offsets, write_artifact  # noqa: E4
 from formats.dataset import write_dataset  # noqa: E402
 
 
+def bounded_zipf(rng: np.random.Generator, a: float, n: np.ndarray | int, size: tuple[int, ...]) -> np.ndarray:
+    """Ranks in [0, n) with P(r) ~ (r + 1)^-a (continuous inverse CDF; no clipping of the tail onto one row)."""
+    u = rng.random(size)
+    top = (np.asarray(n, dtype=np.float64) + 1.0) ** (1.0 - a)
+    r = np.floor(((top - 1.0) * u + 1.0) ** (1.0 / (1.0 - a))) - 1
+    return np.minimum(r, np.asarray(n) - 1).astype(np.int64)
+
+
 def zipf_ids(rng: np.random.Generator, n: int, rows: np.ndarray, a: float) -> np.ndarray:
-    return np.minimum(rng.zipf(a, (n, len(rows))) - 1, rows[None, :] - 1).astype(np.int32)
+    return bounded_zipf(rng, a, rows[None, :], (n, len(rows))).astype(np.int32)
 
 
 def frequency_row_order(rows: np.ndarray, a: float) -> np.ndarray:
@@ -149,7 +157,7 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
         "interaction": cuda_ms(lambda: dot_interaction(bo, emb, eng.top_in[:n])),
         "fused_gather_interaction": cuda_ms(lambda: gather_interaction(
             bo, eng.sparse_in[:n], eng.table_offsets, eng.row_position, eng.scales, eng.hot, eng.cold,
-            eng.top_in[:n])),
+            eng.top_in[:n], **(eng.kernel_config or {}))),
         "top_mlp": cuda_ms(top),
         "graph_forward": cuda_ms(lambda: eng._run(n)),
     }
@@ -162,10 +170,18 @@ def main() -> int:
     ap.add_argument("--zipf", type=float, default=1.05)
     ap.add_argument("--max-batch", type=int, default=262_144)
     ap.add_argument("--parts", type=str, default="1.0,0.5,0.3,0.1")
+    ap.add_argument("--kernel-from", type=Path, default=None,
+                    help="bench_gather.py JSON: use its fastest fused gather+interaction variant")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     card = torch.cuda.get_device_name()
     res: dict = {"card": card, "args": {k: str(v) for k, v in vars(args).items()}}
+    kcfg = None
+    if args.kernel_from is not None and args.kernel_from.is_file():
+        f = min(json.loads(args.kernel_from.read_text())["fused"], key=lambda v: v["ms"])
+        kcfg = {"pairs_per_program": f["per_program"], "pairs_per_tile": f["tile"], "num_warps": f["warps"]}
+    res["kernel_config"] = kcfg
+    print("fused kernel config:", kcfg or "backend default", flush=True)
     root = Path(tempfile.mkdtemp(prefix="bench_engine_"))
     art_path, ds_path, config, extra = build(root, args.scale, args.pairs, args.zipf, 7)
     res["artifact_s"] = extra["artifact_s"]
@@ -201,7 +217,7 @@ def main() -> int:
         t0 = time.perf_counter()
         sizes = None if (part, fused, fgather) == configs[0] else [b for b in batches]
         eng = GpuBackend("cuda:0", art_path, part, max_batch_pairs=args.max_batch, graph_sizes=sizes,
-                         fused_relu=fused, fused_gather=fgather)
+                         fused_relu=fused, fused_gather=fgather, kernel_config=kcfg)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         eng.register_dataset("bench", ds_path)
@@ -220,7 +236,7 @@ def main() -> int:
               f"(fp16 baseline {err_base:.2e})", flush=True)
         for b in batches:
             # whole samples: ranges of the dataset's sample partition adding up to about b pairs
-            s_end = int(np.searchsorted(offsets, b))
+            s_end = int(np.searchsorted(offsets, b, side="right")) - 1  # whole samples, <= b pairs
             starts, counts = offsets[:s_end], np.diff(offsets[: s_end + 1])
             n = int(counts.sum())
             eng.dense_in[:b].copy_(torch.from_numpy(dense[:b]).cuda())

@@ -76,6 +76,7 @@ class GpuBackend:
         graph_sizes: Sequence[int] | None = None,
         fused_relu: bool = True,
         fused_gather: bool = True,
+        kernel_config: dict[str, int] | None = None,
     ) -> None:
         if not torch.cuda.is_available():
             raise GpuBackendError(f"{device}: CUDA is not available on this machine")
@@ -90,6 +91,8 @@ class GpuBackend:
         self.dtype = dtype
         self.fused_relu = fused_relu
         self.fused_gather = fused_gather
+        # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps)
+        self.kernel_config = dict(kernel_config or {})
         self.max_batch_pairs = int(max_batch_pairs)
         self.times = LoadTimes()
         art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
@@ -168,11 +171,12 @@ class GpuBackend:
                         if not self.fused_gather else None)
         self.top_in = torch.zeros((m, self.top_in_width), dtype=self.dtype, device=dev)
         self.pred = torch.empty(m, dtype=torch.float32, device=dev)
-        self.counts = torch.zeros(2, dtype=torch.int64, device=dev)  # [limit, hot lookups]
+        self.counts = torch.zeros(3, dtype=torch.int64, device=dev)  # [limit, hot lookups, bad ids]
         self.dense_host = torch.empty((m, cfg.dense_features), dtype=torch.float32, pin_memory=True)
         self.sparse_host = torch.empty((m, cfg.num_tables), dtype=torch.int32, pin_memory=True)
         self.pred_host = torch.empty(m, dtype=torch.float32, pin_memory=True)
-        self.counts_host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        self.counts_host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+        self._rows_dev = (self.table_offsets[1:] - self.table_offsets[:-1]).to(torch.int32)
 
     # ---- the forward ---------------------------------------------------------------------------------
     def _forward(self, n: int) -> None:
@@ -183,11 +187,11 @@ class GpuBackend:
         self.counts[1:].zero_()
         if self.fused_gather:
             y = gather_interaction(x, self.sparse_in[:n], self.table_offsets, self.row_position, self.scales,
-                                   self.hot, self.cold, self.top_in[:n], self.counts[1:], self.counts[:1])
+                                   self.hot, self.cold, self.top_in[:n], self.counts, **self.kernel_config)
         else:
             emb = self.emb_buf[:n]
             embedding_gather(self.sparse_in[:n], self.table_offsets, self.row_position, self.scales, self.hot,
-                             self.cold, emb, self.counts[1:], count_limit=self.counts[:1])
+                             self.cold, emb, self.counts[1:2], count_limit=self.counts[:1])
             y = dot_interaction(x, emb, self.top_in[:n])
         last = len(self.top) - 1
         for i, (weight, bias) in enumerate(self.top):
@@ -229,6 +233,11 @@ class GpuBackend:
         self.pred_host[:n].copy_(self.pred[:n], non_blocking=True)
         self.counts_host.copy_(self.counts, non_blocking=True)
         self.stream.synchronize()
+        if int(self.counts_host[2]):
+            # Padding rows of later, smaller batches must not see these ids again.
+            self.sparse_in[:n].zero_()
+            raise GpuBackendError(f"batch of {n} pairs: {int(self.counts_host[2])} sparse ids outside their "
+                                  "table (those lookups were skipped; no predictions written)")
         out[at : at + n] = self.pred_host[:n].numpy()
         hot = int(self.counts_host[1])
         return hot, n * self.config.num_tables - hot
@@ -242,13 +251,15 @@ class GpuBackend:
             sparse = torch.empty((ds.num_pairs, self.config.num_tables), dtype=torch.int32, device=self._dev)
             for a in range(0, ds.num_pairs, _CHUNK_ROWS):
                 b = min(ds.num_pairs, a + _CHUNK_ROWS)
-                chunk = np.ascontiguousarray(ds.sparse[a:b])
-                try:
-                    self.placement.check_sparse(chunk)
-                except ValueError as exc:
-                    raise GpuBackendError(f"dataset {name!r} at {path}: pairs {a}..{b}: {exc}") from exc
-                sparse[a:b].copy_(torch.from_numpy(chunk))
+                sparse[a:b].copy_(torch.from_numpy(np.ascontiguousarray(ds.sparse[a:b])))
                 dense[a:b].copy_(torch.from_numpy(np.ascontiguousarray(ds.dense[a:b], dtype=np.float32)))
+                # Checked on the device (a host pass over 89 M x 26 ids would take seconds).
+                bad = (sparse[a:b] < 0) | (sparse[a:b] >= self._rows_dev[None, :])
+                if bool(bad.any()):
+                    pair, table = (int(v) for v in bad.nonzero()[0])
+                    raise GpuBackendError(
+                        f"dataset {name!r} at {path}: sparse id {int(sparse[a + pair, table])} of pair {a + pair} "
+                        f"is outside table {table} ({self.config.table_rows[table]} rows)")
             self.stream.synchronize()
         self._datasets[name] = _DeviceDataset(dense, sparse, ds.num_pairs)
         self.times.datasets_s[name] = time.perf_counter() - t0
@@ -283,10 +294,17 @@ class GpuBackend:
         if dense.ndim != 2 or dense.shape[1] != cfg.dense_features or sparse.shape[0] != dense.shape[0]:
             raise GpuBackendError(f"dense must be [n, {cfg.dense_features}] and sparse [n, {cfg.num_tables}], "
                                   f"got {list(dense.shape)} and {list(sparse.shape)}")
-        try:
-            self.placement.check_sparse(sparse)
-        except ValueError as exc:
-            raise GpuBackendError(f"by-value batch: {exc}") from exc
+        if sparse.ndim != 2 or sparse.shape[1] != cfg.num_tables:
+            raise GpuBackendError(f"sparse must be [n, {cfg.num_tables}], got {list(sparse.shape)}")
+        if sparse.dtype != np.int32:
+            if sparse.size and (sparse.min() < 0 or sparse.max() >= 2**31):
+                raise GpuBackendError("by-value batch: sparse ids outside int32")
+            sparse = sparse.astype(np.int32)
+        if not self.fused_gather:  # the fused kernel checks ids on the device (counts[2])
+            try:
+                self.placement.check_sparse(sparse)
+            except ValueError as exc:
+                raise GpuBackendError(f"by-value batch: {exc}") from exc
         total = dense.shape[0]
         self._check_out(out, total)
         hot = cold = 0

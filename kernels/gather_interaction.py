@@ -23,50 +23,64 @@ def _gather_interaction_kernel(
     sparse_ptr, stride_sb,  # int32 [B, T]
     offsets_ptr, row_position_ptr, scales_ptr, hot_ptr, cold_ptr,
     out_ptr, stride_ob,  # [B, >= D + (T+1)T/2]
-    hot_count_ptr, count_limit_ptr,
+    counts_ptr,  # int64 [3]: [count limit (flat lookups), hot lookups (+=), bad ids (+=)]
     B, n_hot,
-    T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr,
-    COUNT: tl.constexpr, LIMIT: tl.constexpr, UPCAST: tl.constexpr,
+    T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr, PB: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # PAIRS loop iterations per program, each over a [PB, NP, D] tile of PB pairs (PB > 1: more loads
+    # in flight per program, one batched dot).
     pid = tl.program_id(0)
+    p = tl.arange(0, PB)
     r = tl.arange(0, NP)
     c = tl.arange(0, D)
     is_emb = (r >= 1) & (r <= T)
     t = tl.where(is_emb, r - 1, 0)
     offs = tl.load(offsets_ptr + t, mask=is_emb, other=0)
+    rows = tl.load(offsets_ptr + t + 1, mask=is_emb, other=1) - offs
     scale = tl.load(scales_ptr + t, mask=is_emb, other=0.0)
     ri = r[:, None]
     rj = r[None, :]
     tri_col = D + (ri * (ri - 1)) // 2 + rj
     tri_mask = (rj < ri) & (ri <= T)
-    hot_total = tl.zeros((NP,), dtype=tl.int64)
-    if LIMIT:
-        limit = tl.load(count_limit_ptr)
-    for k in range(PAIRS):
-        b = pid.to(tl.int64) * PAIRS + k
-        if b < B:
-            ids = tl.load(sparse_ptr + b * stride_sb + t, mask=is_emb, other=0)
-            pos = tl.load(row_position_ptr + offs + ids.to(tl.int64), mask=is_emb, other=0).to(tl.int64)
-            hot = is_emb & (pos < n_hot)
-            cold = is_emb & (pos >= n_hot)
-            q = tl.load(hot_ptr + (pos * D)[:, None] + c[None, :], mask=hot[:, None], other=0) + tl.load(
-                cold_ptr + ((pos - n_hot) * D)[:, None] + c[None, :], mask=cold[:, None], other=0)
-            x_b = tl.load(bottom_ptr + b * stride_bb + c)
-            # Round each dequantized value to the half type first, as the unfused path stores it.
-            x_e = (q.to(tl.float32) * scale[:, None]).to(x_b.dtype)
-            x = tl.where((r == 0)[:, None], x_b[None, :], x_e)
-            if UPCAST:
-                x = x.to(tl.float32)
-            z = tl.dot(x, tl.trans(x))
-            out_row = out_ptr + b * stride_ob
-            tl.store(out_row + c, x_b)
-            tl.store(out_row + tri_col, z.to(out_ptr.dtype.element_ty), mask=tri_mask)
-            if COUNT:
-                if LIMIT:
-                    hot = hot & (b * T < limit)
-                hot_total += hot.to(tl.int64)
+    hot_total = tl.zeros((PB, NP), dtype=tl.int64)
+    bad_total = tl.zeros((PB, NP), dtype=tl.int64)
     if COUNT:
-        tl.atomic_add(hot_count_ptr, tl.sum(hot_total, axis=0))
+        limit = tl.load(counts_ptr)
+    for k in range(PAIRS):
+        b = (pid.to(tl.int64) * PAIRS + k) * PB + p  # [PB]
+        live = b < B
+        m = live[:, None] & is_emb[None, :]  # [PB, NP]
+        ids = tl.load(sparse_ptr + b[:, None] * stride_sb + t[None, :], mask=m, other=0).to(tl.int64)
+        # Ids outside their table read nothing and are counted: the caller raises, the device never faults.
+        ok = m & (ids >= 0) & (ids < rows[None, :])
+        bad_total += (m & ~ok).to(tl.int64)
+        pos = tl.load(row_position_ptr + offs[None, :] + ids, mask=ok, other=0).to(tl.int64)
+        hot = ok & (pos < n_hot)
+        cold = ok & (pos >= n_hot)
+        c3 = c[None, None, :]
+        q = tl.load(hot_ptr + (pos * D)[:, :, None] + c3, mask=hot[:, :, None], other=0) + tl.load(
+            cold_ptr + ((pos - n_hot) * D)[:, :, None] + c3, mask=cold[:, :, None], other=0)
+        x_b = tl.load(bottom_ptr + b[:, None] * stride_bb + c[None, :], mask=live[:, None], other=0.0)  # [PB, D]
+        # Round each dequantized value to the half type first, as the unfused path stores it.
+        x_e = (q.to(tl.float32) * scale[None, :, None]).to(x_b.dtype)
+        x = tl.where((r == 0)[None, :, None], x_b[:, None, :], x_e)
+        if UPCAST:
+            x = x.to(tl.float32)
+        if PB == 1:
+            x2 = tl.reshape(x, (NP, D))
+            z = tl.reshape(tl.dot(x2, tl.trans(x2)), (1, NP, NP))
+        else:
+            z = tl.dot(x, tl.trans(x, (0, 2, 1)))
+        out_rows = out_ptr + b * stride_ob  # [PB]
+        tl.store(out_rows[:, None] + c[None, :], x_b, mask=live[:, None])
+        tl.store(out_rows[:, None, None] + tri_col[None, :, :], z.to(out_ptr.dtype.element_ty),
+                 mask=live[:, None, None] & tri_mask[None, :, :])
+        if COUNT:
+            hot_total += (hot & (b * T < limit)[:, None]).to(tl.int64)
+    if COUNT:
+        tl.atomic_add(counts_ptr + 1, tl.sum(tl.sum(hot_total, axis=1), axis=0))
+        tl.atomic_add(counts_ptr + 2, tl.sum(tl.sum(bad_total, axis=1), axis=0))
 
 
 def gather_interaction(
@@ -78,15 +92,19 @@ def gather_interaction(
     hot: torch.Tensor,
     cold: torch.Tensor | None,
     out: torch.Tensor,
-    hot_count: torch.Tensor | None = None,
-    count_limit: torch.Tensor | None = None,
-    pairs_per_program: int = 4,
-    num_warps: int = 4,
+    counts: torch.Tensor | None = None,
+    pairs_per_program: int = 1,
+    pairs_per_tile: int = 1,
+    num_warps: int = 2,
 ) -> torch.Tensor:
     """out[:, :D + T(T+1)/2] = interaction(bottom, dequantized rows of sparse); returns out.
 
-    Arguments as kernels.embedding_gather (hot/cold tiers, hot_count, count_limit in flat lookups b*T+t)
-    and kernels.dot_interaction (bottom [B, D], out [B, >= width], fp16 or bf16).
+    Tables as kernels.embedding_gather (table_offsets int64 [T+1], hot rows [0, n_hot) on the device, cold
+    rows in pinned host memory or None); bottom [B, D] and out [B, >= width] share fp16 or bf16.
+    `counts` (int64 [3], on the device): counts[0] limits hot counting to the first counts[0] flat
+    lookups (b * T + t; a replayed graph pads its batch), counts[1] += hot lookups, counts[2] += ids
+    outside their table (those read nothing; the caller must treat the batch as failed).
+    Defaults: the fastest variant measured on an H200 (docs/GPU_NOTES.md).
     """
     B, T = sparse.shape
     D = hot.shape[1]
@@ -98,22 +116,25 @@ def gather_interaction(
         raise ValueError("bottom, sparse and out need a contiguous last dim")
     if sparse.dtype != torch.int32 or row_position.dtype != torch.int32 or table_offsets.dtype != torch.int64:
         raise TypeError("sparse and row_position must be int32, table_offsets int64")
+    if table_offsets.numel() < T + 1:
+        raise ValueError(f"table_offsets needs {T + 1} entries (exclusive prefix sum and total)")
     if bottom.dtype != out.dtype or out.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"bottom/out must share fp16 or bf16, got {bottom.dtype}, {out.dtype}")
     if hot.dtype != torch.int8 or not hot.is_contiguous() or (cold is not None and not cold.is_contiguous()):
         raise TypeError("hot and cold rows must be contiguous int8 [rows, D]")
+    if counts is not None and (counts.dtype != torch.int64 or counts.numel() < 3):
+        raise TypeError("counts must be int64 [3]")
     if B == 0:
         return out
-    count = hot_count is not None
     np_ = max(16, triton.next_power_of_2(T + 1))
-    grid = (triton.cdiv(B, pairs_per_program),)
+    grid = (triton.cdiv(B, pairs_per_program * pairs_per_tile),)
     _gather_interaction_kernel[grid](
         bottom, bottom.stride(0), sparse, sparse.stride(0),
         table_offsets, row_position, scales, hot, hot if cold is None else cold,
         out, out.stride(0),
-        hot_count if count else table_offsets, count_limit if count_limit is not None else table_offsets,
+        counts if counts is not None else table_offsets,
         B, hot.shape[0],
-        T=T, D=D, NP=np_, PAIRS=pairs_per_program, COUNT=count, LIMIT=count_limit is not None,
+        T=T, D=D, NP=np_, PAIRS=pairs_per_program, PB=pairs_per_tile, COUNT=counts is not None,
         UPCAST=(out.device.type == "cpu" and out.dtype == torch.bfloat16),  # see kernels/dot_interaction.py
         num_warps=num_warps,
     )

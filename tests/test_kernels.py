@@ -151,22 +151,24 @@ def test_gather_count_limit_counts_only_real_pairs() -> None:
     assert not torch.isnan(out).any()
 
 
-def _check_fused(rows: list[int], n_hot: int, batch: int, dtype: torch.dtype, device: str, seed: int) -> None:
+def _check_fused(rows: list[int], n_hot: int, batch: int, dtype: torch.dtype, device: str, seed: int,
+                 tile: int = 1, per_program: int = 1) -> None:
     from kernels.gather_interaction import gather_interaction, gather_interaction_reference
 
     gen = torch.Generator().manual_seed(seed)
     tb = _tables(rows, n_hot, gen, device)
     if tb["cold"] is not None and device != "cpu":
         tb["cold"] = tb["cold"].pin_memory()
+    T = len(rows)
+    offsets = torch.cat([tb["offsets"].cpu(), torch.tensor([sum(rows)])]).to(device)
     sparse = _ids(rows, batch, gen).to(device)
     bottom = torch.randn(batch, D, generator=gen).to(dtype).to(device)
-    T = len(rows)
     width = D + (T + 1) * T // 2
     out = torch.full((batch, width + 1), float("nan"), dtype=dtype, device=device)
-    count = torch.zeros(1, dtype=torch.int64, device=device)
     real = max(1, batch - 3)  # trailing pairs as graph padding: computed but not counted
-    gather_interaction(bottom, sparse, tb["offsets"], tb["row_position"], tb["scales"], tb["hot"], tb["cold"],
-                       out, count, torch.tensor([real * T], device=device))
+    counts = torch.tensor([real * T, 0, 0], dtype=torch.int64, device=device)
+    gather_interaction(bottom, sparse, offsets, tb["row_position"], tb["scales"], tb["hot"], tb["cold"],
+                       out, counts, pairs_per_program=per_program, pairs_per_tile=tile)
     ref, _ = gather_interaction_reference(bottom, sparse, tb["offsets"], tb["row_position"], tb["scales"],
                                           tb["hot"], tb["cold"])
     _, ref_hot = embedding_gather_reference(sparse[:real], tb["offsets"], tb["row_position"], tb["scales"],
@@ -177,20 +179,30 @@ def _check_fused(rows: list[int], n_hot: int, batch: int, dtype: torch.dtype, de
     # Triton's CPU interpreter truncates fp32 -> bf16 (compiled code rounds to nearest even).
     bf16_tol = 2e-2 if device == "cpu" else 8e-3
     assert err < (bf16_tol if dtype == torch.bfloat16 else 1e-3), err
-    assert int(count.item()) == ref_hot
+    assert int(counts[1].item()) == ref_hot
+    assert int(counts[2].item()) == 0
+    # Ids outside their table are counted and read nothing.
+    bad = sparse.clone()
+    bad[0, 2] = rows[2]
+    bad[batch - 1, 0] = -1
+    counts = torch.tensor([batch * T, 0, 0], dtype=torch.int64, device=device)
+    gather_interaction(bottom, bad, offsets, tb["row_position"], tb["scales"], tb["hot"], tb["cold"],
+                       out, counts, pairs_per_program=per_program, pairs_per_tile=tile)
+    assert int(counts[2].item()) == 2
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_gather_interaction_cpu(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype,tile,per_program", [(torch.float16, 1, 1), (torch.bfloat16, 1, 2),
+                                                     (torch.float16, 2, 1), (torch.float16, 4, 2)])
+def test_fused_gather_interaction_cpu(dtype: torch.dtype, tile: int, per_program: int) -> None:
     rows = [61, 3, 250, 17, 9, 40, 7, 11, 300, 2, 5, 8, 13, 21, 34, 55, 89, 4, 6, 10, 12, 14, 16, 18, 20, 22]
-    _check_fused(rows, 200, 7, dtype, "cpu", int(torch.randint(0, 2**31 - 1, ()).item()))
+    _check_fused(rows, 200, 7, dtype, "cpu", int(torch.randint(0, 2**31 - 1, ()).item()), tile, per_program)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("share", [1.0, 0.3])
-def test_fused_gather_interaction_gpu(share: float) -> None:
+@pytest.mark.parametrize("share,tile", [(1.0, 1), (0.3, 1), (0.3, 4)])
+def test_fused_gather_interaction_gpu(share: float, tile: int) -> None:
     rows = [400_000, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 300_000, 295_354, 40_334, 10, 2208,
             11938, 155, 4, 976, 14, 399_797, 256_412, 396_649, 58_593, 12972, 108, 36]
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    _check_fused(rows, int(sum(rows) * share), 30_001, torch.float16, "cuda", seed)
-    _check_fused(rows, int(sum(rows) * share), 513, torch.bfloat16, "cuda", seed + 1)
+    _check_fused(rows, int(sum(rows) * share), 30_001, torch.float16, "cuda", seed, tile)
+    _check_fused(rows, int(sum(rows) * share), 513, torch.bfloat16, "cuda", seed + 1, tile, 2)

@@ -175,6 +175,8 @@ class GpuBackend:
         self.dense_host = torch.empty((m, cfg.dense_features), dtype=torch.float32, pin_memory=True)
         self.sparse_host = torch.empty((m, cfg.num_tables), dtype=torch.int32, pin_memory=True)
         self.pred_host = torch.empty(m, dtype=torch.float32, pin_memory=True)
+        self.idx_host = torch.empty(m, dtype=torch.int64, pin_memory=True)
+        self.idx_dev = torch.empty(m, dtype=torch.int64, device=dev)
         self.counts_host = torch.empty(3, dtype=torch.int64, pin_memory=True)
         self._rows_dev = (self.table_offsets[1:] - self.table_offsets[:-1]).to(torch.int32)
 
@@ -281,7 +283,9 @@ class GpuBackend:
             for a in range(0, idx_all.size, self.max_batch_pairs):
                 idx_np = idx_all[a : a + self.max_batch_pairs]
                 n = idx_np.size
-                idx = torch.from_numpy(idx_np).to(self._dev, non_blocking=False)
+                self.idx_host.numpy()[:n] = idx_np
+                idx = self.idx_dev[:n]
+                idx.copy_(self.idx_host[:n], non_blocking=True)
                 torch.index_select(ds.dense, 0, idx, out=self.dense_in[:n])
                 torch.index_select(ds.sparse, 0, idx, out=self.sparse_in[:n])
                 self._run(n)

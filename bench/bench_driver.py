@@ -93,7 +93,8 @@ def start_daemon(workdir: Path, engines: str, fill: bool) -> tuple[subprocess.Po
     conf.write_text(f'runtime_dir = "{workdir}"\nmodel = "{art}"\nengines = [{engine_list}]\n'
                     f'max_batch_pairs = 1048576\nmax_queue_pairs = 200000000\n'
                     f'max_pairs_per_query = 8000000\nlog_level = "WARNING"\n')
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DLRM_NULL_FILL": "1" if fill else "0"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "DLRM_NULL_FILL": "1" if fill else "0"}
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(conf)], cwd=ROOT, env=env)
     endpoint = f"ipc://{workdir}/dlrm.sock"
     end = time.monotonic() + 60

@@ -161,7 +161,8 @@ def one(config: str, scenario: str, qps: float, args: argparse.Namespace, offset
             try:
                 r = run_test(backend, settings_for(scenario, qps, args.duration_s, n), n, out, offsets,
                              samples_per_request=args.samples_per_request, max_inflight=args.max_inflight,
-                             completion="python" if config.endswith("-python") else "capi")
+                             completion="python" if "-python" in config else "capi",
+                             issue="capi" if "-cissue" in config else "fast")
             finally:
                 backend.close()
             extra = f" | {r.stats.complete_ns_per_sample():,.0f} ns/sample completing, errors {r.stats.error_samples}"
@@ -176,7 +177,8 @@ def one(config: str, scenario: str, qps: float, args: argparse.Namespace, offset
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="raw,driver", help="raw, raw-inline, raw-capi, driver, driver-python, daemon, daemon-python")
+    p.add_argument("--configs", default="raw,driver", help="raw, raw-inline, raw-capi, driver, daemon; driver/daemon suffixes: -python "
+                   "(QuerySampleResponse objects), -cissue (C-API SUT)")
     p.add_argument("--offline-qps", type=float, default=1_000_000)
     p.add_argument("--server-rates", default="100000,200000,350000")
     p.add_argument("--duration-s", type=float, default=5.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from pathlib import Path
+from typing import Callable
 
 import mlperf_loadgen as lg
 import numpy as np
@@ -22,7 +23,13 @@ import numpy as np
 log = logging.getLogger("loadgen_driver")
 
 C_COMPLETE = b"_ZN6mlperf1c20QuerySamplesCompleteEPNS_19QuerySampleResponseEm"
+C_CONSTRUCT_SUT = b"_ZN6mlperf1c12ConstructSUTEmPKcmPFvmPKNS_11QuerySampleEmEPFvvE"
+C_DESTROY_SUT = b"_ZN6mlperf1c10DestroySUTEPv"
 ANCHOR = b"PyInit_mlperf_loadgen"
+
+# void IssueQueryCallback(ClientData, const QuerySample*, size_t); void FlushQueriesCallback(void)
+ISSUE_CB = ctypes.CFUNCTYPE(None, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t)
+FLUSH_CB = ctypes.CFUNCTYPE(None)
 
 # loadgen/query_sample.h: {ResponseId id; uintptr_t data; size_t size; int64_t n_tokens} (6.x);
 # 5.x and older had no n_tokens.
@@ -79,24 +86,69 @@ class CComplete:
         self._fn(buf.ctypes.data, n)
 
 
-def load() -> CComplete | None:
-    """The C completion entry point of the loaded mlperf_loadgen module, or None (reason logged)."""
-    try:
-        so = Path(lg.__file__)  # type: ignore[arg-type]
-        blob = so.read_bytes()
-        found = _symbols(blob, [C_COMPLETE, ANCHOR])
-        if C_COMPLETE not in found or ANCHOR not in found:
-            log.info("LoadGen C API symbol not found in %s; using the Python binding", so)
-            return None
-        lib = ctypes.CDLL(str(so))  # the module is loaded already: same mapping
-        anchor_addr = ctypes.cast(getattr(lib, ANCHOR.decode()), ctypes.c_void_p).value
-        base = int(anchor_addr) - found[ANCHOR][0]
-        value, file_off = found[C_COMPLETE]
-        # The code at the computed address must be the function's bytes from the file.
+def _addresses(names: list[bytes]) -> dict[bytes, int] | None:
+    """In-memory addresses of the named functions of the loaded module, each checked against the
+    function's code bytes in the file; None if any is missing or does not match."""
+    so = Path(lg.__file__)  # type: ignore[arg-type]
+    blob = so.read_bytes()
+    found = _symbols(blob, [*names, ANCHOR])
+    if any(n not in found for n in (*names, ANCHOR)):
+        log.info("LoadGen C API symbols not found in %s; using the Python binding", so)
+        return None
+    lib = ctypes.CDLL(str(so))  # the module is loaded already: same mapping
+    anchor_addr = ctypes.cast(getattr(lib, ANCHOR.decode()), ctypes.c_void_p).value
+    base = int(anchor_addr) - found[ANCHOR][0]
+    out = {}
+    for name in names:
+        value, file_off = found[name]
         if ctypes.string_at(base + value, 32) != blob[file_off:file_off + 32]:
             log.warning("LoadGen C API address check failed; using the Python binding")
             return None
-        fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t)(base + value)
+        out[name] = base + value
+    return out
+
+
+class CSut:
+    """A SUT made by LoadGen's C `ConstructSUT`: IssueQuery gets a pointer to the QuerySample array,
+    turned into numpy (one copy) with no Python object per sample. `handle` goes to
+    `lg.StartTestWithLogSettings` like a Python-binding SUT handle (both are SystemUnderTest objects)."""
+
+    def __init__(self, issue: "Callable[[np.ndarray, np.ndarray], None]", flush: "Callable[[], None]",
+                 addrs: dict[bytes, int]) -> None:
+        def on_issue(_client: int, samples: int, n: int) -> None:
+            pairs = np.frombuffer((ctypes.c_uint64 * (2 * n)).from_address(samples), np.uint64).reshape(n, 2)
+            issue(pairs[:, 0].copy(), pairs[:, 1].astype(np.int64))
+
+        self._issue_cb = ISSUE_CB(on_issue)  # referenced for the SUT's lifetime
+        self._flush_cb = FLUSH_CB(flush)
+        construct = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t,
+                                     ISSUE_CB, FLUSH_CB)(addrs[C_CONSTRUCT_SUT])
+        self._destroy = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(addrs[C_DESTROY_SUT])
+        name = b"dlrm-daemon-loadgen-driver"
+        self.handle = int(construct(0, name, len(name), self._issue_cb, self._flush_cb))
+
+    def destroy(self) -> None:
+        self._destroy(self.handle)
+
+
+def construct_sut(issue: "Callable[[np.ndarray, np.ndarray], None]",
+                  flush: "Callable[[], None]") -> CSut | None:
+    """A C-API SUT whose issue callback receives (response ids uint64, sample indices int64)."""
+    try:
+        addrs = _addresses([C_CONSTRUCT_SUT, C_DESTROY_SUT])
+    except (OSError, AttributeError, ValueError) as exc:
+        log.info("LoadGen C API unavailable (%s)", exc)
+        return None
+    return None if addrs is None else CSut(issue, flush, addrs)
+
+
+def load() -> CComplete | None:
+    """The C completion entry point of the loaded mlperf_loadgen module, or None (reason logged)."""
+    try:
+        addrs = _addresses([C_COMPLETE])
+        if addrs is None:
+            return None
+        fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t)(addrs[C_COMPLETE])
     except (OSError, AttributeError, ValueError) as exc:
         log.info("LoadGen C API unavailable (%s); using the Python binding", exc)
         return None

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=64, help="requests in flight at most")
     p.add_argument("--timeout-s", type=float, default=30.0,
                    help="a request without reply for this long fails the run")
-    p.add_argument("--slow-sut", action="store_true", help="ConstructSUT instead of ConstructFastSUT")
+    p.add_argument("--issue", choices=("fast", "capi", "slow"), default="fast",
+                   help="fast: ConstructFastSUT (default); capi: LoadGen's C ConstructSUT (ids as arrays, "
+                        "experimental); slow: ConstructSUT")
     p.add_argument("--completion", choices=("capi", "python"), default="capi",
                    help="capi: complete each batch with one call of LoadGen's C API (no per-sample "
                         "Python object; falls back to python if not found); python: the binding")
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             backend, settings, dataset.num_samples, args.output_dir, offsets,
             labels=np.asarray(dataset.labels) if accuracy else None,
             samples_per_request=args.samples_per_request, max_inflight=args.max_inflight,
-            reply_timeout_s=args.timeout_s, fast_sut=not args.slow_sut,
+            reply_timeout_s=args.timeout_s, issue=args.issue,
             progress=sys.stderr.isatty() and not args.quiet, completion=args.completion,
         )
     except BackendError as exc:
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         except AccuracyLogError as exc:
             auc_lines, ok = [f"accuracy: {exc}"], False
     summary = read_summary(result.output_dir)
-    notes.append(f"completion through the {result.completion} path")
+    notes.append(f"issue through {result.issue}, completion through {result.completion}")
     print(format_summary(args.scenario, args.mode, summary, stats.completed_samples,
                          stats.completed_pairs, result.wall_s, stats.error_samples,
                          stats.complete_ns_per_sample(), notes, auc_lines))

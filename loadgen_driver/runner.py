@@ -21,6 +21,7 @@ class RunResult:
     wall_s: float
     output_dir: Path
     completion: str  # "capi" (one C call per batch) or "python" (QuerySampleResponse per sample)
+    issue: str  # "capi" (C-API SUT, numpy ids), "fast" (ConstructFastSUT), "slow" (ConstructSUT)
 
 
 class Progress:
@@ -67,7 +68,7 @@ def run_test(
     samples_per_request: int = 2048,
     max_inflight: int = 64,
     reply_timeout_s: float = 30.0,
-    fast_sut: bool = True,
+    issue: str = "fast",
     progress: bool = False,
     completion: str = "capi",
 ) -> RunResult:
@@ -81,10 +82,13 @@ def run_test(
     log_settings.enable_trace = False
     perf_count = settings.performance_sample_count_override or num_samples
     qsl = lg.ConstructQSL(num_samples, min(perf_count, num_samples), sut.load_samples, sut.unload_samples)
-    if fast_sut:
-        handle = lg.ConstructFastSUT(sut.issue_fast, sut.flush)
-    else:
+    c_sut = capi.construct_sut(sut.issue_arrays, sut.flush) if issue == "capi" else None
+    if c_sut is not None:
+        handle = c_sut.handle
+    elif issue == "slow":
         handle = lg.ConstructSUT(sut.issue, sut.flush)
+    else:
+        handle = lg.ConstructFastSUT(sut.issue_fast, sut.flush)
     sut.start()
     t0 = time.monotonic()
     try:
@@ -93,6 +97,10 @@ def run_test(
     finally:
         wall = time.monotonic() - t0
         sut.stop()
-        (lg.DestroyFastSUT if fast_sut else lg.DestroySUT)(handle)
+        if c_sut is not None:
+            c_sut.destroy()
+        else:
+            (lg.DestroySUT if issue == "slow" else lg.DestroyFastSUT)(handle)
         lg.DestroyQSL(qsl)
-    return RunResult(sut.stats, wall, output_dir, "capi" if sut.capi is not None else "python")
+    return RunResult(sut.stats, wall, output_dir, "capi" if sut.capi is not None else "python",
+                     "capi" if c_sut is not None else issue)

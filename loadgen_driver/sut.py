@@ -82,6 +82,10 @@ class DriverSUT:
         ids = np.array(response_ids, dtype=np.uint64)
         idx = np.array(sample_indices, dtype=np.int64)
         del response_ids, sample_indices  # the lists are LoadGen's; drop our reference early
+        self.issue_arrays(ids, idx)
+
+    def issue_arrays(self, ids: np.ndarray, idx: np.ndarray) -> None:
+        """IssueQuery with numpy arrays (the C-API SUT of capi.py calls this directly)."""
         self.stats.issued_samples += len(ids)
         step = self.samples_per_request
         for start in range(0, len(ids), step):

@@ -48,7 +48,7 @@ def _run(daemon: DaemonProc, ds: Path, out: Path, *extra: str) -> int:
 
 
 @pytest.mark.parametrize("scenario,extra", [("Offline", ["--min-duration-s", "0"]),
-                                            ("Server", ["--min-duration-s", "1"])])
+                                            ("Server", ["--min-duration-s", "1", "--latency-ms", "1000"])])
 def test_performance_through_daemon(null_setup, tmp_path: Path, scenario: str,  # type: ignore[no-untyped-def]
                                     extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     daemon, ds = null_setup

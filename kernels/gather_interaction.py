@@ -18,6 +18,60 @@ from kernels.embedding_gather import embedding_gather_reference
 
 
 @triton.jit
+def _gather_interaction_pair_kernel(
+    bottom_ptr, stride_bb, sparse_ptr, stride_sb,
+    offsets_ptr, row_position_ptr, scales_ptr, hot_ptr, cold_ptr,
+    out_ptr, stride_ob, counts_ptr,
+    B, n_hot,
+    T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # One pair per loop step on plain 2-D tiles: measured faster than the [PB, NP, D] kernel below at
+    # PB = 1 (whose reshapes cost layout conversions); same arguments and semantics.
+    pid = tl.program_id(0)
+    r = tl.arange(0, NP)
+    c = tl.arange(0, D)
+    is_emb = (r >= 1) & (r <= T)
+    t = tl.where(is_emb, r - 1, 0)
+    offs = tl.load(offsets_ptr + t, mask=is_emb, other=0)
+    rows = tl.load(offsets_ptr + t + 1, mask=is_emb, other=1) - offs
+    scale = tl.load(scales_ptr + t, mask=is_emb, other=0.0)
+    ri = r[:, None]
+    rj = r[None, :]
+    tri_col = D + (ri * (ri - 1)) // 2 + rj
+    tri_mask = (rj < ri) & (ri <= T)
+    hot_total = tl.zeros((NP,), dtype=tl.int64)
+    bad_total = tl.zeros((NP,), dtype=tl.int64)
+    if COUNT:
+        limit = tl.load(counts_ptr)
+    for k in range(PAIRS):
+        b = pid.to(tl.int64) * PAIRS + k
+        if b < B:
+            ids = tl.load(sparse_ptr + b * stride_sb + t, mask=is_emb, other=0).to(tl.int64)
+            ok = is_emb & (ids >= 0) & (ids < rows)
+            bad_total += (is_emb & ~ok).to(tl.int64)
+            pos = tl.load(row_position_ptr + offs + ids, mask=ok, other=0).to(tl.int64)
+            hot = ok & (pos < n_hot)
+            cold = ok & (pos >= n_hot)
+            q = tl.load(hot_ptr + (pos * D)[:, None] + c[None, :], mask=hot[:, None], other=0) + tl.load(
+                cold_ptr + ((pos - n_hot) * D)[:, None] + c[None, :], mask=cold[:, None], other=0)
+            x_b = tl.load(bottom_ptr + b * stride_bb + c)
+            x_e = (q.to(tl.float32) * scale[:, None]).to(x_b.dtype)
+            x = tl.where((r == 0)[:, None], x_b[None, :], x_e)
+            if UPCAST:
+                x = x.to(tl.float32)
+            z = tl.dot(x, tl.trans(x))
+            out_row = out_ptr + b * stride_ob
+            tl.store(out_row + c, x_b)
+            tl.store(out_row + tri_col, z.to(out_ptr.dtype.element_ty), mask=tri_mask)
+            if COUNT:
+                hot_total += (hot & (b * T < limit)).to(tl.int64)
+    if COUNT:
+        tl.atomic_add(counts_ptr + 1, tl.sum(hot_total, axis=0))
+        tl.atomic_add(counts_ptr + 2, tl.sum(bad_total, axis=0))
+
+
+@triton.jit
 def _gather_interaction_kernel(
     bottom_ptr, stride_bb,  # [B, D] fp16/bf16
     sparse_ptr, stride_sb,  # int32 [B, T]
@@ -28,8 +82,8 @@ def _gather_interaction_kernel(
     T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr, PB: tl.constexpr,
     COUNT: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # PAIRS loop iterations per program, each over a [PB, NP, D] tile of PB pairs (PB > 1: more loads
-    # in flight per program, one batched dot).
+    # PAIRS loop iterations per program, each over a [PB, NP, D] tile of PB > 1 pairs (more loads in
+    # flight per program, one batched dot). Measured slower than the pair kernel above on an H200.
     pid = tl.program_id(0)
     p = tl.arange(0, PB)
     r = tl.arange(0, NP)
@@ -67,11 +121,7 @@ def _gather_interaction_kernel(
         x = tl.where((r == 0)[None, :, None], x_b[:, None, :], x_e)
         if UPCAST:
             x = x.to(tl.float32)
-        if PB == 1:
-            x2 = tl.reshape(x, (NP, D))
-            z = tl.reshape(tl.dot(x2, tl.trans(x2)), (1, NP, NP))
-        else:
-            z = tl.dot(x, tl.trans(x, (0, 2, 1)))
+        z = tl.dot(x, tl.trans(x, (0, 2, 1)))
         out_rows = out_ptr + b * stride_ob  # [PB]
         tl.store(out_rows[:, None] + c[None, :], x_b, mask=live[:, None])
         tl.store(out_rows[:, None, None] + tri_col[None, :, :], z.to(out_ptr.dtype.element_ty),
@@ -128,16 +178,17 @@ def gather_interaction(
         return out
     np_ = max(16, triton.next_power_of_2(T + 1))
     grid = (triton.cdiv(B, pairs_per_program * pairs_per_tile),)
-    _gather_interaction_kernel[grid](
-        bottom, bottom.stride(0), sparse, sparse.stride(0),
-        table_offsets, row_position, scales, hot, hot if cold is None else cold,
-        out, out.stride(0),
-        counts if counts is not None else table_offsets,
-        B, hot.shape[0],
-        T=T, D=D, NP=np_, PAIRS=pairs_per_program, PB=pairs_per_tile, COUNT=counts is not None,
-        UPCAST=(out.device.type == "cpu" and out.dtype == torch.bfloat16),  # see kernels/dot_interaction.py
-        num_warps=num_warps,
-    )
+    args = (bottom, bottom.stride(0), sparse, sparse.stride(0),
+            table_offsets, row_position, scales, hot, hot if cold is None else cold,
+            out, out.stride(0), counts if counts is not None else table_offsets, B, hot.shape[0])
+    # Triton's CPU interpreter multiplies bf16 as raw integers: see kernels/dot_interaction.py.
+    upcast = out.device.type == "cpu" and out.dtype == torch.bfloat16
+    if pairs_per_tile == 1:
+        _gather_interaction_pair_kernel[grid](*args, T=T, D=D, NP=np_, PAIRS=pairs_per_program,
+                                              COUNT=counts is not None, UPCAST=upcast, num_warps=num_warps)
+    else:
+        _gather_interaction_kernel[grid](*args, T=T, D=D, NP=np_, PAIRS=pairs_per_program, PB=pairs_per_tile,
+                                         COUNT=counts is not None, UPCAST=upcast, num_warps=num_warps)
     return out
 
 

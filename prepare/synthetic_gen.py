@@ -232,5 +232,14 @@ def narrow_view(mlp: dict[str, np.ndarray], narrow: DLRMConfig) -> dict[str, np.
     return {k: np.ascontiguousarray(v[tuple(slice(0, s) for s in shapes[k])]) for k, v in mlp.items()}
 
 
-def embedding_table(rng: np.random.Generator, rows: int, dim: int, std: float) -> np.ndarray:
-    return rng.standard_normal((rows, dim), dtype=np.float32) * np.float32(std)
+def embedding_table(rng: np.random.Generator, rows: int, dim: int, std: float, tail_df: float = 0.0) -> np.ndarray:
+    """float32 [rows, dim] with standard deviation `std`: Student-t entries with `tail_df` degrees of
+    freedom (> 2), or Gaussian for 0. Heavier tails raise each table's maxabs, hence the int8 step
+    (scale = maxabs / 127.5) relative to typical values, as outliers do in trained tables."""
+    if tail_df <= 0:
+        return rng.standard_normal((rows, dim), dtype=np.float32) * np.float32(std)
+    if tail_df <= 2:
+        raise ValueError(f"tail_df must be > 2 (finite variance) or 0, got {tail_df}")
+    x = rng.standard_t(tail_df, (rows, dim)).astype(np.float32)
+    x *= np.float32(std / math.sqrt(tail_df / (tail_df - 2.0)))
+    return x

@@ -80,6 +80,18 @@ def test_tsv_round_trip_and_planted_labels(small_run: Path) -> None:
     assert auc > 0.7, auc  # labels were drawn from these very probabilities
     logit = np.log(p / (1 - p))
     assert 1.0 < logit.std() < 1.8, logit.std()  # spread-out predictions, not all ~0.5
+    # int8 embeddings (SPEC quantization) move the predictions measurably but keep the ranking.
+    from engines.quant import quantize_table, table_scale
+
+    q_state = dict(torch.load(small_run / "model.pt", weights_only=True))
+    for t in range(26):
+        w = q_state[f"emb_l.{t}.weight"]
+        s = table_scale(w)
+        q_state[f"emb_l.{t}.weight"] = quantize_table(w, s).float() * s
+    with torch.inference_mode():
+        p8 = load_dlrm_state_dict(q_state)(torch.from_numpy(dense), torch.from_numpy(sparse)).double().numpy()
+    assert 1e-3 < np.abs(p8 - p).mean() < 0.03
+    assert roc_auc_score(labels, p8) > 0.99 * auc
     # Shuffling the categorical ids destroys the signal: the embeddings matter, not just dense.
     perm = np.random.default_rng(0).permutation(len(sparse))
     with torch.inference_mode():

@@ -80,7 +80,7 @@ def hollow_dataset(path: Path, offsets: np.ndarray) -> Path:
     return path
 
 
-def start_daemon(workdir: Path, engines: str, fill: bool) -> tuple[subprocess.Popen, str]:
+def start_daemon(workdir: Path, engines: str, fill: bool, heartbeat_timeout_s: float) -> tuple[subprocess.Popen, str]:
     """`python -m daemon.cli` with null engines and a stand-in artifact; returns (process, endpoint)."""
     from daemon.client import Client
     from daemon.errors import DaemonError
@@ -92,7 +92,8 @@ def start_daemon(workdir: Path, engines: str, fill: bool) -> tuple[subprocess.Po
     conf = workdir / "daemon.toml"
     conf.write_text(f'runtime_dir = "{workdir}"\nmodel = "{art}"\nengines = [{engine_list}]\n'
                     f'max_batch_pairs = 1048576\nmax_queue_pairs = 200000000\n'
-                    f'max_pairs_per_query = 8000000\nlog_level = "WARNING"\n')
+                    f'max_pairs_per_query = 8000000\nlog_level = "WARNING"\n'
+                    f'heartbeat_timeout_s = {heartbeat_timeout_s}\n')
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "DLRM_NULL_FILL": "1" if fill else "0"}
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(conf)], cwd=ROOT, env=env)
@@ -166,6 +167,8 @@ def one(config: str, scenario: str, qps: float, args: argparse.Namespace, offset
             finally:
                 backend.close()
             extra = f" | {r.stats.complete_ns_per_sample():,.0f} ns/sample completing, errors {r.stats.error_samples}"
+            if r.stats.errors:
+                extra += f" ({r.stats.errors[0][:90]})"
         s = read_summary(out)
     wall = time.monotonic() - t0
     key = "Samples per second" if scenario == "Offline" else "Completed samples per second"
@@ -191,6 +194,7 @@ def main() -> int:
     p.add_argument("--dataset", default=None, help="dataset directory (daemon config; else synthetic)")
     p.add_argument("--start-daemon", default=None, metavar="ENGINES",
                    help="start dlrm-daemon with these engines (e.g. null or null,null) on a hollow dataset")
+    p.add_argument("--heartbeat-timeout-s", type=float, default=1.0, help="daemon engine heartbeat bound")
     p.add_argument("--no-fill", action="store_true", help="null engine skips writing predictions")
     args = p.parse_args()
     if args.switch_interval:
@@ -207,7 +211,8 @@ def main() -> int:
     if args.start_daemon:
         work = Path(tempfile.mkdtemp(prefix="bdrv-", dir="/tmp"))
         args.dataset = str(hollow_dataset(work / "ds", offsets))
-        daemon, args.daemon_endpoint = start_daemon(work, args.start_daemon, not args.no_fill)
+        daemon, args.daemon_endpoint = start_daemon(work, args.start_daemon, not args.no_fill,
+                                                    args.heartbeat_timeout_s)
         print(f"daemon: engines {args.start_daemon}, fill {not args.no_fill}, at {args.daemon_endpoint}")
     try:
         run_all(args, offsets)

@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                          stats.complete_ns_per_sample(), notes, auc_lines))
     print(f"logs: {result.output_dir}")
     if stats.errors:
-        print(f"loadgen_driver: RUN FAILED: {stats.error_samples:,} samples had errors; first: "
-              f"{stats.errors[0]}", file=sys.stderr)
+        print(f"loadgen_driver: RUN FAILED: {stats.error_samples:,} samples in {stats.error_events:,} "
+              f"failed requests; first: {stats.errors[0]}", file=sys.stderr)
         return 1
     if not ok:
         print("loadgen_driver: RUN FAILED: accuracy target not met", file=sys.stderr)

@@ -23,6 +23,7 @@ from loadgen_driver.backend import Backend
 from loadgen_driver.capi import CComplete
 
 log = logging.getLogger("loadgen_driver")
+MAX_LOGGED_ERRORS = 10
 
 
 @dataclass
@@ -34,7 +35,8 @@ class SutStats:
     completed_pairs: int = 0
     requests: int = 0
     error_samples: int = 0
-    errors: list[str] = field(default_factory=list)  # first messages, with sample ids
+    error_events: int = 0  # failed requests (and other errors), all counted
+    errors: list[str] = field(default_factory=list)  # the first MAX_LOGGED_ERRORS messages
     complete_seconds: float = 0.0  # building responses + QuerySamplesComplete, summed
 
     def complete_ns_per_sample(self) -> float:
@@ -205,9 +207,14 @@ class DriverSUT:
 
     def _record(self, message: str) -> None:
         self.failed.set()
-        if len(self.stats.errors) < 20:
+        self.stats.error_events += 1
+        # The first errors are logged with their sample ids; later ones only counted (a dead engine
+        # would otherwise print one line per in-flight request).
+        if len(self.stats.errors) < MAX_LOGGED_ERRORS:
             self.stats.errors.append(message)
-        log.error("%s", message)
+            log.error("%s", message)
+        elif self.stats.error_events == MAX_LOGGED_ERRORS + 1:
+            log.error("further errors are counted, not logged")
 
     def _fail(self, entry: tuple[np.ndarray, np.ndarray, float], why: str) -> None:
         """Count and log the samples, then complete them without data so LoadGen can finish."""

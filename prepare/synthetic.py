@@ -15,8 +15,9 @@ Labels are planted: the generated DLRM (engines.model) runs on the generated fea
 is drawn ~ Bernoulli(p). The last layer is calibrated so logits have std `--logit-std` (default 1.3)
 and mean `--logit-mean` (default -1.1): the fp32 AUC lands near 0.79 (the real model: 0.80) and int8
 effects are measurable. To keep generation fast on a CPU, the planted MLPs have a live core of
-`--planted-width` hidden units (default 64); the other units of the full-width layers have zero outgoing weights, so the saved full-width
-checkpoint computes exactly (up to float rounding) the probabilities the labels were drawn from.
+`--planted-width` hidden units (default 64); the other units of the full-width layers have zero
+outgoing weights, so the saved full-width checkpoint computes exactly (up to float rounding) the
+probabilities the labels were drawn from.
 Embedding entries are Student-t (`--embedding-tail-df`, default 8) rather than Gaussian: the tails
 set each table's int8 scale, so int8 costs a measurable ~0.04% of the AUC (Gaussian: ~0.01%).
 

@@ -218,7 +218,8 @@ def planted_mlp(rng: np.random.Generator, config: DLRMConfig, width: int) -> dic
             live_out = n_out if (last or width <= 0) else min(width, n_out)
             w = np.zeros((n_out, fan_in), dtype=np.float32)
             # He init over the live inputs keeps activations O(1) through the ReLUs.
-            w[:, :live_in] = rng.standard_normal((n_out, live_in), dtype=np.float32) * math.sqrt(2.0 / live_in)
+            he = np.float32(math.sqrt(2.0 / live_in))
+            w[:, :live_in] = rng.standard_normal((n_out, live_in), dtype=np.float32) * he
             b = (rng.standard_normal(n_out, dtype=np.float32) * 0.05).astype(np.float32)
             out[f"{prefix}.{2 * i}.weight"] = w
             out[f"{prefix}.{2 * i}.bias"] = b
@@ -232,7 +233,8 @@ def narrow_view(mlp: dict[str, np.ndarray], narrow: DLRMConfig) -> dict[str, np.
     return {k: np.ascontiguousarray(v[tuple(slice(0, s) for s in shapes[k])]) for k, v in mlp.items()}
 
 
-def embedding_table(rng: np.random.Generator, rows: int, dim: int, std: float, tail_df: float = 0.0) -> np.ndarray:
+def embedding_table(rng: np.random.Generator, rows: int, dim: int, std: float,
+                    tail_df: float = 0.0) -> np.ndarray:
     """float32 [rows, dim] with standard deviation `std`: Student-t entries with `tail_df` degrees of
     freedom (> 2), or Gaussian for 0. Heavier tails raise each table's maxabs, hence the int8 step
     (scale = maxabs / 127.5) relative to typical values, as outliers do in trained tables."""

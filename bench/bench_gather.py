@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.dot_interaction import dot_interaction  # noqa: E402
 from kernels.embedding_gather import embedding_gather  # noqa: E402
-from kernels.gather_interaction import gather_interaction  # noqa: E402
+from kernels.gather_interaction import gather_interaction, new_counts  # noqa: E402
 
 D, T = 128, 26
 
@@ -141,7 +141,7 @@ def main() -> int:
     inter = torch.empty((args.batch, 480), dtype=torch.float16, device="cuda")
     fused = []
     fvariants = [(1, per, warps) for per in (1, 2) for warps in (1, 2, 4)] + [(2, 1, 2), (4, 1, 4)]
-    counts = torch.zeros(3, dtype=torch.int64, device="cuda")
+    counts = new_counts("cuda")
     for tile, per_prog, warps in fvariants:
         def runf(tile: int = tile, per_prog: int = per_prog, warps: int = warps) -> None:
             gather_interaction(bottom, pb["ids"], pb["offsets"], pb["row_position"], pb["scales"], table, None,

@@ -30,7 +30,7 @@ from formats.artifact import Artifact
 from formats.dataset import Dataset
 from kernels.dot_interaction import dot_interaction
 from kernels.embedding_gather import embedding_gather
-from kernels.gather_interaction import gather_interaction
+from kernels.gather_interaction import COUNT_SLOTS, gather_interaction, new_counts
 
 _CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
 
@@ -171,13 +171,13 @@ class GpuBackend:
                         if not self.fused_gather else None)
         self.top_in = torch.zeros((m, self.top_in_width), dtype=self.dtype, device=dev)
         self.pred = torch.empty(m, dtype=torch.float32, device=dev)
-        self.counts = torch.zeros(3, dtype=torch.int64, device=dev)  # [limit, hot lookups, bad ids]
+        self.counts = new_counts(dev)  # [limit, bad ids, hot-count slots]
         self.dense_host = torch.empty((m, cfg.dense_features), dtype=torch.float32, pin_memory=True)
         self.sparse_host = torch.empty((m, cfg.num_tables), dtype=torch.int32, pin_memory=True)
         self.pred_host = torch.empty(m, dtype=torch.float32, pin_memory=True)
         self.idx_host = torch.empty(m, dtype=torch.int64, pin_memory=True)
         self.idx_dev = torch.empty(m, dtype=torch.int64, device=dev)
-        self.counts_host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+        self.counts_host = torch.empty(2 + COUNT_SLOTS, dtype=torch.int64, pin_memory=True)
         self._rows_dev = (self.table_offsets[1:] - self.table_offsets[:-1]).to(torch.int32)
 
     # ---- the forward ---------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ class GpuBackend:
         else:
             emb = self.emb_buf[:n]
             embedding_gather(self.sparse_in[:n], self.table_offsets, self.row_position, self.scales, self.hot,
-                             self.cold, emb, self.counts[1:2], count_limit=self.counts[:1])
+                             self.cold, emb, self.counts[2:3], count_limit=self.counts[:1])
             y = dot_interaction(x, emb, self.top_in[:n])
         last = len(self.top) - 1
         for i, (weight, bias) in enumerate(self.top):
@@ -235,13 +235,13 @@ class GpuBackend:
         self.pred_host[:n].copy_(self.pred[:n], non_blocking=True)
         self.counts_host.copy_(self.counts, non_blocking=True)
         self.stream.synchronize()
-        if int(self.counts_host[2]):
+        if int(self.counts_host[1]):
             # Padding rows of later, smaller batches must not see these ids again.
             self.sparse_in[:n].zero_()
-            raise GpuBackendError(f"batch of {n} pairs: {int(self.counts_host[2])} sparse ids outside their "
+            raise GpuBackendError(f"batch of {n} pairs: {int(self.counts_host[1])} sparse ids outside their "
                                   "table (those lookups were skipped; no predictions written)")
         out[at : at + n] = self.pred_host[:n].numpy()
-        hot = int(self.counts_host[1])
+        hot = int(self.counts_host[2:].sum())
         return hot, n * self.config.num_tables - hot
 
     # ---- EngineBackend -------------------------------------------------------------------------------

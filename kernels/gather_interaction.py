@@ -17,6 +17,29 @@ from kernels.dot_interaction import dot_interaction_reference
 from kernels.embedding_gather import embedding_gather_reference
 
 
+COUNT_SLOTS = 64  # hot counts are spread over this many words: one address took ~0.1 ms of atomics
+
+
+def new_counts(device: torch.device | str) -> torch.Tensor:
+    """The `counts` buffer: int64 [2 + COUNT_SLOTS] = [count limit, bad ids, hot-count slots...]."""
+    return torch.zeros(2 + COUNT_SLOTS, dtype=torch.int64, device=device)
+
+
+def read_counts(counts: torch.Tensor) -> tuple[int, int]:
+    """(hot lookups, bad ids) from a `counts` buffer (synchronizes if it is on the device)."""
+    c = counts.cpu()
+    return int(c[2:].sum()), int(c[1])
+
+
+@triton.jit
+def _add_counts(counts_ptr, pid, hot, bad, SLOTS: tl.constexpr):
+    # Nearly every batch has no bad ids: skip that atomic; spread the hot counts over SLOTS words so
+    # tens of thousands of programs do not serialize on one address.
+    if bad > 0:
+        tl.atomic_add(counts_ptr + 1, bad)
+    tl.atomic_add(counts_ptr + 2 + pid % SLOTS, hot)
+
+
 @triton.jit
 def _gather_interaction_pair_kernel(
     bottom_ptr, stride_bb, sparse_ptr, stride_sb,
@@ -24,7 +47,7 @@ def _gather_interaction_pair_kernel(
     out_ptr, stride_ob, counts_ptr,
     B, n_hot,
     T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr,
-    COUNT: tl.constexpr, UPCAST: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr, SLOTS: tl.constexpr,
 ):
     # One pair per loop step on plain 2-D tiles: measured faster than the [PB, NP, D] kernel below at
     # PB = 1 (whose reshapes cost layout conversions); same arguments and semantics.
@@ -67,8 +90,7 @@ def _gather_interaction_pair_kernel(
             if COUNT:
                 hot_total += (hot & (b * T < limit)).to(tl.int64)
     if COUNT:
-        tl.atomic_add(counts_ptr + 1, tl.sum(hot_total, axis=0))
-        tl.atomic_add(counts_ptr + 2, tl.sum(bad_total, axis=0))
+        _add_counts(counts_ptr, pid, tl.sum(hot_total, axis=0), tl.sum(bad_total, axis=0), SLOTS)
 
 
 @triton.jit
@@ -80,7 +102,7 @@ def _gather_interaction_kernel(
     counts_ptr,  # int64 [3]: [count limit (flat lookups), hot lookups (+=), bad ids (+=)]
     B, n_hot,
     T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr, PB: tl.constexpr,
-    COUNT: tl.constexpr, UPCAST: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr, SLOTS: tl.constexpr,
 ):
     # PAIRS loop iterations per program, each over a [PB, NP, D] tile of PB > 1 pairs (more loads in
     # flight per program, one batched dot). Measured slower than the pair kernel above on an H200.
@@ -129,8 +151,8 @@ def _gather_interaction_kernel(
         if COUNT:
             hot_total += (hot & (b * T < limit)[:, None]).to(tl.int64)
     if COUNT:
-        tl.atomic_add(counts_ptr + 1, tl.sum(tl.sum(hot_total, axis=1), axis=0))
-        tl.atomic_add(counts_ptr + 2, tl.sum(tl.sum(bad_total, axis=1), axis=0))
+        _add_counts(counts_ptr, pid, tl.sum(tl.sum(hot_total, axis=1), axis=0),
+                    tl.sum(tl.sum(bad_total, axis=1), axis=0), SLOTS)
 
 
 def gather_interaction(
@@ -151,9 +173,9 @@ def gather_interaction(
 
     Tables as kernels.embedding_gather (table_offsets int64 [T+1], hot rows [0, n_hot) on the device, cold
     rows in pinned host memory or None); bottom [B, D] and out [B, >= width] share fp16 or bf16.
-    `counts` (int64 [3], on the device): counts[0] limits hot counting to the first counts[0] flat
-    lookups (b * T + t; a replayed graph pads its batch), counts[1] += hot lookups, counts[2] += ids
-    outside their table (those read nothing; the caller must treat the batch as failed).
+    `counts` (new_counts(); on the device): counts[0] limits hot counting to the first counts[0] flat
+    lookups (b * T + t; a replayed graph pads its batch), counts[1] += ids outside their table (those
+    read nothing; the caller must treat the batch as failed), counts[2:] += hot lookups (read_counts).
     Defaults: the fastest variant measured on an H200 (docs/GPU_NOTES.md).
     """
     B, T = sparse.shape
@@ -172,8 +194,8 @@ def gather_interaction(
         raise TypeError(f"bottom/out must share fp16 or bf16, got {bottom.dtype}, {out.dtype}")
     if hot.dtype != torch.int8 or not hot.is_contiguous() or (cold is not None and not cold.is_contiguous()):
         raise TypeError("hot and cold rows must be contiguous int8 [rows, D]")
-    if counts is not None and (counts.dtype != torch.int64 or counts.numel() < 3):
-        raise TypeError("counts must be int64 [3]")
+    if counts is not None and (counts.dtype != torch.int64 or counts.numel() != 2 + COUNT_SLOTS):
+        raise TypeError(f"counts must be int64 [{2 + COUNT_SLOTS}] (new_counts())")
     if B == 0:
         return out
     np_ = max(16, triton.next_power_of_2(T + 1))
@@ -185,10 +207,12 @@ def gather_interaction(
     upcast = out.device.type == "cpu" and out.dtype == torch.bfloat16
     if pairs_per_tile == 1:
         _gather_interaction_pair_kernel[grid](*args, T=T, D=D, NP=np_, PAIRS=pairs_per_program,
-                                              COUNT=counts is not None, UPCAST=upcast, num_warps=num_warps)
+                                              COUNT=counts is not None, UPCAST=upcast, SLOTS=COUNT_SLOTS,
+                                              num_warps=num_warps)
     else:
         _gather_interaction_kernel[grid](*args, T=T, D=D, NP=np_, PAIRS=pairs_per_program, PB=pairs_per_tile,
-                                         COUNT=counts is not None, UPCAST=upcast, num_warps=num_warps)
+                                         COUNT=counts is not None, UPCAST=upcast, SLOTS=COUNT_SLOTS,
+                                              num_warps=num_warps)
     return out
 
 

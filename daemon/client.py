@@ -49,6 +49,16 @@ def _decode(frames: list[Any]) -> tuple[Any, list[Any]]:
         raise DaemonError(f"undecodable reply from the daemon: {exc}") from None
 
 
+def _split(reply: P.InferResults, rest: list[Any]) -> list[tuple[int, np.ndarray]]:
+    """(request id, predictions view) for each query of a multi-result reply."""
+    if len(rest) != 1:
+        raise DaemonError(f"InferResults with {len(rest)} frames")
+    buf = rest[0].buffer if isinstance(rest[0], zmq.Frame) else rest[0]
+    counts = np.asarray(reply.num_pairs, dtype=np.int64)
+    preds = P.as_array(buf, P.PRED_DTYPE, int(counts.sum()))
+    return list(zip(reply.request_ids, np.split(preds, np.cumsum(counts)[:-1])))
+
+
 def _result(reply: Any, rest: list[Any]) -> Any:
     if isinstance(reply, P.Error):
         raise error_for(reply.code, reply.message)
@@ -85,6 +95,11 @@ class Client:
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                 raise ConnectionFailed(f"no reply from {self.endpoint} within {self.timeout_s} s")
             reply, rest = _decode(self._sock.recv_multipart(copy=False))
+            if isinstance(reply, P.InferResults):
+                for r, preds in _split(reply, rest):
+                    if r == rid:
+                        return preds
+                continue
             if reply.request_id in (rid, -1):  # -1: the daemon could not read our header
                 return _result(reply, rest)
 
@@ -149,6 +164,16 @@ class AsyncClient:
                 for fut in self._waiting.values():
                     if not fut.done():
                         fut.set_exception(exc)
+                continue
+            if isinstance(reply, P.InferResults):
+                try:
+                    parts = _split(reply, rest)
+                except DaemonError:
+                    continue
+                for r, preds in parts:
+                    f = self._waiting.pop(r, None)
+                    if f is not None and not f.done():
+                        f.set_result(preds)
                 continue
             fut = self._waiting.pop(reply.request_id, None)
             if fut is not None and not fut.done():
@@ -264,7 +289,18 @@ class PipelinedClient:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 out.append(Reply(-1, None, DaemonError(f"undecodable reply: {exc}")))
                 continue
-            if type(reply) is P.InferResult and len(frames) == 2:
+            t = type(reply)
+            if t is P.InferResults and len(frames) == 2:
+                preds = np.frombuffer(frames[1].buffer, np.float32)
+                ends = np.cumsum(reply.num_pairs).tolist()
+                if ends and ends[-1] == len(preds):
+                    start = 0
+                    for r, end in zip(reply.request_ids, ends):
+                        out.append(Reply(r, preds[start:end], None))
+                        start = end
+                else:
+                    out.append(Reply(-1, None, DaemonError("InferResults frame size does not match num_pairs")))
+            elif t is P.InferResult and len(frames) == 2:
                 out.append(Reply(reply.request_id, np.frombuffer(frames[1].buffer, np.float32), None))
             elif isinstance(reply, P.Error):
                 out.append(Reply(reply.request_id, None, error_for(reply.code, reply.message)))

@@ -33,6 +33,10 @@ from daemon.supervisor import Engine, Supervisor
 log = logging.getLogger("dlrm.dispatcher")
 _DRAIN_ROUTER_MAX = 512
 _TICK_S = 0.05
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_ZERO_COPY_MIN = 1 << 16
+_PASS_BUDGET_S = 0.005
 
 
 class StartupError(Exception):
@@ -56,6 +60,7 @@ class Dispatcher:
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=20)
         self._rate_marks: collections.deque[tuple[float, int, int, int, int]] = collections.deque(maxlen=11)
         self._io_scheduled = False
+        self._closed = False
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at = 0.0
         self._signal: int | None = None
@@ -149,6 +154,7 @@ class Dispatcher:
             e.inflight.clear()
 
     def _shutdown(self) -> None:
+        self._closed = True
         if hasattr(self, "sup"):
             self.sup.stop_all()
         if hasattr(self, "router"):
@@ -188,31 +194,44 @@ class Dispatcher:
 
     # ================= I/O =================
     def _on_io(self) -> None:
+        """One pass over every socket; all readiness callbacks funnel here (one pump per pass)."""
         self._io_scheduled = False
-        router = self.router
-        for _ in range(_DRAIN_ROUTER_MAX):
+        if self._closed:
+            return
+        recv = self.router.recv
+        t_end = time.monotonic() + _PASS_BUDGET_S
+        for i in range(_DRAIN_ROUTER_MAX):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = [recv(_NOBLOCK, copy=False)]
             except zmq.Again:
                 break
+            while frames[-1].more:
+                frames.append(recv(_NOBLOCK, copy=False))
             self._handle(frames)
+            if i & 15 == 15 and time.monotonic() > t_end:
+                break  # let engine messages and timers in (large by-value requests)
         for e in self.sup.engines:
             self.sup.drain(e)
-        self.after_io()
+        self._pump()
+        # ZeroMQ FDs are edge-like: re-check after our own sends, which may have consumed the edge.
+        if self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN or self.sup.pending_input():
+            self.after_io()
 
     def after_io(self) -> None:
-        self._pump()
-        if not self._io_scheduled and (
-                self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN or self.sup.pending_input()):
+        if not self._io_scheduled:
             self._io_scheduled = True
             self.loop.call_soon(self._on_io)
 
     def _send(self, client: bytes, msg: Any, frame: Any = None) -> None:
+        # Plain int flags: pyzmq's enum arithmetic costs more than the send on this path.
+        send = self.router.send
         try:
+            send(client, _SNDMORE)
             if frame is None:
-                self.router.send_multipart([client, P.encode(msg)])
+                send(P.encode(msg))
             else:
-                self.router.send_multipart([client, P.encode(msg), frame])
+                send(P.encode(msg), _SNDMORE)
+                send(frame, 0, copy=memoryview(frame).nbytes < _ZERO_COPY_MIN)
         except zmq.ZMQError as exc:
             log.warning("reply to a client failed: %s", exc)
 
@@ -413,7 +432,8 @@ class Dispatcher:
         if self._wake is not None:
             self._wake.cancel()
         self._wake_at = t
-        self._wake = self.loop.call_later(max(0.0, t - now), self._on_wakeup)
+        # uvloop timers have millisecond resolution and may fire early: aim 1 ms late, never spin.
+        self._wake = self.loop.call_later(max(0.0, t - now) + 0.001, self._on_wakeup)
 
     def _on_wakeup(self) -> None:
         self._wake = None
@@ -458,11 +478,17 @@ class Dispatcher:
         e.batches_done += 1
         self.totals["batches"] += 1
         preds = e.region.slots[slot].out[:b.num_pairs]
+        by_client: dict[bytes, list[tuple[Query, np.ndarray]]] = {}
         for q, p in Batcher.complete(b, preds):
             if q.deadline is not None and now > q.deadline:
                 self._error(q.client, q.request_id, E.TIMEOUT, "deadline passed before the result was ready", q=q)
             else:
-                self._reply_result(q, p, now)
+                by_client.setdefault(q.client, []).append((q, p))
+        for client, items in by_client.items():
+            if len(items) == 1:
+                self._reply_result(items[0][0], items[0][1], now)
+            else:
+                self._reply_results(client, items, now)
         e.free_slots.append(slot)
         if self.metrics is not None:
             self.metrics.observe_batch(e.name, b.num_pairs, sent - b.oldest_arrival, assembly, msg.compute_s,
@@ -478,6 +504,21 @@ class Dispatcher:
         t["pairs"] += q.num_pairs
         if self.metrics is not None:
             self.metrics.observe_query(q.kind, "ok", q.num_samples, q.num_pairs, now - q.arrival)
+
+    def _reply_results(self, client: bytes, items: list[tuple[Query, np.ndarray]], now: float) -> None:
+        """One InferResults message for several queries of one client finished by the same batch."""
+        qs = [q for q, _ in items]
+        self._send(client, P.InferResults(request_ids=[q.request_id for q in qs],
+                                          num_pairs=[q.num_pairs for q in qs]),
+                   np.concatenate([p for _, p in items]))
+        t = self.totals
+        t["queries"] += len(qs)
+        for q in qs:
+            t["samples"] += q.num_samples
+            t["pairs"] += q.num_pairs
+            q.frames = q.dense = q.sparse = q.result = None
+            if self.metrics is not None:
+                self.metrics.observe_query(q.kind, "ok", q.num_samples, q.num_pairs, now - q.arrival)
 
     def _fail_batch(self, b: Batch, code: str, message: str) -> None:
         for q in self.batcher.fail(b):

@@ -82,6 +82,14 @@ class InferResult(_Msg):
     num_pairs: int
 
 
+class InferResults(_Msg):
+    """Several results for one client at once (queries answered by the same batch) + one frame:
+    their float32 predictions concatenated in this order. Saves a message per query."""
+
+    request_ids: list[int]
+    num_pairs: list[int]
+
+
 class Ack(_Msg):
     request_id: int
 
@@ -122,7 +130,7 @@ class Error(_Msg):
     message: str
 
 
-Reply = Union[InferResult, Ack, Status, Error]
+Reply = Union[InferResult, InferResults, Ack, Status, Error]
 
 
 # ---- control (dispatcher <-> engine process) ----

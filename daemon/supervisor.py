@@ -160,6 +160,9 @@ class Supervisor:
     def check_heartbeats(self, now: float) -> None:
         for e in self.engines:
             if e.ready and now - e.last_heartbeat > self.config.heartbeat_timeout_s:
+                self.drain(e)  # a busy dispatcher may not have read the engine's heartbeats yet
+                now = time.monotonic()
+            if e.ready and now - e.last_heartbeat > self.config.heartbeat_timeout_s:
                 self.lose(e, f"no heartbeat for {now - e.last_heartbeat:.2f} s (hung)")
 
     def all_heartbeats_recent(self, now: float) -> bool:
@@ -168,8 +171,7 @@ class Supervisor:
 
     # ---- control messages ----
     def _readable(self, e: Engine, generation: int) -> None:
-        self.drain(e, generation)
-        self.events.after_io()
+        self.events.after_io()  # the dispatcher's next I/O pass drains every engine
 
     def drain(self, e: Engine, generation: int | None = None) -> None:
         sock = e.sock

@@ -293,3 +293,24 @@ def test_engine_load_failure_exits_70(tmp_path: Path) -> None:
         assert "does not exist" in d.log() and "no engine could start" in d.log()
     finally:
         d.close()
+
+
+def test_async_client_concurrent(daemon: DaemonProc, data: tuple[Path, np.ndarray, Path]) -> None:
+    import asyncio
+
+    from daemon.client import AsyncClient
+
+    _, offsets, _ = data
+
+    async def go() -> None:
+        c = AsyncClient(daemon.endpoint, timeout_s=20)
+        idss = [np.array([i, i + 1, 299 - i]) for i in range(50)]
+        outs = await asyncio.gather(*(c.infer_by_ref("ds", ids) for ids in idss))
+        for ids, out in zip(idss, outs):
+            np.testing.assert_array_equal(out, expected_null_by_ref(offsets, ids))
+        with pytest.raises(BadRequest):
+            await c.infer_by_ref("nope", np.array([1]))
+        assert (await c.status())["state"] == "serving"
+        c.close()
+
+    asyncio.run(go())

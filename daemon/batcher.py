@@ -223,18 +223,18 @@ class Batcher:
 
     # ---- results ----
     @staticmethod
-    def complete(batch: Batch, preds: np.ndarray) -> list[tuple[Query, np.ndarray]]:
-        """Distribute a batch's predictions; returns (query, predictions) for queries now complete.
-
-        A query served by one piece gets a view of `preds` (send it before the slot is reused)."""
-        done: list[tuple[Query, np.ndarray]] = []
+    def complete(batch: Batch, preds: np.ndarray) -> list[tuple[Query, np.ndarray, int]]:
+        """Distribute a batch's predictions; returns (query, predictions, position in the batch or
+        -1) for queries now complete. A query served by one piece gets a view of `preds` at its
+        position (send it before the slot is reused); a reassembled one its own array (-1)."""
+        done: list[tuple[Query, np.ndarray, int]] = []
         pos = 0
         for q, off, n in batch.pieces:
             q.pieces_out -= 1
             if not q.finished:
                 if n == q.num_pairs:
                     q.finished = True
-                    done.append((q, preds[pos:pos + n]))
+                    done.append((q, preds[pos:pos + n], pos))
                 else:
                     if q.result is None:
                         q.result = np.empty(q.num_pairs, np.float32)
@@ -242,7 +242,7 @@ class Batcher:
                     q.done_pairs += n
                     if q.done_pairs == q.num_pairs:
                         q.finished = True
-                        done.append((q, q.result))
+                        done.append((q, q.result, -1))
             pos += n
         return done
 

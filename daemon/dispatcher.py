@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import ctypes.util
 import fcntl
 import logging
 import os
@@ -35,8 +37,19 @@ _DRAIN_ROUTER_MAX = 512
 _TICK_S = 0.05
 _SNDMORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
-_ZERO_COPY_MIN = 1 << 16
 _PASS_BUDGET_S = 0.005
+_ZERO_COPY_MIN = 1 << 16
+
+
+def _keep_large_allocations() -> None:
+    """Serve reply buffers (up to 64 MiB) from the malloc heap instead of fresh mmaps: a fresh
+    mapping page-faults on every reply, which costs more than the copy itself (glibc only)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class StartupError(Exception):
@@ -73,6 +86,7 @@ class Dispatcher:
 
     # ================= lifecycle =================
     async def run(self) -> int:
+        _keep_large_allocations()
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._started = self.loop.create_future()
@@ -183,7 +197,8 @@ class Dispatcher:
                 self._last_watchdog = now
             if self.metrics is not None:
                 self.metrics.set_queue_depth(self.batcher.queued_queries, self.batcher.queued_pairs)
-            self._pump()
+            # Also a safety net for ZeroMQ's edge-like FDs: a full I/O pass every tick.
+            self.after_io()
 
     def _notify(self, what: str, *args: Any) -> None:
         if self.notifier is not None:
@@ -222,7 +237,7 @@ class Dispatcher:
             self._io_scheduled = True
             self.loop.call_soon(self._on_io)
 
-    def _send(self, client: bytes, msg: Any, frame: Any = None) -> None:
+    def _send(self, client: bytes, msg: Any, frame: np.ndarray | None = None, owned: bool = False) -> None:
         # Plain int flags: pyzmq's enum arithmetic costs more than the send on this path.
         send = self.router.send
         try:
@@ -231,7 +246,12 @@ class Dispatcher:
                 send(P.encode(msg))
             else:
                 send(P.encode(msg), _SNDMORE)
-                send(frame, 0, copy=memoryview(frame).nbytes < _ZERO_COPY_MIN)
+                if frame.nbytes < _ZERO_COPY_MIN:
+                    send(frame, 0)
+                else:
+                    # The slot is reused at once, so hand ZeroMQ a private copy without copying
+                    # again (pyzmq's copy=True path is several times slower than np.copy here).
+                    send(frame.copy() if not owned else frame, 0, copy=False)
         except zmq.ZMQError as exc:
             log.warning("reply to a client failed: %s", exc)
 
@@ -437,7 +457,7 @@ class Dispatcher:
 
     def _on_wakeup(self) -> None:
         self._wake = None
-        self._pump()
+        self.after_io()
 
     def on_control(self, e: Engine, msg: Any) -> None:
         if isinstance(msg, P.BatchDone):
@@ -478,17 +498,18 @@ class Dispatcher:
         e.batches_done += 1
         self.totals["batches"] += 1
         preds = e.region.slots[slot].out[:b.num_pairs]
-        by_client: dict[bytes, list[tuple[Query, np.ndarray]]] = {}
-        for q, p in Batcher.complete(b, preds):
+        by_client: dict[bytes, list[tuple[Query, np.ndarray, int]]] = {}
+        for item in Batcher.complete(b, preds):
+            q = item[0]
             if q.deadline is not None and now > q.deadline:
                 self._error(q.client, q.request_id, E.TIMEOUT, "deadline passed before the result was ready", q=q)
             else:
-                by_client.setdefault(q.client, []).append((q, p))
+                by_client.setdefault(q.client, []).append(item)
         for client, items in by_client.items():
             if len(items) == 1:
                 self._reply_result(items[0][0], items[0][1], now)
             else:
-                self._reply_results(client, items, now)
+                self._reply_results(client, items, preds, now)
         e.free_slots.append(slot)
         if self.metrics is not None:
             self.metrics.observe_batch(e.name, b.num_pairs, sent - b.oldest_arrival, assembly, msg.compute_s,
@@ -496,7 +517,8 @@ class Dispatcher:
             self.metrics.set_inflight(e.name, len(e.inflight))
 
     def _reply_result(self, q: Query, preds: np.ndarray, now: float) -> None:
-        self._send(q.client, P.InferResult(request_id=q.request_id, num_pairs=q.num_pairs), preds)
+        self._send(q.client, P.InferResult(request_id=q.request_id, num_pairs=q.num_pairs), preds,
+                   owned=preds is q.result)
         q.frames = q.dense = q.sparse = q.result = None
         t = self.totals
         t["queries"] += 1
@@ -505,12 +527,23 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.observe_query(q.kind, "ok", q.num_samples, q.num_pairs, now - q.arrival)
 
-    def _reply_results(self, client: bytes, items: list[tuple[Query, np.ndarray]], now: float) -> None:
+    def _reply_results(self, client: bytes, items: list[tuple[Query, np.ndarray, int]], preds: np.ndarray,
+                       now: float) -> None:
         """One InferResults message for several queries of one client finished by the same batch."""
-        qs = [q for q, _ in items]
+        qs = [it[0] for it in items]
+        adjacent = items[0][2] >= 0
+        end = items[0][2]
+        for q, _, pos in items:  # per query, not per pair
+            if pos != end:
+                adjacent = False
+                break
+            end = pos + q.num_pairs
+        if adjacent:
+            frame: np.ndarray = preds[items[0][2]:end]  # adjacent in the slot: no gather
+        else:
+            frame = np.concatenate([it[1] for it in items])
         self._send(client, P.InferResults(request_ids=[q.request_id for q in qs],
-                                          num_pairs=[q.num_pairs for q in qs]),
-                   np.concatenate([p for _, p in items]))
+                                          num_pairs=[q.num_pairs for q in qs]), frame, owned=not adjacent)
         t = self.totals
         t["queries"] += len(qs)
         for q in qs:

@@ -46,7 +46,7 @@ def test_split_and_reassemble_by_ref(tmp_path_factory, sizes: list[list[int]], m
             pairs = pair_index(slot.starts[:r], slot.counts[:r])
             assert len(pairs) == batch.num_pairs
             slot.out[:batch.num_pairs] = pairs  # an "engine" answering the pair index
-            for q, preds in Batcher.complete(batch, slot.out[:batch.num_pairs]):
+            for q, preds, _ in Batcher.complete(batch, slot.out[:batch.num_pairs]):
                 answers[q.request_id] = preds.copy()
         assert b.queued_pairs == 0 and b.queued_queries == 0
         for q in queries:

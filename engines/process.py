@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -175,6 +176,10 @@ def run_engine(spec: P.EngineSpec) -> int:
 def engine_main(spec_bytes: bytes) -> None:
     """multiprocessing target (spawn): decode the spec, serve, exit with run_engine's code."""
     spec = P.spec_decoder.decode(spec_bytes)
+    # The dispatcher owns our lifecycle (Shutdown, or we notice it is gone): a Ctrl-C or SIGTERM
+    # sent to the whole process group must not kill batches that the dispatcher is draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s engine[{spec.name}] %(levelname)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))

@@ -125,13 +125,14 @@ def settings_for(scenario: str, qps: float, duration_s: float, n: int) -> lg.Tes
 
 
 def run_raw(scenario: str, qps: float, duration_s: float, n: int, chunk: int, inline: bool,
-            out: Path, use_capi: bool = False) -> None:
+            out: Path, use_capi: bool = False, trace: bool = True) -> None:
     sut = RawNullSut(chunk, inline, capi.load() if use_capi else None)
     sut.thread.start()
     qsl = lg.ConstructQSL(n, n, lambda s: None, lambda s: None)
     handle = lg.ConstructFastSUT(sut.issue, lambda: None)
     ls = lg.LogSettings()
     ls.log_output.outdir = str(out)
+    ls.enable_trace = trace  # LoadGen's default is on: a trace event per sample (the driver turns it off)
     lg.StartTestWithLogSettings(handle, qsl, settings_for(scenario, qps, duration_s, n), ls)
     sut.q.put(None)
     sut.thread.join()
@@ -156,7 +157,7 @@ def one(config: str, scenario: str, qps: float, args: argparse.Namespace, offset
         extra = ""
         if config.startswith("raw"):
             run_raw(scenario, qps, args.duration_s, n, args.chunk, config == "raw-inline", out,
-                    use_capi=config == "raw-capi")
+                    use_capi=config.startswith("raw-capi"), trace=not config.endswith("-notrace"))
         else:
             backend = make_backend(config, offsets, args.daemon_endpoint, args.dataset)
             try:
@@ -180,7 +181,8 @@ def one(config: str, scenario: str, qps: float, args: argparse.Namespace, offset
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="raw,driver", help="raw, raw-inline, raw-capi, driver, daemon; driver/daemon suffixes: -python "
+    p.add_argument("--configs", default="raw,driver", help="raw, raw-inline, raw-capi (raw*: suffix -notrace turns LoadGen's trace off), "
+                   "driver, daemon; driver/daemon suffixes: -python "
                    "(QuerySampleResponse objects), -cissue (C-API SUT)")
     p.add_argument("--offline-qps", type=float, default=1_000_000)
     p.add_argument("--server-rates", default="100000,200000,350000")

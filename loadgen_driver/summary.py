@@ -100,6 +100,9 @@ def format_summary(
         result = summary.result
         why = summary.failed_checks()
         out.append(f"result: {result}" + (f" ({'; '.join(why)})" if why and result != "VALID" else ""))
+        if error_samples:
+            # Failed samples were completed without data at once, so LoadGen's verdict means nothing.
+            out.append(f"RUN FAILED: {error_samples:,} samples failed (LoadGen's result does not count)")
     out.append(
         f"driver: {completed_samples:,} samples, {completed_pairs:,} pairs in {wall_s:.1f} s; "
         f"completion cost {complete_ns_per_sample:,.0f} ns/sample; errors: {error_samples:,} samples"

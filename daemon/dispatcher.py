@@ -505,6 +505,7 @@ class Dispatcher:
                 self._error(q.client, q.request_id, E.TIMEOUT, "deadline passed before the result was ready", q=q)
             else:
                 by_client.setdefault(q.client, []).append(item)
+        t0 = time.perf_counter()
         for client, items in by_client.items():
             if len(items) == 1:
                 self._reply_result(items[0][0], items[0][1], now)
@@ -512,6 +513,7 @@ class Dispatcher:
                 self._reply_results(client, items, preds, now)
         e.free_slots.append(slot)
         if self.metrics is not None:
+            self.metrics.observe_reply(time.perf_counter() - t0)
             self.metrics.observe_batch(e.name, b.num_pairs, sent - b.oldest_arrival, assembly, msg.compute_s,
                                        msg.hot_lookups, msg.cold_lookups)
             self.metrics.set_inflight(e.name, len(e.inflight))

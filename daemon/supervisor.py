@@ -90,6 +90,19 @@ class Supervisor:
         e.restart_handle = None
         if self.stopping:
             return
+        try:
+            self._start(e)
+        except (OSError, zmq.ZMQError) as exc:  # e.g. fork/spawn or socket bind failed: try later
+            log.error("engine %s could not be started: %s", e.name, exc)
+            e.last_error = f"start failed: {exc}"
+            self._detach(e)
+            e.state = "dead"
+            self.events.on_engine_lost(e, e.last_error)
+            e.failures_in_row += 1
+            delay = min(_MAX_BACKOFF_S, self.config.restart_backoff_s * 2 ** (e.failures_in_row - 1))
+            e.restart_handle = self.loop.call_later(delay, self.start, e)
+
+    def _start(self, e: Engine) -> None:
         e.generation += 1
         e.endpoint = f"ipc://{self.config.runtime_dir}/engine-{e.index:02d}-{e.generation:06d}.sock"
         sock = self.ctx.socket(zmq.PAIR)

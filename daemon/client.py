@@ -251,6 +251,8 @@ class PipelinedClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 1_000_000)
         self._sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        self._sock.setsockopt(zmq.SNDBUF, 8 << 20)  # see the dispatcher: MB-sized replies
+        self._sock.setsockopt(zmq.RCVBUF, 8 << 20)
         self._sock.connect(endpoint)
         self._enc = msgspec.msgpack.Encoder()
 

@@ -33,7 +33,7 @@ from formats.trace import reference_sample_sizes  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sparse_dataset(path: Path, num_pairs: int) -> int:
+def sparse_dataset(path: Path, num_pairs: int) -> np.ndarray:
     """A valid dataset directory whose big arrays are holes (the null engine never reads them)."""
     path.mkdir(parents=True)
     offsets = reference_sample_sizes(num_pairs)
@@ -46,7 +46,7 @@ def sparse_dataset(path: Path, num_pairs: int) -> int:
     (path / "meta.json").write_text(json.dumps({
         "format": "dlrm-dataset", "version": 1, "num_pairs": n, "num_samples": len(offsets) - 1,
         "table_rows": [1000] * 26, "source": "bench"}))
-    return len(offsets) - 1
+    return offsets
 
 
 def run_load(endpoint: str, make_send, seconds: float, window: int) -> tuple[int, float, int]:  # type: ignore[no-untyped-def]
@@ -91,7 +91,9 @@ def main() -> int:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="dlrmb-", dir="/tmp"))
-    num_samples = sparse_dataset(tmp / "ds", 30_000_000)
+    offsets = sparse_dataset(tmp / "ds", 30_000_000)
+    num_samples = len(offsets) - 1
+    sizes = np.diff(offsets)
     cfg = tmp / "d.toml"
     engines = ", ".join(['"null"'] * args.engines)
     cfg.write_text(
@@ -116,7 +118,7 @@ def main() -> int:
               f"{'pairs/s':>13} {'reply MB/s':>10} errors")
         for k in args.samples:
             pool = [rng.integers(0, num_samples, size=k) for _ in range(256)]
-            mean_pairs = 270.0
+            mean_pairs = float(np.mean([sizes[p].sum() for p in pool])) / k
 
             def make_send(pc: PipelinedClient, pool=pool):  # type: ignore[no-untyped-def]
                 return lambda rid: pc.send_by_ref(rid, "ds", pool[rid & 255])

@@ -101,10 +101,17 @@ class DriverSUT:
         pass
 
     def load_samples(self, sample_indices: list[int]) -> None:
-        self.backend.load_samples(np.array(sample_indices, dtype=np.int64))
+        # An exception must not escape into LoadGen's C++ caller: record it, fail the run.
+        try:
+            self.backend.load_samples(np.array(sample_indices, dtype=np.int64))
+        except Exception as exc:
+            self._record(f"LoadSamples of {len(sample_indices)} samples failed: {exc}")
 
     def unload_samples(self, sample_indices: list[int]) -> None:
-        self.backend.unload_samples(np.array(sample_indices, dtype=np.int64))
+        try:
+            self.backend.unload_samples(np.array(sample_indices, dtype=np.int64))
+        except Exception as exc:
+            self._record(f"UnloadSamples of {len(sample_indices)} samples failed: {exc}")
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, ids: np.ndarray, idx: np.ndarray) -> None:

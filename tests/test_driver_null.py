@@ -1,7 +1,6 @@
 """loadgen_driver through the real LoadGen with the in-process null backend (no daemon)."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +162,39 @@ def test_cli_bad_dataset_exits_2(tmp_path: Path) -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "cannot open dataset" in proc.stderr
+
+
+def test_progress_line_reports_samples_rate_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import time
+
+    from loadgen_driver.runner import Progress
+    from loadgen_driver.sut import SutStats
+
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buf)
+    stats = SutStats()
+    with Progress(stats, enabled=True, interval_s=0.05):
+        stats.completed_samples, stats.error_samples = 12345, 7
+        time.sleep(0.2)
+    line = buf.getvalue()
+    assert "12,345 samples done" in line and "samples/s" in line and "errors 7" in line
+    quiet = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    with Progress(stats, enabled=False, interval_s=0.05):
+        time.sleep(0.1)
+    assert quiet.getvalue() == ""
+
+
+def test_load_samples_failure_fails_the_run(dataset: Path, tmp_path: Path) -> None:
+    from loadgen_driver.runner import run_test
+
+    class _NoLoad(NullBackend):
+        def load_samples(self, sample_ids: np.ndarray) -> None:
+            raise RuntimeError("dataset not registered")
+
+    ds = Dataset.open(dataset)
+    ts, _ = build_test_settings(RunSettings("Offline", "PerformanceOnly", ds.num_samples,
+                                            target_qps=1000, min_duration_ms=0, min_query_count=50))
+    result = run_test(_NoLoad(ds.sample_offsets), ts, ds.num_samples, tmp_path, ds.sample_offsets)
+    assert any("LoadSamples" in e and "dataset not registered" in e for e in result.stats.errors)

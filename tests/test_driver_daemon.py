@@ -126,3 +126,30 @@ def test_accuracy_auc_equals_reference_on_cpu_engine(tmp_path: Path,
     np.testing.assert_allclose(preds, ref[pairs], rtol=1e-5, atol=1e-6)
     assert f"AUC={100 * expected_auc:.3f}%" in printed
     assert "AUC ratio to fp32" in printed and "99%: PASS, 99.9%: PASS" in printed
+
+
+def test_daemon_killed_mid_run_fails_not_hangs(tmp_path: Path) -> None:
+    ds = make_dataset(tmp_path / "ds", np.full(200, 3))
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    daemon = DaemonProc({"engines": ["null"], "model": str(art)})
+    try:
+        daemon.wait_serving()
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "loadgen_driver.cli", "--scenario", "Server", "--dataset", str(ds),
+             "--endpoint", daemon.endpoint, "--target-qps", "500", "--min-duration-s", "4",
+             "--min-query-count", "100", "--timeout-s", "1", "--latency-ms", "1000", "--quiet",
+             "--output-dir", str(tmp_path / "o")],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        detail = tmp_path / "o" / "mlperf_log_detail.txt"  # LoadGen writes it once the test starts
+        end = time.monotonic() + 30
+        while not detail.exists() and time.monotonic() < end and driver.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        daemon.proc.kill()
+        out, err = driver.communicate(timeout=60)
+    finally:
+        daemon.close()
+    assert driver.returncode == 1, out + err
+    assert "RUN FAILED" in err and "no reply from the backend within 1 s" in err

@@ -1,0 +1,64 @@
+"""The daemon with GPU engines (marker gpu: `make test-gpu` on the device machine): by-reference and
+by-value answers equal the int8 reference within the GPU backend's fp16 tolerance, on every GPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from daemon.client import PipelinedClient
+from engines.model import DLRMConfig, random_state_dict
+from engines.reference import Int8Reference
+from formats.artifact import Artifact
+from formats.dataset import Dataset
+from formats.frequencies import write_row_frequencies
+from prepare.convert import convert
+from test_daemon_support import DaemonProc, make_dataset
+
+CONFIG = DLRMConfig.mlperf().scaled(1e-4, cap=1000)
+PRED_ATOL = 4e-3  # as tests/test_gpu_backend.py (fp16 MLP)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_part", [1.0, 0.3])
+def test_gpu_engines_match_reference(tmp_path: Path, gpu_part: float) -> None:
+    torch.save(random_state_dict(CONFIG, seed=5), tmp_path / "ckpt.pt")
+    rng = np.random.default_rng(9)
+    write_row_frequencies(tmp_path / "f.bin", [rng.random(r).astype(np.float32) for r in CONFIG.table_rows])
+    convert(tmp_path / "ckpt.pt", tmp_path / "art", tmp_path / "f.bin")
+    make_dataset(tmp_path / "ds", rng.integers(100, 700, size=400), seed=4, table_rows=CONFIG.table_rows)
+    ds = Dataset.open(tmp_path / "ds")
+    ref = Int8Reference(Artifact.open(tmp_path / "art"), 1.0)
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    d = DaemonProc({"engines": devices, "model": str(tmp_path / "art"), "datasets": {"ds": str(tmp_path / "ds")},
+                    "embedding_weights_on_gpu_part": gpu_part, "max_batch_pairs": 65536,
+                    "heartbeat_timeout_s": 5.0})
+    try:
+        st = d.wait_serving(300)
+        assert [e["state"] for e in st["engines"]] == ["ready"] * len(devices)
+        queries = [rng.integers(0, ds.num_samples, size=int(rng.integers(1, 300))) for _ in range(60)]
+        pc = PipelinedClient(d.endpoint)
+        for rid, ids in enumerate(queries):
+            pc.send_by_ref(rid, "ds", ids)
+        got: dict[int, np.ndarray] = {}
+        while len(got) < len(queries):
+            replies = pc.poll(60_000)
+            assert replies, "no reply in 60 s"
+            for rep in replies:
+                assert rep.error is None, rep.error
+                got[rep.request_id] = rep.predictions
+        pc.close()
+        off = ds.sample_offsets
+        for rid, ids in enumerate(queries[:10]):
+            idx = np.concatenate([np.arange(off[s], off[s + 1]) for s in ids])
+            np.testing.assert_allclose(got[rid], ref.predict(ds.dense[idx], ds.sparse[idx]), atol=PRED_ATOL, rtol=0)
+        idx = rng.integers(0, ds.num_pairs, size=5000)
+        with d.client(60) as c:
+            out = c.infer_by_value(ds.dense[idx], ds.sparse[idx])
+            st = c.status()
+        np.testing.assert_allclose(out, ref.predict(ds.dense[idx], ds.sparse[idx]), atol=PRED_ATOL, rtol=0)
+        assert all(e["device_memory_bytes"] > 0 and e["gpu_part"] == gpu_part for e in st["engines"])
+    finally:
+        assert d.terminate(60) == 0, d.log()

@@ -165,9 +165,9 @@ def gather_interaction(
     cold: torch.Tensor | None,
     out: torch.Tensor,
     counts: torch.Tensor | None = None,
-    pairs_per_program: int = 1,
+    pairs_per_program: int = 2,
     pairs_per_tile: int = 1,
-    num_warps: int = 2,
+    num_warps: int = 1,
 ) -> torch.Tensor:
     """out[:, :D + T(T+1)/2] = interaction(bottom, dequantized rows of sparse); returns out.
 

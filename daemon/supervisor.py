@@ -201,7 +201,10 @@ class Supervisor:
             except Exception as exc:
                 self.lose(e, f"undecodable control message: {exc}")
                 return
-            self.events.on_control(e, msg)
+            try:
+                self.events.on_control(e, msg)
+            except Exception:  # keep draining: one bad message must not stall the engine's socket
+                log.exception("handling %s from engine %s failed", type(msg).__name__, e.name)
 
     def pending_input(self) -> bool:
         return any(e.sock is not None and e.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN for e in self.engines)

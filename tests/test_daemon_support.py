@@ -50,7 +50,8 @@ class DaemonProc:
         self.config_path.write_text(_toml(cfg))
         self.endpoint = f"ipc://{self.rt}/dlrm.sock"
         full_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-        full_env.update({"PYTHONPATH": str(REPO), **(env or {})})
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        full_env.update({"PYTHONPATH": path, **(env or {})})
         self.log_path = Path(self.rt) / "daemon.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(self.config_path)],

@@ -19,8 +19,11 @@ throughput, memory and hot/cold measurements; accuracy work uses the default (sm
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -125,15 +128,30 @@ def generate_full_size(out: Path, config: DLRMConfig, *, seed: int = 1, samples:
     starts = range(0, num_pairs, DATASET_CHUNK_PAIRS)
     positives = 0
     source = f"synthetic --full-size seed={seed} (labels: cheap planted rule, not the model)"
-    with DatasetWriter(out / "dataset", config.table_rows, source) as writer:
+    def draw(start: int, ss: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = min(DATASET_CHUNK_PAIRS, num_pairs - start)
+        rng = np.random.default_rng(ss)  # one stream per chunk: bytes do not depend on threads
+        chunk = gen.draw_chunk(rng, n, law, skews, with_hex=False)
+        z = rule.logits(chunk.dense, chunk.sparse)
+        labels = (rng.random(n, dtype=np.float32) * (1 + np.exp(-z)) < 1).astype(np.float32)
+        return labels, chunk.dense, chunk.sparse
+
+    # numpy releases the GIL in the heavy draws, so chunks are drawn on threads and written in order;
+    # at most 2 x workers chunks are held at once.
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with DatasetWriter(out / "dataset", config.table_rows, source) as writer, \
+            ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future[tuple[np.ndarray, np.ndarray, np.ndarray]]] = deque()
         for start, ss in zip(starts, data_ss.spawn(len(starts))):
-            n = min(DATASET_CHUNK_PAIRS, num_pairs - start)
-            rng = np.random.default_rng(ss)
-            chunk = gen.draw_chunk(rng, n, law, skews, with_hex=False)
-            z = rule.logits(chunk.dense, chunk.sparse)
-            labels = (rng.random(n, dtype=np.float32) * (1 + np.exp(-z)) < 1).astype(np.float32)
+            pending.append(pool.submit(draw, start, ss))
+            if len(pending) >= 2 * workers:
+                labels, dense, sparse = pending.popleft().result()
+                positives += int(labels.sum())
+                writer.append(labels, dense, sparse)
+        while pending:
+            labels, dense, sparse = pending.popleft().result()
             positives += int(labels.sum())
-            writer.append(labels, chunk.dense, chunk.sparse)
+            writer.append(labels, dense, sparse)
         writer.finish(offsets)
     timings["dataset_s"] = time.perf_counter() - t2
     _log(f"dataset ({num_pairs:,} pairs, {samples:,} samples): {timings['dataset_s']:.1f} s")

@@ -1,0 +1,149 @@
+"""End to end: dlrm-daemon (real engines) driven by loadgen_driver Offline, per hot/cold device share.
+
+For each `--gpu-parts` value it starts the daemon on the artifact and dataset, records the time from
+start to 'serving' (artifact load + placement + dataset upload + warm-up), runs a short Offline
+PerformanceOnly test through `loadgen_driver`, reads LoadGen's summary and the daemon's hot/cold lookup
+counters, and stops the daemon with SIGTERM. Runs are short and NOT of MLPerf length. Example (GPU):
+  python3 bench/bench_e2e.py --artifact A --dataset D --engines cuda:0 --gpu-parts 1.0,0.3 \
+      --target-qps 300000 --duration-s 20 --out e2e.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from daemon.client import Client  # noqa: E402
+from daemon.errors import DaemonError  # noqa: E402
+from loadgen_driver.summary import read_summary  # noqa: E402
+
+
+def start_daemon(args: argparse.Namespace, gpu_part: float, runtime: Path,
+                 metrics_port: int) -> tuple[subprocess.Popen[bytes], float]:
+    cmd = [sys.executable, "-m", "daemon.cli", "--runtime-dir", str(runtime), "--model", str(args.artifact),
+           "--datasets", f"bench={args.dataset}", "--engines", args.engines,
+           "--embedding-weights-on-gpu-part", str(gpu_part), "--max-batch-pairs", str(args.max_batch_pairs),
+           "--inflight-batches", str(args.inflight_batches), "--max-pairs-per-query", str(args.max_batch_pairs),
+           "--max-queue-pairs", str(args.max_queue_pairs), "--heartbeat-timeout-s", "10",
+           "--metrics-port", str(metrics_port)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.monotonic()
+    log = open(runtime / "daemon.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"ipc://{runtime}/dlrm.sock"
+    while time.monotonic() - t0 < args.start_timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited {proc.returncode}:\n{(runtime / 'daemon.log').read_text()[-3000:]}")
+        try:
+            with Client(endpoint, timeout_s=1.0) as client:
+                if client.status().get("state") == "serving":
+                    return proc, time.monotonic() - t0
+        except DaemonError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"daemon not serving after {args.start_timeout_s} s")
+
+
+def lookup_counts(metrics_port: int) -> dict[str, float]:
+    """Embedding lookups by tier from the daemon's own Prometheus exporter."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    counts = {"device": 0.0, "host": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dlrm_embedding_lookups_total":
+                counts[sample.labels["tier"]] += sample.value
+    return {"hot": counts["device"], "cold": counts["host"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_one(args: argparse.Namespace, gpu_part: float) -> dict[str, object]:
+    runtime = Path(tempfile.mkdtemp(prefix="dlrm-e2e-", dir="/tmp"))
+    port = free_port()
+    proc, ready_s = start_daemon(args, gpu_part, runtime, port)
+    endpoint = f"ipc://{runtime}/dlrm.sock"
+    out_dir = Path(args.logs) / f"part_{gpu_part}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        before = lookup_counts(port)
+        cmd = [sys.executable, "-m", "loadgen_driver.cli", "--scenario", "Offline", "--mode", "PerformanceOnly",
+               "--dataset", str(args.dataset), "--dataset-name", "bench", "--endpoint", endpoint,
+               "--target-qps", str(args.target_qps), "--min-duration-s", str(args.duration_s),
+               "--min-query-count", "1", "--samples-per-request", str(args.samples_per_request),
+               "--max-inflight", str(args.max_inflight), "--output-dir", str(out_dir), "--quiet"]
+        t0 = time.monotonic()
+        driver = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+        wall = time.monotonic() - t0
+        print(driver.stdout[-2500:], driver.stderr[-1500:], sep="\n", flush=True)
+        after = lookup_counts(port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    summary = read_summary(out_dir)
+    samples_s = float(summary.values.get("Samples per second", "nan"))
+    pairs = re.search(r"([0-9,.]+) pairs/s", driver.stdout)
+    hot, cold = after["hot"] - before["hot"], after["cold"] - before["cold"]
+    return {"gpu_part": gpu_part, "ready_s": round(ready_s, 1), "samples_per_s": samples_s,
+            "pairs_per_s": pairs.group(1) if pairs else None, "result": summary.result,
+            "hbm_share": hot / (hot + cold) if hot + cold else None, "driver_rc": driver.returncode,
+            "daemon_exit": code, "wall_s": round(wall, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--engines", default="cuda:0")
+    p.add_argument("--gpu-parts", default="1.0")
+    p.add_argument("--target-qps", type=float, default=300000)
+    p.add_argument("--duration-s", type=float, default=20)
+    p.add_argument("--samples-per-request", type=int, default=512)
+    p.add_argument("--max-inflight", type=int, default=64)
+    p.add_argument("--max-batch-pairs", type=int, default=262144)
+    p.add_argument("--max-queue-pairs", type=int, default=8_000_000)
+    p.add_argument("--inflight-batches", type=int, default=4)
+    p.add_argument("--start-timeout-s", type=float, default=240)
+    p.add_argument("--logs", default=str(Path(tempfile.gettempdir()) / "e2e-logs"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    rows = []
+    for part in (float(x) for x in args.gpu_parts.split(",")):
+        try:
+            rows.append(run_one(args, part))
+        except Exception as exc:  # a failed configuration is reported, the others still run
+            rows.append({"gpu_part": part, "error": str(exc)[-2000:]})
+        print(json.dumps(rows[-1]), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1))
+    print("\ngpu_part  ready_s  samples/s   pairs/s        HBM share  result")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['gpu_part']:<9} ERROR {r['error'][:200]}")
+            continue
+        share = f"{r['hbm_share']:.3f}" if r["hbm_share"] is not None else "-"
+        print(f"{r['gpu_part']:<9} {r['ready_s']:<8} {r['samples_per_s']:<11,.0f} {r['pairs_per_s']!s:<14} {share:<10} {r['result']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

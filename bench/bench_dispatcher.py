@@ -101,11 +101,14 @@ def main() -> int:
         f'max_batch_pairs = {args.max_batch_pairs}\ninflight_batches = {args.inflight_batches}\n'
         f'max_queue_pairs = 64000000\nmax_pairs_per_query = 16000000\nmax_message_bytes = 1073741824\n'
         f'log_level = "WARNING"\n[datasets]\nds = "{tmp}/ds"\n')
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DLRM_NULL_FILL": "1" if args.fill else "0"}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "DLRM_NULL_FILL": "1" if args.fill else "0"}
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(cfg)], cwd=REPO, env=env)
     endpoint = f"ipc://{tmp}/dlrm.sock"
     try:
         for _ in range(300):
+            if proc.poll() is not None:
+                raise RuntimeError(f"dlrm-daemon exited with {proc.returncode}")
             try:
                 if Client(endpoint, 0.5).status()["state"] == "serving":
                     break

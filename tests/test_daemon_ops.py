@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.shm import list_regions, remove_stale
 from test_daemon_support import REPO, DaemonProc, make_dataset
 
 
@@ -68,3 +69,33 @@ def test_notify_metrics_and_status_command(tmp_path: Path) -> None:
     assert any("WATCHDOG=1" in m for m in messages[ready:])
     assert "STOPPING=1" in messages[-1] or any("STOPPING=1" in m for m in messages[ready:])
     assert not any("WATCHDOG=1" in m for m in messages[:ready])
+
+
+def test_engines_exit_when_the_dispatcher_is_killed(tmp_path: Path) -> None:
+    import signal
+
+    d = DaemonProc({"engines": ["null", "null"]})
+    try:
+        pids = [e["pid"] for e in d.wait_serving()["engines"]]
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+        end = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < end:
+            alive = [p for p in alive if _alive(p)]
+            time.sleep(0.05)
+        assert not alive, f"orphaned engines still running: {alive}"
+        # The killed dispatcher could not remove its regions; the next start does (as here).
+        left = list_regions(d.proc.pid)
+        assert len(left) == 2
+        assert sorted(remove_stale()) == sorted(left)
+    finally:
+        d.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -88,7 +88,7 @@ def test_engines_exit_when_the_dispatcher_is_killed(tmp_path: Path) -> None:
         # The killed dispatcher could not remove its regions; the next start does (as here).
         left = list_regions(d.proc.pid)
         assert len(left) == 2
-        assert sorted(remove_stale()) == sorted(left)
+        assert set(left) <= set(remove_stale())
     finally:
         d.close()
 

@@ -37,7 +37,7 @@ def start_daemon(args: argparse.Namespace, gpu_part: float, runtime: Path,
     cmd = [sys.executable, "-m", "daemon.cli", "--runtime-dir", str(runtime), "--model", str(args.artifact),
            "--datasets", f"bench={args.dataset}", "--engines", args.engines,
            "--embedding-weights-on-gpu-part", str(gpu_part), "--max-batch-pairs", str(args.max_batch_pairs),
-           "--inflight-batches", str(args.inflight_batches), "--max-pairs-per-query", str(args.max_batch_pairs),
+           "--inflight-batches", str(args.inflight_batches), "--max-pairs-per-query", "2000000",
            "--max-queue-pairs", str(args.max_queue_pairs), "--heartbeat-timeout-s", "10",
            "--metrics-port", str(metrics_port)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -118,9 +118,9 @@ def main() -> int:
     p.add_argument("--target-qps", type=float, default=300000)
     p.add_argument("--duration-s", type=float, default=20)
     p.add_argument("--samples-per-request", type=int, default=512)
-    p.add_argument("--max-inflight", type=int, default=64)
+    p.add_argument("--max-inflight", type=int, default=24)
     p.add_argument("--max-batch-pairs", type=int, default=262144)
-    p.add_argument("--max-queue-pairs", type=int, default=8_000_000)
+    p.add_argument("--max-queue-pairs", type=int, default=16_000_000)
     p.add_argument("--inflight-batches", type=int, default=4)
     p.add_argument("--start-timeout-s", type=float, default=240)
     p.add_argument("--logs", default=str(Path(tempfile.gettempdir()) / "e2e-logs"))

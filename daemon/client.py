@@ -45,7 +45,7 @@ def _by_value_header(rid: int, dense: np.ndarray, sparse: np.ndarray, deadline_s
 def _decode(frames: list[Any]) -> tuple[Any, list[Any]]:
     try:
         return P.reply_decoder.decode(frames[0]), frames[1:]
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise DaemonError(f"undecodable reply from the daemon: {exc}") from None
 
 
@@ -288,7 +288,7 @@ class PipelinedClient:
                 return out
             try:
                 reply = decode(frames[0].buffer)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                 out.append(Reply(-1, None, DaemonError(f"undecodable reply: {exc}")))
                 continue
             t = type(reply)

@@ -60,7 +60,7 @@ class RequestHandler:
             return
         try:
             req = P.request_decoder.decode(header)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # msgspec: bad utf-8
             self._error(client, P.salvage_request_id(header), E.BAD_REQUEST, f"undecodable request header: {exc}")
             return
         if self.state == "draining" and not isinstance(req, P.GetStatus):

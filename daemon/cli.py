@@ -14,6 +14,7 @@ log = logging.getLogger("dlrm.daemon")
 _EPILOG = """subcommands:
   dlrm-daemon check-config FILE   validate a config file (and DLRM_* environment) and print it
   dlrm-daemon status [--endpoint E | --config FILE]   show a running daemon's engines, queue, rates
+  dlrm-daemon keygen DIR [--name NAME]   write a CURVE key pair NAME.key / NAME.key_secret (0600)
 
 exit codes: 0 ok (also after SIGTERM/SIGINT drain), 1 runtime failure, 2 usage,
             70 no engine could load the model, 78 configuration error"""
@@ -127,12 +128,28 @@ def status(argv: Sequence[str]) -> int:
     return exitcodes.OK
 
 
+def keygen(argv: Sequence[str]) -> int:
+    from daemon.security import keygen as make_keys
+
+    p = argparse.ArgumentParser(prog="dlrm-daemon keygen", description="write a ZeroMQ CURVE key pair: "
+                                "NAME.key (public: give the daemon's to clients, put clients' in "
+                                "curve_authorized_keys_dir) and NAME.key_secret (mode 0600)")
+    p.add_argument("dir")
+    p.add_argument("--name", default="server")
+    args = p.parse_args(argv)
+    pub, sec = make_keys(args.dir, args.name)
+    print(f"public {pub}\nsecret {sec}")
+    return exitcodes.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "check-config":
         return check_config(argv[1:])
     if argv and argv[0] == "status":
         return status(argv[1:])
+    if argv and argv[0] == "keygen":
+        return keygen(argv[1:])
     args = _serve_parser().parse_args(argv)
     return serve(_config_or_exit(args.config, args))
 

@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from daemon import protocol as P
 from daemon.errors import ConnectionFailed, DaemonError, error_for
+from daemon.security import ClientCurve
 
 _ZERO_COPY_MIN = 1 << 16  # below this pyzmq copies anyway, and a copy is cheaper than tracking
 
@@ -29,6 +30,16 @@ def _ids(sample_ids: np.ndarray) -> np.ndarray:
     if ids.dtype.kind not in "iu":
         raise TypeError(f"sample ids must be integers, got dtype {ids.dtype}")
     return np.ascontiguousarray(ids, dtype=np.int64)
+
+
+def _apply_curve(sock: zmq.Socket, curve: ClientCurve | None) -> None:
+    """CURVE keys from the argument, else DLRM_CURVE_SERVER_KEY / DLRM_CURVE_CLIENT_KEY, else none."""
+    curve = curve if curve is not None else ClientCurve.from_env()
+    if curve is not None:
+        try:
+            curve.apply(sock)
+        except (OSError, ValueError) as exc:
+            raise ConnectionFailed(f"CURVE keys: {exc}") from None
 
 
 def _frame(arr: np.ndarray) -> Any:
@@ -77,12 +88,13 @@ def _result(reply: Any, rest: list[Any]) -> Any:
 class Client:
     """Blocking client; one request at a time. Every failure raises a daemon.errors type."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 30.0, curve: ClientCurve | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        _apply_curve(self._sock, curve)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
 
@@ -144,12 +156,13 @@ class Client:
 class AsyncClient:
     """asyncio client; many calls may be awaited concurrently on one socket."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 30.0, curve: ClientCurve | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        _apply_curve(self._sock, curve)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
@@ -244,7 +257,7 @@ class PipelinedClient:
 
     Not thread-safe: use it from one thread (ZeroMQ sockets are single-threaded)."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, curve: ClientCurve | None = None) -> None:
         self.endpoint = endpoint
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -253,6 +266,7 @@ class PipelinedClient:
         self._sock.setsockopt(zmq.RCVHWM, 1_000_000)
         self._sock.setsockopt(zmq.SNDBUF, 8 << 20)  # see the dispatcher: MB-sized replies
         self._sock.setsockopt(zmq.RCVBUF, 8 << 20)
+        _apply_curve(self._sock, curve)
         self._sock.connect(endpoint)
         self._enc = msgspec.msgpack.Encoder()
 

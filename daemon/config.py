@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from daemon.security import curve_problem, exposure_problem
+
 ENV_PREFIX = "DLRM_"
 _IPC_PATH_MAX = 107  # sun_path limit of a unix socket address
 
@@ -64,6 +66,12 @@ class DaemonConfig:
     metrics_host: str = field(default="127.0.0.1", metadata=_h("Prometheus exporter address"))
     metrics_port: int = field(default=0, metadata=_h("Prometheus exporter port; 0 = off"))
     log_level: str = field(default="INFO", metadata=_h("DEBUG, INFO, WARNING or ERROR"))
+    allow_remote: bool = field(default=False, metadata=_h(
+        "allow a tcp endpoint or metrics_host beyond loopback (default: loopback / ipc only)"))
+    curve_secret_key_file: str = field(default="", metadata=_h(
+        "the daemon's CURVE key pair (NAME.key_secret from `dlrm-daemon keygen`): clients must authenticate"))
+    curve_authorized_keys_dir: str = field(default="", metadata=_h(
+        "directory of authorized clients' public keys (*.key); required with curve_secret_key_file"))
 
     @property
     def engine_names(self) -> tuple[str, ...]:
@@ -116,6 +124,15 @@ def _coerce(key: str, value: Any, source: str, from_text: bool) -> Any:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"must be a number, got {value!r}")
             return float(value)
+        if t == "bool":
+            if from_text:
+                text = str(value).strip().lower()
+                if text not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"must be true or false, got {value!r}")
+                value = text in ("1", "true", "yes")
+            if not isinstance(value, bool):
+                raise TypeError(f"must be true or false, got {value!r}")
+            return value
         if t == "str":
             if not isinstance(value, str):
                 raise TypeError(f"must be a string, got {value!r}")
@@ -204,6 +221,10 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
         raise bad("endpoint", f"must be ipc://PATH or tcp://HOST:PORT, got {cfg.endpoint!r}")
     if scheme == "ipc" and len(cfg.endpoint[6:]) > _IPC_PATH_MAX:
         raise bad("endpoint", f"ipc path longer than {_IPC_PATH_MAX} bytes (unix socket limit)")
+    for problem in (exposure_problem(cfg.endpoint, cfg.metrics_host, cfg.metrics_port, cfg.allow_remote),
+                    curve_problem(cfg.curve_secret_key_file, cfg.curve_authorized_keys_dir)):
+        if problem is not None:
+            raise bad(*problem)
     if len(os.path.join(cfg.runtime_dir, "engine-00-000000.sock")) > _IPC_PATH_MAX:
         raise bad("runtime_dir", f"path too long for unix sockets inside it (limit {_IPC_PATH_MAX})")
 

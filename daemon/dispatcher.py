@@ -29,6 +29,7 @@ from daemon.batcher import Batch, Batcher, Query, fill_slot
 from daemon.config import DaemonConfig
 from daemon.datasets import DatasetEntry, model_table_rows, open_dataset
 from daemon.requests import RequestHandler
+from daemon.security import maybe_server_curve, remove_stale_sockets
 from daemon.shm import remove_stale, run_prefix
 from daemon.supervisor import Engine, Supervisor
 
@@ -101,6 +102,7 @@ class Dispatcher(RequestHandler):
             raise StartupError(exitcodes.RUNTIME_FAILURE,
                                f"another dlrm-daemon is running with runtime_dir {rt}") from None
         remove_stale()
+        remove_stale_sockets(rt)
         for name, path in self.cfg.datasets.items():
             try:
                 self.datasets[name] = open_dataset(name, path, self.table_rows)
@@ -118,6 +120,9 @@ class Dispatcher(RequestHandler):
         # Hard per-frame bound (the peer is dropped beyond it); max_message_bytes itself is checked
         # per message below so that a too-large request gets a typed BAD_REQUEST.
         self.router.setsockopt(zmq.MAXMSGSIZE, 4 * self.cfg.max_message_bytes)
+        self._curve = maybe_server_curve(self.ctx, self.cfg)  # None unless CURVE keys are configured
+        if self._curve is not None:
+            self._curve.apply(self.router)
         try:
             self.router.bind(self.cfg.endpoint)
         except zmq.ZMQError as exc:
@@ -178,6 +183,8 @@ class Dispatcher(RequestHandler):
         if hasattr(self, "router"):
             self.loop.remove_reader(self.router.getsockopt(zmq.FD))
             self.router.close(linger=1000)
+            if getattr(self, "_curve", None) is not None:
+                self._curve.close()  # its ZAP socket lives on this context: close it before term
             self.ctx.term()
             if self.cfg.endpoint.startswith("ipc://"):
                 try:

@@ -133,6 +133,16 @@ class Batcher:
             self.queued_queries -= 1
             q.cursor = q.num_pairs
 
+    def drop_clients(self, clients: set[bytes]) -> int:
+        """Drop the queued queries of clients that disconnected (nobody is left to answer); returns
+        how many. Pieces already in flight finish and their replies are discarded by ZeroMQ."""
+        n = 0
+        for q in self._queue:
+            if not q.finished and q.client in clients:
+                self.drop(q)
+                n += 1
+        return n
+
     def expire(self, now: float) -> list[Query]:
         """Queries whose deadline has passed and that are not answered yet (to answer TIMEOUT)."""
         out: list[Query] = []

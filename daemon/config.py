@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from daemon.datasets import artifact_meta_problem
 from daemon.security import curve_problem, exposure_problem
 
 ENV_PREFIX = "DLRM_"
@@ -211,6 +212,9 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
             raise bad("model", "required (the model artifact directory) unless every engine is 'null'")
         if not (Path(cfg.model) / "meta.json").is_file():
             raise bad("model", f"{cfg.model!r} is not an artifact directory (no meta.json)")
+        problem = artifact_meta_problem(cfg.model)
+        if problem is not None:
+            raise bad("model", problem)
     for name, path in cfg.datasets.items():
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise bad("datasets", f"dataset name {name!r}: use letters, digits, '-', '_', '.'")

@@ -84,3 +84,18 @@ def model_table_rows(artifact: str) -> tuple[int, ...] | None:
     if not meta.is_file():
         return None
     return tuple(int(r) for r in json.loads(meta.read_text())["table_rows"])
+
+
+def artifact_meta_problem(artifact: str) -> str | None:
+    """What is wrong with an artifact's meta.json, naming the file (None when it is readable and has
+    a table_rows list); the full checks run when an engine opens the artifact."""
+    meta = Path(artifact) / "meta.json"
+    try:
+        raw = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{meta}: unreadable ({exc})"
+    rows = raw.get("table_rows") if isinstance(raw, dict) else None
+    if not (isinstance(rows, list) and rows and all(
+            isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in rows)):
+        return f"{meta}: no valid 'table_rows' list of positive integers"
+    return None

@@ -28,6 +28,7 @@ from daemon import protocol as P
 from daemon.batcher import Batch, Batcher, Query, fill_slot
 from daemon.config import DaemonConfig
 from daemon.datasets import DatasetEntry, model_table_rows, open_dataset
+from daemon.peers import PeerWatch
 from daemon.requests import RequestHandler
 from daemon.security import maybe_server_curve, remove_stale_sockets
 from daemon.shm import remove_stale, run_prefix
@@ -127,6 +128,7 @@ class Dispatcher(RequestHandler):
             self.router.bind(self.cfg.endpoint)
         except zmq.ZMQError as exc:
             raise StartupError(exitcodes.RUNTIME_FAILURE, f"cannot bind {self.cfg.endpoint}: {exc}") from None
+        self.peers = PeerWatch(self.router)  # drops queued work of clients that disconnect
         self.sup = Supervisor(self.cfg, self.ctx, self.loop, self, run_prefix())
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
@@ -182,6 +184,8 @@ class Dispatcher(RequestHandler):
             self.sup.stop_all()
         if hasattr(self, "router"):
             self.loop.remove_reader(self.router.getsockopt(zmq.FD))
+            if hasattr(self, "peers"):
+                self.peers.close()
             self.router.close(linger=1000)
             if getattr(self, "_curve", None) is not None:
                 self._curve.close()  # its ZAP socket lives on this context: close it before term
@@ -224,6 +228,9 @@ class Dispatcher(RequestHandler):
         self._io_scheduled = False
         if self._closed:
             return
+        gone = self.peers.take_gone()
+        if gone:
+            self.totals["cancelled_disconnected"] += self.batcher.drop_clients(set(gone))
         recv = self.router.recv
         t_end = time.monotonic() + _PASS_BUDGET_S
         for i in range(_DRAIN_ROUTER_MAX):
@@ -233,6 +240,7 @@ class Dispatcher(RequestHandler):
                 break
             while frames[-1].more:
                 frames.append(recv(_NOBLOCK, copy=False))
+            self.peers.note(frames)
             self._handle(frames)
             if i & 15 == 15 and time.monotonic() > t_end:
                 break  # let engine messages and timers in (large by-value requests)

@@ -61,6 +61,9 @@ class DaemonConfig:
     heartbeat_interval_s: float = field(default=0.2, metadata=_h("engine heartbeat period"))
     heartbeat_timeout_s: float = field(default=1.0, metadata=_h(
         "an engine silent this long is declared hung and restarted"))
+    batch_timeout_s: float = field(default=10.0, metadata=_h(
+        "an engine whose oldest in-flight batch has run this long is declared hung and restarted "
+        "(its batches are retried once on another engine), even while it still heartbeats"))
     drain_timeout_s: float = field(default=10.0, metadata=_h("on SIGTERM, time allowed to finish accepted work"))
     restart_backoff_s: float = field(default=1.0, metadata=_h(
         "first delay before restarting a failed engine; doubles per consecutive failure (max 60 s)"))
@@ -184,7 +187,7 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
                 "max_message_bytes"):
         if getattr(cfg, key) <= 0:
             raise bad(key, f"must be positive, got {getattr(cfg, key)}")
-    for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "restart_backoff_s"):
+    for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "restart_backoff_s", "batch_timeout_s"):
         if not getattr(cfg, key) > 0:
             raise bad(key, f"must be > 0 seconds, got {getattr(cfg, key)}")
     for key in ("max_queue_delay_s", "drain_timeout_s"):

@@ -199,16 +199,21 @@ class Dispatcher(RequestHandler):
             os.close(self._lock_fd)
 
     async def _ticker(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(_TICK_S)
             now = time.monotonic()
-            self.sup.check_heartbeats(now)
+            # A tick that comes late means this loop was stalled (a long pass, GC, no core free):
+            # engines are not blamed for the time in which the dispatcher could not listen.
+            late = now - last - _TICK_S
+            last = now
+            self.sup.check_heartbeats(now, stalled_s=late if late > _TICK_S else 0.0)
             if not self._rate_marks or now - self._rate_marks[-1][0] >= 1.0:
                 t = self.totals
                 self._rate_marks.append((now, t["queries"], t["samples"], t["pairs"], t["batches"]))
             wd = self.notifier.watchdog_interval_s() if self.notifier is not None else None
             if wd and now - self._last_watchdog >= wd / 2 and self.sup.all_heartbeats_recent(now):
-                self.notifier.watchdog()
+                self._notify("watchdog")
                 self._last_watchdog = now
             if self.metrics is not None:
                 self.metrics.set_queue_depth(self.batcher.queued_queries, self.batcher.queued_pairs)
@@ -228,6 +233,10 @@ class Dispatcher(RequestHandler):
         self._io_scheduled = False
         if self._closed:
             return
+        # Engines first: their BatchDone frees slots and their heartbeats must not wait behind a
+        # burst of client requests.
+        for e in self.sup.engines:
+            self.sup.drain(e)
         gone = self.peers.take_gone()
         if gone:
             self.totals["cancelled_disconnected"] += self.batcher.drop_clients(set(gone))
@@ -368,6 +377,8 @@ class Dispatcher(RequestHandler):
         b, slot, sent, assembly = entry
         now = time.monotonic()
         e.batches_done += 1
+        e.hot_lookups += msg.hot_lookups
+        e.cold_lookups += msg.cold_lookups
         self.totals["batches"] += 1
         preds = e.region.slots[slot].out[:b.num_pairs]
         by_client: dict[bytes, list[tuple[Query, np.ndarray, int]]] = {}

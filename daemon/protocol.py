@@ -106,6 +106,13 @@ class EngineStatus(msgspec.Struct, frozen=True):
     last_heartbeat_age_s: float | None
     device_memory_bytes: int
     last_error: str
+    # Added fields (defaults keep older peers decodable): embedding lookups served from device
+    # memory (hot) and host memory (cold) since start, hot / (hot + cold), and the age of the
+    # engine's oldest in-flight batch (the batch_timeout_s clock).
+    hot_lookups: int = 0
+    cold_lookups: int = 0
+    hot_ratio: float | None = None
+    oldest_batch_s: float | None = None
 
 
 class Status(_Msg):
@@ -165,6 +172,9 @@ class Heartbeat(_Msg):
     seq: int
     busy_s: float  # how long the current batch has been running (0 when idle)
     batches_done: int
+    # The engine's time.monotonic() when sent: CLOCK_MONOTONIC is one clock for every process of
+    # a host, so the dispatcher can tell a late read (its own stall) from a late send.
+    sent_at: float = 0.0
 
 
 class EngineReady(_Msg):

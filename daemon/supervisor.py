@@ -2,8 +2,15 @@
 
 The dispatcher owns the event loop; this module owns each engine's process, control socket and
 shared-memory region, and tells the dispatcher (through `EngineEvents`) what happened. An engine is
-declared lost when its process exits (seen at once through its sentinel) or, once ready, when no
-heartbeat came for `heartbeat_timeout_s` (hung: it is then killed).
+declared lost when its process exits (seen at once through its sentinel) or, once ready, when it is
+hung (it is then killed):
+  * silent: nothing (heartbeat or any other message) came for `heartbeat_timeout_s`, after draining
+    its socket, while the dispatcher itself was running (time the dispatcher's own loop stalled is not
+    counted against the engine), and the process made no CPU progress meanwhile (a process that
+    burns CPU while its heartbeats are late is starved, e.g. of the GIL or of cores, not hung; it
+    gets up to `batch_timeout_s` more before it is declared hung anyway);
+  * stuck: its oldest in-flight batch has run for `batch_timeout_s` (a backend call that never
+    returns while the process still heartbeats).
 """
 from __future__ import annotations
 
@@ -25,6 +32,22 @@ from daemon.shm import Region
 log = logging.getLogger("dlrm.supervisor")
 _MAX_BACKOFF_S = 60.0
 _STABLE_S = 30.0  # a run this long resets the backoff
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a running process in clock ticks, or None (gone, stopped, zombie, not Linux).
+
+    A stopped (SIGSTOP) or zombie process counts as making no progress."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()  # the command name may hold spaces and ')'
+    if not fields or fields[0] in (b"T", b"t", b"Z", b"X"):
+        return None
+    return int(fields[11]) + int(fields[12])
 
 
 class EngineEvents(Protocol):
@@ -48,8 +71,14 @@ class Engine:
         self.endpoint = ""
         self.generation = 0
         self.free_slots: list[int] = []
-        self.inflight: dict[int, tuple[Batch, int, float]] = {}  # batch_id -> (batch, slot, sent at)
-        self.last_heartbeat = 0.0
+        # batch_id -> (batch, slot, sent at, assembly seconds); dicts keep insertion order: oldest first
+        self.inflight: dict[int, tuple[Batch, int, float, float]] = {}
+        self.last_heartbeat = 0.0  # when the dispatcher last received anything from the engine
+        self.last_beat_sent = 0.0  # the engine's own send time of its last heartbeat
+        self.cpu_mark: tuple[float, int] | None = None  # (when, process CPU ticks) while silent
+        self.starved_since = 0.0  # silent but burning CPU since then (0: not so)
+        self.hot_lookups = 0
+        self.cold_lookups = 0
         self.started_at = 0.0
         self.ready_at = 0.0
         self.restarts = 0
@@ -124,6 +153,8 @@ class Supervisor:
         e.proc = proc
         e.state = "starting"
         e.started_at = e.last_heartbeat = time.monotonic()
+        e.cpu_mark = None
+        e.starved_since = 0.0
         e.free_slots = list(range(self.config.inflight_batches))
         self.loop.add_reader(sock.getsockopt(zmq.FD), self._readable, e, e.generation)
         self.loop.add_reader(proc.sentinel, self._exited, e, e.generation)
@@ -170,13 +201,60 @@ class Supervisor:
             e.proc.join(timeout=1.0)
             self.lose(e, f"engine process {e.pid} exited with code {e.proc.exitcode}")
 
-    def check_heartbeats(self, now: float) -> None:
+    def check_heartbeats(self, now: float, stalled_s: float = 0.0) -> None:
+        """Declare hung engines lost. `stalled_s`: how long the dispatcher's own loop was late for
+        this check; an engine is not blamed for time in which the dispatcher could not listen."""
+        timeout = self.config.heartbeat_timeout_s
         for e in self.engines:
-            if e.ready and now - e.last_heartbeat > self.config.heartbeat_timeout_s:
-                self.drain(e)  # a busy dispatcher may not have read the engine's heartbeats yet
+            if not e.ready:
+                continue
+            if stalled_s > 0.0:
+                e.last_heartbeat = min(now, e.last_heartbeat + stalled_s)
+            if e.inflight and now - next(iter(e.inflight.values()))[2] > self.config.batch_timeout_s:
+                self.drain(e)  # its BatchDone may be waiting unread
                 now = time.monotonic()
-            if e.ready and now - e.last_heartbeat > self.config.heartbeat_timeout_s:
-                self.lose(e, f"no heartbeat for {now - e.last_heartbeat:.2f} s (hung)")
+                if e.ready and e.inflight:
+                    b, _, sent, _ = next(iter(e.inflight.values()))
+                    age = now - sent
+                    if age > self.config.batch_timeout_s:
+                        self.lose(e, f"batch {b.batch_id} ({b.num_pairs} pairs) running for {age:.2f} s, "
+                                     f"more than batch_timeout_s={self.config.batch_timeout_s} (hung)")
+                        continue
+            silent = now - e.last_heartbeat
+            if silent <= timeout / 2:
+                e.cpu_mark = None
+                e.starved_since = 0.0
+                continue
+            if e.cpu_mark is None:  # half the timeout silent: note its CPU time to compare later
+                ticks = process_cpu_ticks(e.pid) if e.pid else None
+                e.cpu_mark = None if ticks is None else (now, ticks)
+            if silent <= timeout:
+                continue
+            self.drain(e)  # a busy dispatcher may not have read the engine's messages yet
+            now = time.monotonic()
+            silent = now - e.last_heartbeat
+            if not e.ready or silent <= timeout or self._starved(e, now):
+                continue
+            self.lose(e, f"no heartbeat for {silent:.2f} s (hung)")
+
+    def _starved(self, e: Engine, now: float) -> bool:
+        """Silent past the timeout, but its process used CPU over the last half timeout: late (short
+        of the GIL or of cores), not hung, for up to batch_timeout_s more."""
+        ticks = process_cpu_ticks(e.pid) if e.pid else None
+        if ticks is None or e.cpu_mark is None:
+            return False
+        t0, k0 = e.cpu_mark
+        if ticks == k0:
+            # No CPU used: hung once the window is long enough to have seen some (ticks are 10 ms).
+            return now - t0 < self.config.heartbeat_timeout_s / 2
+        if now - t0 >= self.config.heartbeat_timeout_s / 2:
+            e.cpu_mark = (now, ticks)  # next window
+        if not e.starved_since:
+            e.starved_since = now
+            log.warning("engine %s: no message for %.2f s, but its process is running (%.2f s of CPU "
+                        "in %.2f s): starved, not hung; waiting up to batch_timeout_s=%.1f s", e.name,
+                        now - e.last_heartbeat, (ticks - k0) / _CLK_TCK, now - t0, self.config.batch_timeout_s)
+        return now - e.starved_since <= self.config.batch_timeout_s
 
     def all_heartbeats_recent(self, now: float) -> bool:
         return all(e.ready and now - e.last_heartbeat <= self.config.heartbeat_timeout_s
@@ -201,6 +279,9 @@ class Supervisor:
             except Exception as exc:
                 self.lose(e, f"undecodable control message: {exc}")
                 return
+            if isinstance(msg, P.Heartbeat):
+                e.last_beat_sent = msg.sent_at
+                continue  # nothing else to do with it: keep it off the dispatcher's handler
             try:
                 self.events.on_control(e, msg)
             except Exception:  # keep draining: one bad message must not stall the engine's socket

@@ -1,6 +1,8 @@
 """Backend factory: "cpu" -> CpuBackend, "cuda:N" -> GpuBackend (imported only when asked for).
 
-CpuBackend takes (artifact_path, gpu_part, device); GpuBackend takes (device, artifact_path, gpu_part).
+CpuBackend takes (artifact_path, gpu_part, device); GpuBackend takes (device, artifact_path, gpu_part,
+max_batch_pairs): the daemon passes its own max_batch_pairs so that a GPU engine runs the daemon's
+batches whole (GpuBackend would otherwise cut them at its default of 65,536 pairs).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 from engines.backend import EngineBackend
 
 
-def create_backend(device: str, artifact_path: Path | str, gpu_part: float) -> EngineBackend:
+def create_backend(device: str, artifact_path: Path | str, gpu_part: float,
+                   max_batch_pairs: int | None = None) -> EngineBackend:
     if device == "cpu":
         from engines.cpu_backend import CpuBackend
 
@@ -20,5 +23,7 @@ def create_backend(device: str, artifact_path: Path | str, gpu_part: float) -> E
             from engines.gpu_backend import GpuBackend
         except ImportError as exc:
             raise ValueError(f"device {device}: the GPU backend is unavailable ({exc})") from exc
-        return GpuBackend(device, artifact_path, gpu_part)
+        if max_batch_pairs is None:
+            return GpuBackend(device, artifact_path, gpu_part)
+        return GpuBackend(device, artifact_path, gpu_part, max_batch_pairs=max_batch_pairs)
     raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda:N'")

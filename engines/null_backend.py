@@ -5,13 +5,18 @@ came back to the right query in the right place, however the dispatcher cut and 
   by reference: pair p of the dataset gets (p mod 2**20) / 2**20;
   by value:     a pair's prediction is its dense[:, 0].
 Environment (test and benchmark hooks, read at start):
-  DLRM_NULL_DELAY_S  seconds to sleep per batch (tests of batching, deadlines and draining);
+  DLRM_NULL_DELAY_S  seconds to sleep per batch (tests of batching, deadlines and draining); the
+                     sleep releases the GIL, so heartbeats go on: a batch stuck in a backend call;
+  DLRM_NULL_GIL_S    seconds to compute per batch while holding the GIL (a GIL-heavy backend that
+                     starves the engine's heartbeat thread, though the process is alive);
+                     both skip the first batch (the engine's warm-up at load): they model serving.
   DLRM_NULL_FILL=0   by reference, leave the output slot as it is: the dispatcher benchmark measures
                      the dispatcher's ceiling, not numpy writing predictions.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +42,8 @@ class NullBackend:
         self.device = device
         self._datasets: dict[str, Path] = {}
         self._delay_s = float(os.environ.get("DLRM_NULL_DELAY_S", "0") or 0)
+        self._gil_s = float(os.environ.get("DLRM_NULL_GIL_S", "0") or 0)
+        self._warm = False
         self._fill = os.environ.get("DLRM_NULL_FILL", "1") != "0"
         self._arange = np.arange(0, dtype=np.int32)
 
@@ -50,8 +57,7 @@ class NullBackend:
     ) -> BatchStats:
         if dataset not in self._datasets:
             raise KeyError(f"dataset {dataset!r} is not registered in this engine")
-        if self._delay_s:
-            time.sleep(self._delay_s)
+        self._stall()
         if self._fill and len(out):
             # pair index = start of its range + position in the range, in int32 modulo 2**20
             counts = np.asarray(pair_counts, dtype=np.int64)
@@ -65,10 +71,27 @@ class NullBackend:
         return BatchStats(hot_lookups=26 * len(out), cold_lookups=0)
 
     def infer_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:
-        if self._delay_s:
-            time.sleep(self._delay_s)
+        self._stall()
         out[:] = dense[:, 0]
         return BatchStats(hot_lookups=26 * len(out), cold_lookups=0)
+
+    def _stall(self) -> None:
+        if not self._warm:
+            self._warm = True
+            return
+        if self._delay_s:
+            time.sleep(self._delay_s)
+        if self._gil_s:
+            # A long switch interval keeps the GIL with this thread while it spins (Python code
+            # would otherwise hand it over every 5 ms): other threads of the process stall.
+            old = sys.getswitchinterval()
+            sys.setswitchinterval(self._gil_s + 1.0)
+            try:
+                end = time.monotonic() + self._gil_s
+                while time.monotonic() < end:
+                    pass
+            finally:
+                sys.setswitchinterval(old)
 
     def device_memory_bytes(self) -> int:
         return 0

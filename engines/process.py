@@ -33,7 +33,8 @@ EXIT_ORPHANED = 1
 _WARMUP_PAIRS = 1024
 
 
-def create_backend(device: str, artifact: str, gpu_part: float) -> EngineBackend:
+def create_backend(device: str, artifact: str, gpu_part: float,
+                   max_batch_pairs: int | None = None) -> EngineBackend:
     """'null' selects the null backend here; every real device goes through engines.factory."""
     if device == "null":
         from engines.null_backend import NullBackend
@@ -41,7 +42,7 @@ def create_backend(device: str, artifact: str, gpu_part: float) -> EngineBackend
         return NullBackend(device, artifact)
     from engines.factory import create_backend as factory_create
 
-    return factory_create(device, Path(artifact), gpu_part)
+    return factory_create(device, Path(artifact), gpu_part, max_batch_pairs=max_batch_pairs)
 
 
 class _Worker(threading.Thread):
@@ -61,7 +62,8 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         try:
-            backend = create_backend(self.spec.device, self.spec.artifact, self.spec.gpu_part)
+            backend = create_backend(self.spec.device, self.spec.artifact, self.spec.gpu_part,
+                                     self.spec.max_batch_pairs)
             for name, path in self.spec.datasets.items():
                 backend.register_dataset(name, Path(path))
             n = min(_WARMUP_PAIRS, self.spec.max_batch_pairs)
@@ -127,15 +129,20 @@ def run_engine(spec: P.EngineSpec) -> int:
     next_hb = 0.0
     seq = 0
     code = 0
+
+    def heartbeat(now: float) -> None:
+        nonlocal seq, next_hb
+        busy = worker.busy_since
+        ctrl.send(P.encode(P.Heartbeat(seq=seq, busy_s=now - busy if busy else 0.0,
+                                       batches_done=worker.batches_done, sent_at=now)))
+        seq += 1
+        next_hb = now + spec.heartbeat_interval_s
+
     try:
         while True:
             now = time.monotonic()
             if now >= next_hb:
-                busy = worker.busy_since
-                ctrl.send(P.encode(P.Heartbeat(seq=seq, busy_s=now - busy if busy else 0.0,
-                                               batches_done=worker.batches_done)))
-                seq += 1
-                next_hb = now + spec.heartbeat_interval_s
+                heartbeat(now)
                 if os.getppid() != spec.parent_pid:
                     log.error("engine %s: dispatcher is gone, exiting", spec.name)
                     code = EXIT_ORPHANED
@@ -148,6 +155,10 @@ def run_engine(spec: P.EngineSpec) -> int:
                     except zmq.Again:
                         break
                     ctrl.send(data)
+                    # Relaying can go on for long under load (every pyzmq call gives up the GIL to
+                    # a busy work thread): keep the heartbeat due time inside this loop too.
+                    if (now := time.monotonic()) >= next_hb:
+                        heartbeat(now)
                     if isinstance(P.control_decoder.decode(data), P.EngineFailed):
                         code = EXIT_LOAD_FAILED
                 if code:

@@ -1,0 +1,77 @@
+"""When is an engine hung? Real daemon, real null engine processes (no timing assertions).
+
+* An engine whose heartbeats stop because its own work thread holds the GIL (the process is alive
+  and computing) is late, not hung: its batch must complete, with no restart.
+* An engine whose batch never returns (a backend call that sleeps with the GIL released, so
+  heartbeats go on) is hung once the batch passes batch_timeout_s: ENGINE_FAILED, then a restart.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.errors import EngineFailed
+from test_daemon_support import DaemonProc, expected_null_by_ref, make_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, Path]:
+    d = tmp_path_factory.mktemp("dslive")
+    sizes = np.random.default_rng(5).integers(1, 300, size=40)
+    ds = make_dataset(d / "ds", sizes)
+    art = d / "art"
+    art.mkdir()
+    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    return ds, np.concatenate([[0], np.cumsum(sizes)]), art
+
+
+def test_gil_starved_engine_is_not_declared_hung(data: tuple[Path, np.ndarray, Path]) -> None:
+    ds, offsets, art = data
+    # Every batch holds the engine's GIL for 1.5 s: no heartbeat can leave for 3x the timeout.
+    d = DaemonProc({"engines": ["null"], "model": str(art), "datasets": {"ds": str(ds)},
+                    "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 0.5, "batch_timeout_s": 20.0},
+                   env={"DLRM_NULL_GIL_S": "1.5"})
+    try:
+        d.wait_serving()
+        ids = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int64)
+        with d.client(timeout_s=30) as c:
+            got = c.infer_by_ref("ds", ids)
+            np.testing.assert_array_equal(got, expected_null_by_ref(offsets, ids))
+            dense = np.random.default_rng(0).random((100, 13), dtype=np.float32)
+            sparse = np.zeros((100, 26), np.int32)
+            np.testing.assert_array_equal(c.infer_by_value(dense, sparse), dense[:, 0])
+        e0 = d.status()["engines"][0]
+        assert e0["restarts"] == 0 and e0["state"] == "ready", (e0, d.log())
+        assert "starved, not hung" in d.log()  # the silence was seen, and judged
+        # Status: per-engine lookup totals (the null engine reports every lookup as hot).
+        pairs = int(sum(offsets[i + 1] - offsets[i] for i in ids)) + 100
+        assert e0["hot_lookups"] == 26 * pairs and e0["cold_lookups"] == 0 and e0["hot_ratio"] == 1.0
+        assert e0["oldest_batch_s"] is None
+    finally:
+        d.terminate()
+
+
+def test_stuck_batch_passes_batch_timeout(data: tuple[Path, np.ndarray, Path]) -> None:
+    ds, offsets, art = data
+    # The batch sleeps (GIL released): heartbeats keep coming, only the batch clock can tell.
+    d = DaemonProc({"engines": ["null"], "model": str(art), "datasets": {"ds": str(ds)},
+                    "batch_timeout_s": 0.6}, env={"DLRM_NULL_DELAY_S": "30"})
+    try:
+        first = d.wait_serving()["engines"][0]
+        with d.client(timeout_s=20) as c:
+            with pytest.raises(EngineFailed, match="batch_timeout_s"):
+                c.infer_by_ref("ds", np.arange(5))
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            e0 = d.status()["engines"][0]
+            if e0["state"] == "ready" and e0["pid"] != first["pid"]:
+                break
+            time.sleep(0.1)
+        assert e0["restarts"] == 1 and e0["pid"] != first["pid"], e0
+        assert "more than batch_timeout_s=0.6" in e0["last_error"], e0
+    finally:
+        d.terminate()

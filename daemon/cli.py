@@ -114,6 +114,11 @@ def status(argv: Sequence[str]) -> int:
         print(f"{e['name']:<10} {e['device']:<8} {e['state']:<9} {e['pid']:>7} {e['gpu_part']:>8.2f} "
               f"{e['inflight']:>8} {e['restarts']:>8} {e['batches_done']:>9} {age:>8} "
               f"{e['device_memory_bytes'] / 1e6:>10.1f}")
+        hot, cold = e.get("hot_lookups", 0), e.get("cold_lookups", 0)
+        ratio = "-" if e.get("hot_ratio") is None else f"{100 * e['hot_ratio']:.2f}%"
+        oldest = "" if e.get("oldest_batch_s") is None else f"; oldest batch in flight {e['oldest_batch_s']:.3f} s"
+        print(f"    lookups: {hot:,} hot (device memory), {cold:,} cold (host memory), hot-row hit ratio "
+              f"{ratio}{oldest}")
         if e["last_error"]:
             print(f"    last error: {e['last_error']}")
     print(f"queue: {st['queue_queries']} queries, {st['queue_pairs']} pairs; "

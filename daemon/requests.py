@@ -204,7 +204,11 @@ class RequestHandler:
             gpu_part=self.cfg.embedding_weights_on_gpu_part if e.device.startswith("cuda") else 0.0,
             inflight=len(e.inflight), restarts=e.restarts, batches_done=e.batches_done,
             last_heartbeat_age_s=(now - e.last_heartbeat) if e.state in ("ready", "starting") else None,
-            device_memory_bytes=e.device_memory_bytes, last_error=e.last_error) for e in self.sup.engines]
+            device_memory_bytes=e.device_memory_bytes, last_error=e.last_error,
+            hot_lookups=e.hot_lookups, cold_lookups=e.cold_lookups,
+            hot_ratio=e.hot_lookups / (e.hot_lookups + e.cold_lookups) if e.hot_lookups + e.cold_lookups else None,
+            oldest_batch_s=now - next(iter(e.inflight.values()))[2] if e.inflight else None)
+            for e in self.sup.engines]
         rates: dict[str, float] = {}
         t = self.totals
         if self._rate_marks:

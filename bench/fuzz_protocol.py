@@ -152,7 +152,8 @@ def main() -> int:
                 if c.status()["state"] == "serving":
                     break
         except DaemonError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)

@@ -203,7 +203,8 @@ def main() -> int:
                 if c.status()["state"] == "serving":
                     break
         except DaemonError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     stop = threading.Event()
     load = Load(endpoint, stop, args.ref_qps, args.value_qps)
     load.start()

@@ -32,22 +32,29 @@ from daemon.shm import Region
 log = logging.getLogger("dlrm.supervisor")
 _MAX_BACKOFF_S = 60.0
 _STABLE_S = 30.0  # a run this long resets the backoff
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+def process_progress_ns(pid: int) -> int | None:
+    """CPU time plus run-queue wait of all of a process's threads, in ns (Linux schedstat), or None
+    if the process is gone, stopped (SIGSTOP), a zombie, or this is not Linux.
 
-
-def process_cpu_ticks(pid: int) -> int | None:
-    """utime + stime of a running process in clock ticks, or None (gone, stopped, zombie, not Linux).
-
-    A stopped (SIGSTOP) or zombie process counts as making no progress."""
+    Either part growing means the process is alive: computing, or runnable and waiting for a core.
+    A deadlocked or stopped process grows neither."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+            stat = f.read()
+        state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]  # the name may hold spaces and ')'
+        if state in (b"T", b"t", b"Z", b"X"):
+            return None
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    cpu, wait = f.read().split()[:2]
+                total += int(cpu) + int(wait)
+            except (OSError, ValueError):
+                continue  # a thread that just ended
+        return total
     except OSError:
         return None
-    fields = data[data.rfind(b")") + 2:].split()  # the command name may hold spaces and ')'
-    if not fields or fields[0] in (b"T", b"t", b"Z", b"X"):
-        return None
-    return int(fields[11]) + int(fields[12])
 
 
 class EngineEvents(Protocol):
@@ -75,7 +82,7 @@ class Engine:
         self.inflight: dict[int, tuple[Batch, int, float, float]] = {}
         self.last_heartbeat = 0.0  # when the dispatcher last received anything from the engine
         self.last_beat_sent = 0.0  # the engine's own send time of its last heartbeat
-        self.cpu_mark: tuple[float, int] | None = None  # (when, process CPU ticks) while silent
+        self.cpu_mark: tuple[float, int] | None = None  # (when, process_progress_ns) while silent
         self.starved_since = 0.0  # silent but burning CPU since then (0: not so)
         self.hot_lookups = 0
         self.cold_lookups = 0
@@ -225,8 +232,8 @@ class Supervisor:
                 e.cpu_mark = None
                 e.starved_since = 0.0
                 continue
-            if e.cpu_mark is None:  # half the timeout silent: note its CPU time to compare later
-                ticks = process_cpu_ticks(e.pid) if e.pid else None
+            if e.cpu_mark is None:  # half the timeout silent: note its progress to compare later
+                ticks = process_progress_ns(e.pid) if e.pid else None
                 e.cpu_mark = None if ticks is None else (now, ticks)
             if silent <= timeout:
                 continue
@@ -238,22 +245,22 @@ class Supervisor:
             self.lose(e, f"no heartbeat for {silent:.2f} s (hung)")
 
     def _starved(self, e: Engine, now: float) -> bool:
-        """Silent past the timeout, but its process used CPU over the last half timeout: late (short
-        of the GIL or of cores), not hung, for up to batch_timeout_s more."""
-        ticks = process_cpu_ticks(e.pid) if e.pid else None
+        """Silent past the timeout, but its process computed or waited for a core over the last half
+        timeout: late (short of the GIL or of cores), not hung, for up to batch_timeout_s more."""
+        ticks = process_progress_ns(e.pid) if e.pid else None
         if ticks is None or e.cpu_mark is None:
             return False
         t0, k0 = e.cpu_mark
         if ticks == k0:
-            # No CPU used: hung once the window is long enough to have seen some (ticks are 10 ms).
-            return now - t0 < self.config.heartbeat_timeout_s / 2
+            return False  # neither ran nor waited to run for half a timeout: blocked for good
         if now - t0 >= self.config.heartbeat_timeout_s / 2:
             e.cpu_mark = (now, ticks)  # next window
         if not e.starved_since:
             e.starved_since = now
-            log.warning("engine %s: no message for %.2f s, but its process is running (%.2f s of CPU "
-                        "in %.2f s): starved, not hung; waiting up to batch_timeout_s=%.1f s", e.name,
-                        now - e.last_heartbeat, (ticks - k0) / _CLK_TCK, now - t0, self.config.batch_timeout_s)
+            log.warning("engine %s: no message for %.2f s, but its process is running (%.1f ms of CPU "
+                        "or run-queue wait in %.2f s): starved, not hung; waiting up to batch_timeout_s="
+                        "%.1f s", e.name, now - e.last_heartbeat, (ticks - k0) / 1e6, now - t0,
+                        self.config.batch_timeout_s)
         return now - e.starved_since <= self.config.batch_timeout_s
 
     def all_heartbeats_recent(self, now: float) -> bool:

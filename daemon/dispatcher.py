@@ -207,6 +207,8 @@ class Dispatcher(RequestHandler):
             # engines are not blamed for the time in which the dispatcher could not listen.
             late = now - last - _TICK_S
             last = now
+            if late > self.cfg.heartbeat_timeout_s / 2:
+                log.warning("dispatcher loop stalled for %.2f s (not counted against engines)", late)
             self.sup.check_heartbeats(now, stalled_s=late if late > _TICK_S else 0.0)
             if not self._rate_marks or now - self._rate_marks[-1][0] >= 1.0:
                 t = self.totals

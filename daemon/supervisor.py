@@ -242,7 +242,9 @@ class Supervisor:
             silent = now - e.last_heartbeat
             if not e.ready or silent <= timeout or self._starved(e, now):
                 continue
-            self.lose(e, f"no heartbeat for {silent:.2f} s (hung)")
+            sent = f"{now - e.last_beat_sent:.2f} s ago" if e.last_beat_sent else "never"
+            self.lose(e, f"no heartbeat for {silent:.2f} s (hung: last heartbeat sent {sent}, "
+                         f"no CPU or run-queue progress)")
 
     def _starved(self, e: Engine, now: float) -> bool:
         """Silent past the timeout, but its process computed or waited for a core over the last half

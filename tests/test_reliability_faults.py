@@ -136,7 +136,8 @@ def test_dispatcher_killed_next_start_cleans_up(tmp_path: Path) -> None:
         _wait(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()
                               .split(")")[-1].split()[0] for p in pids), 10, "engines to exit")
         old_socks = sorted(p.name for p in Path(d.rt).glob("engine-*.sock"))
-        assert old_socks and len(list_regions(d.proc.pid)) == 2
+        # (its regions may already be gone: any daemon starting meanwhile removes regions of dead owners)
+        assert old_socks == ["engine-00-000001.sock", "engine-01-000001.sock"], old_socks
         # A second daemon on the same runtime dir: the lock is free (the holder died) and leftovers go.
         d2 = DaemonProc({"engines": ["null"], "runtime_dir": d.rt, "endpoint": f"ipc://{d.rt}/dlrm.sock"})
         d2.endpoint = f"ipc://{d.rt}/dlrm.sock"

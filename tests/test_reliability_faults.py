@@ -84,7 +84,7 @@ def test_loadgen_server_run_survives_engine_kill_and_hang(tmp_path: Path) -> Non
     e0, e1 = st["engines"][0], st["engines"][1]
     assert e0["pid"] != engines[0]["pid"] and e0["restarts"] >= 1
     assert e1["pid"] != engines[1]["pid"] and e1["restarts"] >= 1
-    assert noticed_s < 0.8 + 1.0, noticed_s  # heartbeat_timeout_s 0.8 (DaemonProc) + status polling
+    assert noticed_s < 5.0, noticed_s  # heartbeat_timeout_s 0.8 (DaemonProc); slack for a loaded CI host
     print(f"server run: rc={driver.returncode} errors={errors} samples; hang noticed after {noticed_s:.2f} s; "
           f"totals={st['totals']}")
 
@@ -121,7 +121,7 @@ def test_killed_driver_work_is_dropped_others_served(tmp_path: Path) -> None:
             ids = np.array([5, 7])
             t0 = time.monotonic()
             np.testing.assert_array_equal(c.infer_by_ref("ds", ids), expected_null_by_ref(offsets, ids))
-            assert time.monotonic() - t0 < 2.0  # served now, not after the dead client's backlog
+            assert time.monotonic() - t0 < 5.0  # now, not after the dead client's ~15 s backlog
     finally:
         assert d.terminate() == 0
 

@@ -32,28 +32,41 @@ from daemon.shm import Region
 log = logging.getLogger("dlrm.supervisor")
 _MAX_BACKOFF_S = 60.0
 _STABLE_S = 30.0  # a run this long resets the backoff
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def process_progress_ns(pid: int) -> int | None:
     """CPU time plus run-queue wait of all of a process's threads, in ns (Linux schedstat), or None
     if the process is gone, stopped (SIGSTOP), a zombie, or this is not Linux.
 
     Either part growing means the process is alive: computing, or runnable and waiting for a core.
-    A deadlocked or stopped process grows neither."""
+    A deadlocked or stopped process grows neither. Without schedstat (some kernels, gVisor), the
+    process's CPU time from /proc/PID/stat (10 ms ticks) stands in."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]  # the name may hold spaces and ')'
-        if state in (b"T", b"t", b"Z", b"X"):
-            return None
-        total = 0
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                    cpu, wait = f.read().split()[:2]
-                total += int(cpu) + int(wait)
-            except (OSError, ValueError):
-                continue  # a thread that just ended
-        return total
     except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()  # the command name may hold spaces and ')'
+    if not fields or fields[0] in (b"T", b"t", b"Z", b"X"):
+        return None
+    total = 0
+    seen = False
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                cpu, wait = f.read().split()[:2]
+            total += int(cpu) + int(wait)
+            seen = True
+        except (OSError, ValueError):
+            continue  # a thread that just ended, or no schedstat here
+    if seen:
+        return total
+    try:
+        return (int(fields[11]) + int(fields[12])) * (1_000_000_000 // _CLK_TCK)
+    except (IndexError, ValueError):
         return None
 
 

@@ -83,7 +83,7 @@ def _keygen(d: Path, name: str) -> tuple[Path, Path]:
 
 
 @pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
-def test_curve_authorized_client_served_others_refused(tmp_path: Path) -> None:
+def test_curve_authorized_client_served_others_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     keys = tmp_path / "keys"
     authorized = tmp_path / "authorized"
     authorized.mkdir()
@@ -120,6 +120,11 @@ def test_curve_authorized_client_served_others_refused(tmp_path: Path) -> None:
             Client(ep, curve=ClientCurve(str(srv_pub), str(cli_pub)))  # public file: no secret inside
         with Client(ep, timeout_s=5, curve=good) as c:  # still serving the authorized one
             assert c.status()["totals"]["queries"] == 1
+        # Keys from the environment (how loadgen_driver's clients get them).
+        monkeypatch.setenv("DLRM_CURVE_SERVER_KEY", str(srv_pub))
+        monkeypatch.setenv("DLRM_CURVE_CLIENT_KEY", str(cli_sec))
+        with Client(ep, timeout_s=5) as c:
+            assert c.status()["state"] == "serving"
     finally:
         assert d.terminate() == 0
 

@@ -51,11 +51,16 @@ def test_notify_metrics_and_status_command(tmp_path: Path) -> None:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'dlrm_queries_total{kind="by_ref",outcome="ok"} 3.0' in body
         assert 'dlrm_engine_up{engine="null0"} 1.0' in body
+        # One reply-stage observation per batch (3 queries sent one by one: 3 batches).
+        assert 'dlrm_stage_latency_seconds_count{stage="reply"} 3.0' in body
         out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--endpoint", d.endpoint],
                              capture_output=True, text=True, cwd=REPO, timeout=30,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
         assert out.returncode == 0, out.stderr
         assert "null0" in out.stdout and "ready" in out.stdout and "ds (3 samples)" in out.stdout
+        # Samples 0 and 2 are 5 + 9 pairs, asked 3 times; the null engine reports 26 hot lookups a pair.
+        assert f"lookups: {3 * 14 * 26:,} hot (device memory), 0 cold" in out.stdout, out.stdout
+        assert "hot-row hit ratio 100.00%" in out.stdout
         assert d.terminate() == 0
         collect(0.3)
     finally:

@@ -207,7 +207,7 @@ class RequestHandler:
             device_memory_bytes=e.device_memory_bytes, last_error=e.last_error,
             hot_lookups=e.hot_lookups, cold_lookups=e.cold_lookups,
             hot_ratio=e.hot_lookups / (e.hot_lookups + e.cold_lookups) if e.hot_lookups + e.cold_lookups else None,
-            oldest_batch_s=now - next(iter(e.inflight.values()))[2] if e.inflight else None)
+            oldest_batch_s=None if (head := e.oldest_batch(now)) is None else head[1])
             for e in self.sup.engines]
         rates: dict[str, float] = {}
         t = self.totals

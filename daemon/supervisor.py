@@ -97,6 +97,7 @@ class Engine:
         self.last_beat_sent = 0.0  # the engine's own send time of its last heartbeat
         self.cpu_mark: tuple[float, int] | None = None  # (when, process_progress_ns) while silent
         self.starved_since = 0.0  # silent but burning CPU since then (0: not so)
+        self.last_result_at = 0.0  # when its last BatchDone/BatchFailed arrived
         self.hot_lookups = 0
         self.cold_lookups = 0
         self.started_at = 0.0
@@ -113,6 +114,15 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+    def oldest_batch(self, now: float) -> tuple[Batch, float] | None:
+        """The batch the engine works on (its oldest in flight) and for how long: from its dispatch
+        or the engine's previous batch result, whichever is later (batches queued on the engine
+        behind a slow one do not run yet)."""
+        if not self.inflight:
+            return None
+        b, _, sent, _ = next(iter(self.inflight.values()))
+        return b, now - max(sent, self.last_result_at)
 
     @property
     def pid(self) -> int:
@@ -230,16 +240,15 @@ class Supervisor:
                 continue
             if stalled_s > 0.0:
                 e.last_heartbeat = min(now, e.last_heartbeat + stalled_s)
-            if e.inflight and now - next(iter(e.inflight.values()))[2] > self.config.batch_timeout_s:
+            head = e.oldest_batch(now)
+            if head is not None and head[1] > self.config.batch_timeout_s:
                 self.drain(e)  # its BatchDone may be waiting unread
                 now = time.monotonic()
-                if e.ready and e.inflight:
-                    b, _, sent, _ = next(iter(e.inflight.values()))
-                    age = now - sent
-                    if age > self.config.batch_timeout_s:
-                        self.lose(e, f"batch {b.batch_id} ({b.num_pairs} pairs) running for {age:.2f} s, "
-                                     f"more than batch_timeout_s={self.config.batch_timeout_s} (hung)")
-                        continue
+                head = e.oldest_batch(now) if e.ready else None
+                if head is not None and head[1] > self.config.batch_timeout_s:
+                    self.lose(e, f"batch {head[0].batch_id} ({head[0].num_pairs} pairs) running for "
+                                 f"{head[1]:.2f} s, more than batch_timeout_s={self.config.batch_timeout_s} (hung)")
+                    continue
             silent = now - e.last_heartbeat
             if silent <= timeout / 2:
                 e.cpu_mark = None
@@ -304,6 +313,8 @@ class Supervisor:
             if isinstance(msg, P.Heartbeat):
                 e.last_beat_sent = msg.sent_at
                 continue  # nothing else to do with it: keep it off the dispatcher's handler
+            if isinstance(msg, (P.BatchDone, P.BatchFailed)):
+                e.last_result_at = e.last_heartbeat
             try:
                 self.events.on_control(e, msg)
             except Exception:  # keep draining: one bad message must not stall the engine's socket

@@ -214,7 +214,10 @@ class Dispatcher(RequestHandler):
                 t = self.totals
                 self._rate_marks.append((now, t["queries"], t["samples"], t["pairs"], t["batches"]))
             wd = self.notifier.watchdog_interval_s() if self.notifier is not None else None
-            if wd and now - self._last_watchdog >= wd / 2 and self.sup.all_heartbeats_recent(now):
+            # Not before READY=1: the ticker can run between the last engine's EngineReady and
+            # the coroutine that announces readiness.
+            if (wd and self.state != "starting" and now - self._last_watchdog >= wd / 2
+                    and self.sup.all_heartbeats_recent(now)):
                 self._notify("watchdog")
                 self._last_watchdog = now
             if self.metrics is not None:

@@ -280,19 +280,39 @@ def main() -> int:
     return 0 if alive and code == 0 and not left and load.hung == 0 else 1
 
 
-def _summarize(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+def _summarize(rows: list[dict[str, float]], window_s: float = 240.0) -> dict[str, dict[str, float]]:
+    """Per series: start/end/min/max, the least-squares slope over the second half, and the same for
+    the floor (minimum per `window_s` window; the floods of the client-kill fault make spikes that
+    the allocator returns later, and a leak shows as a rising floor)."""
     out: dict[str, dict[str, float]] = {}
     if len(rows) < 4:
         return out
     t = np.array([r["t_s"] for r in rows], float)
     half = len(rows) // 2
+    win = (t // window_s).astype(int)
     for key in ("dispatcher_rss_kb", "engines_rss_kb", "dispatcher_fds", "shm_regions", "runtime_entries"):
-        v = np.array([r[key] for r in rows], float)
+        v = np.array([float(r[key]) for r in rows])
         slope = float(np.polyfit(t[half:], v[half:], 1)[0]) * 3600 if np.ptp(t[half:]) > 0 else 0.0
+        floors = np.array([v[win == w].min() for w in np.unique(win)])
+        ft = np.array([t[win == w].mean() for w in np.unique(win)])
+        fh = len(floors) // 2
+        fslope = float(np.polyfit(ft[fh:], floors[fh:], 1)[0]) * 3600 if len(floors) - fh > 1 else 0.0
         out[key] = {"start": v[0], "end": v[-1], "min": float(v.min()), "max": float(v.max()),
-                    "slope_per_hour_2nd_half": round(slope, 2)}
+                    "slope_per_hour_2nd_half": round(slope, 2),
+                    f"floor_per_{int(window_s)}s": [int(x) for x in floors],
+                    f"peak_per_{int(window_s)}s": [int(v[win == w].max()) for w in np.unique(win)],
+                    "floor_slope_per_hour_2nd_half": round(fslope, 2)}
     return out
 
 
+def summarize_csv(path: Path) -> dict[str, dict[str, float]]:
+    with open(path) as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return _summarize(rows)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":  # bench/soak.py --summarize var/soak/soak.csv
+        print(json.dumps(summarize_csv(Path(sys.argv[2])), indent=1))
+        sys.exit(0)
     sys.exit(main())

@@ -29,6 +29,8 @@ def test_precedence_and_types(tmp_path: Path) -> None:
     cfg = load_config(p, {"max_batch_pairs": "2000"}, env={"DLRM_MAX_BATCH_PAIRS": "1500",
                                                            "DLRM_MAX_QUEUE_DELAY_S": "0.5"})
     assert cfg.max_batch_pairs == 2000 and cfg.max_queue_delay_s == 0.5
+    assert cfg.batch_timeout_s == 10.0  # the documented default
+    assert load_config(p, env={"DLRM_BATCH_TIMEOUT_S": "2.5"}).batch_timeout_s == 2.5
     with pytest.raises(Exception):
         cfg.max_batch_pairs = 3  # type: ignore[misc]  # frozen
 
@@ -41,6 +43,7 @@ def test_precedence_and_types(tmp_path: Path) -> None:
     ('engines = ["cpu"]\n', "model", "required"),
     ('engines = ["null"]\nembedding_weights_on_gpu_part = 1.5\n', "embedding_weights_on_gpu_part", "[0, 1]"),
     ('engines = ["null"]\nheartbeat_timeout_s = 0.1\n', "heartbeat_timeout_s", "exceed"),
+    ('engines = ["null"]\nbatch_timeout_s = 0\n', "batch_timeout_s", "> 0"),
     ('engines = ["null"]\nendpoint = "udp://x"\n', "endpoint", "ipc://"),
     ('engines = ["null"]\n[datasets]\nds = "/nonexistent"\n', "datasets", "not a dataset"),
 ])

@@ -78,6 +78,7 @@ class Load:
         self.endpoint, self.stop = endpoint, stop
         self.ref_qps, self.value_qps = ref_qps, value_qps
         self.ok = self.errors = self.bad_sent = 0
+        self.by_code: dict[str, int] = {}
         self.hung = 0
         self.threads = [threading.Thread(target=f, daemon=True) for f in
                         (self._by_ref, self._by_value, self._bad, self._churn)]
@@ -106,6 +107,7 @@ class Load:
                     self.ok += 1
                 else:
                     self.errors += 1
+                    self.by_code[r.error.code] = self.by_code.get(r.error.code, 0) + 1
             stale = [k for k, t0 in sent.items() if time.monotonic() - t0 > 30]
             for k in stale:  # a reply that never came is a failure of the daemon: count it
                 sent.pop(k)
@@ -123,8 +125,9 @@ class Load:
                 c.infer_by_value(rng.random((n, 13), dtype=np.float32),
                                  rng.integers(0, 50, size=(n, 26)).astype(np.int32), deadline_s=5.0)
                 self.ok += 1
-            except DaemonError:
+            except DaemonError as exc:
                 self.errors += 1
+                self.by_code[exc.code] = self.by_code.get(exc.code, 0) + 1
             self.stop.wait(1.0 / self.value_qps)
         c.close()
 
@@ -260,6 +263,10 @@ def main() -> int:
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             next_sample += args.sample_s
         time.sleep(0.5)
+    try:
+        final_totals = control.status()["totals"]
+    except DaemonError:
+        final_totals = {}
     control.close()
     stop.set()
     for t in load.threads:
@@ -272,8 +279,8 @@ def main() -> int:
     left = list_regions(daemon.pid)
     summary = {"minutes": (time.monotonic() - t0) / 60, "alive_until_end": alive, "exit_code": code,
                "shm_left_after_exit": len(left), "faults": faults, "hung_replies": load.hung,
-               "load_ok": load.ok, "load_errors": load.errors, "bad_sent": load.bad_sent,
-               "series": _summarize(rows)}
+               "load_ok": load.ok, "load_errors": load.errors, "load_errors_by_code": load.by_code,
+               "bad_sent": load.bad_sent, "daemon_totals": final_totals, "series": _summarize(rows)}
     (out / "soak_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "faults"}, indent=1))
     print(f"{len(faults)} faults injected; csv {out / 'soak.csv'}")

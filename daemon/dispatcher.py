@@ -28,6 +28,7 @@ from daemon import protocol as P
 from daemon.batcher import Batch, Batcher, Query, fill_slot
 from daemon.config import DaemonConfig
 from daemon.datasets import DatasetEntry, model_table_rows, open_dataset
+from daemon.memory import IdleTrimmer
 from daemon.peers import PeerWatch
 from daemon.requests import RequestHandler
 from daemon.security import maybe_server_curve, remove_stale_sockets
@@ -73,6 +74,7 @@ class Dispatcher(RequestHandler):
         self.started_mono = time.monotonic()
         self.totals: collections.Counter[str] = collections.Counter()
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=20)
+        self._trimmer = IdleTrimmer()  # returns heap freed after bursts to the OS (daemon/memory.py)
         self._rate_marks: collections.deque[tuple[float, int, int, int, int]] = collections.deque(maxlen=11)
         self._io_scheduled = False
         self._closed = False
@@ -210,6 +212,7 @@ class Dispatcher(RequestHandler):
             if late > self.cfg.heartbeat_timeout_s / 2:
                 log.warning("dispatcher loop stalled for %.2f s (not counted against engines)", late)
             self.sup.check_heartbeats(now, stalled_s=late if late > _TICK_S else 0.0)
+            self._trimmer.tick(now, not self.batcher.pending() and not any(e.inflight for e in self.sup.engines))
             if not self._rate_marks or now - self._rate_marks[-1][0] >= 1.0:
                 t = self.totals
                 self._rate_marks.append((now, t["queries"], t["samples"], t["pairs"], t["batches"]))

@@ -103,7 +103,9 @@ def test_example_config_loads(tmp_path: Path) -> None:
     # The example's paths point at a real host; swap in stand-in directories to validate the rest.
     for name in ("model", "day23"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "meta.json").write_text("{}")
+        # the daemon checks an artifact's meta for its table sizes at config time
+        (tmp_path / name / "meta.json").write_text('{"format": "dlrm-artifact", "version": 1, '
+                                                   '"table_rows": [' + ", ".join(["10"] * 26) + "]}")
     text = text.replace(raw["model"], str(tmp_path / "model"))
     text = text.replace(raw["datasets"]["day23"], str(tmp_path / "day23"))
     path = tmp_path / "config.toml"

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= var/demo
 
-.PHONY: demo test test-deps test-gpu install clean bench-dispatcher bench-driver
+.PHONY: demo test test-deps test-gpu install clean
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

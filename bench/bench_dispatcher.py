@@ -26,8 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.client import Client, PipelinedClient  # noqa: E402
-from daemon.errors import DaemonError  # noqa: E402
+from daemon.client import PipelinedClient, wait_until_serving  # noqa: E402
 from formats.trace import reference_sample_sizes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,14 +105,7 @@ def main() -> int:
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(cfg)], cwd=REPO, env=env)
     endpoint = f"ipc://{tmp}/dlrm.sock"
     try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise RuntimeError(f"dlrm-daemon exited with {proc.returncode}")
-            try:
-                if Client(endpoint, 0.5).status()["state"] == "serving":
-                    break
-            except DaemonError:
-                time.sleep(0.1)
+        wait_until_serving(endpoint, 30, proc)
         rng = np.random.default_rng(0)
         print(f"# {os.cpu_count()} cores, {args.engines} null engine(s), window {args.window}, "
               f"max_batch_pairs {args.max_batch_pairs}, fill={args.fill}")

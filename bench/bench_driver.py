@@ -82,8 +82,8 @@ def hollow_dataset(path: Path, offsets: np.ndarray) -> Path:
 
 def start_daemon(workdir: Path, engines: str, fill: bool, heartbeat_timeout_s: float) -> tuple[subprocess.Popen, str]:
     """`python -m daemon.cli` with null engines and a stand-in artifact; returns (process, endpoint)."""
-    from daemon.client import Client
-    from daemon.errors import DaemonError
+    from daemon.client import wait_until_serving
+    from daemon.errors import ConnectionFailed
 
     art = workdir / "art"
     art.mkdir(exist_ok=True)
@@ -98,19 +98,12 @@ def start_daemon(workdir: Path, engines: str, fill: bool, heartbeat_timeout_s: f
     env = {**os.environ, "PYTHONPATH": path, "DLRM_NULL_FILL": "1" if fill else "0"}
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(conf)], cwd=ROOT, env=env)
     endpoint = f"ipc://{workdir}/dlrm.sock"
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"daemon exited with {proc.returncode}")
-        try:
-            with Client(endpoint, timeout_s=0.5) as c:
-                if c.status()["state"] == "serving":
-                    return proc, endpoint
-        except DaemonError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("daemon did not start serving within 60 s")
+    try:
+        wait_until_serving(endpoint, 60, proc)
+    except ConnectionFailed as err:
+        proc.kill()
+        raise SystemExit(str(err)) from None
+    return proc, endpoint
 
 
 def settings_for(scenario: str, qps: float, duration_s: float, n: int) -> lg.TestSettings:

@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import Client  # noqa: E402
-from daemon.errors import DaemonError  # noqa: E402
+from daemon.client import wait_until_serving  # noqa: E402
+from daemon.errors import ConnectionFailed  # noqa: E402
 from loadgen_driver.summary import read_summary  # noqa: E402
 
 
@@ -44,19 +44,12 @@ def start_daemon(args: argparse.Namespace, gpu_part: float, runtime: Path,
     t0 = time.monotonic()
     log = open(runtime / "daemon.log", "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"ipc://{runtime}/dlrm.sock"
-    while time.monotonic() - t0 < args.start_timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited {proc.returncode}:\n{(runtime / 'daemon.log').read_text()[-3000:]}")
-        try:
-            with Client(endpoint, timeout_s=1.0) as client:
-                if client.status().get("state") == "serving":
-                    return proc, time.monotonic() - t0
-        except DaemonError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"daemon not serving after {args.start_timeout_s} s")
+    try:
+        wait_until_serving(f"ipc://{runtime}/dlrm.sock", args.start_timeout_s, proc)
+    except ConnectionFailed as err:
+        proc.kill()
+        raise RuntimeError(f"{err}:\n{(runtime / 'daemon.log').read_text()[-3000:]}") from None
+    return proc, time.monotonic() - t0
 
 
 def lookup_counts(metrics_port: int) -> dict[str, float]:

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon import protocol as P  # noqa: E402
-from daemon.client import Client  # noqa: E402
-from daemon.errors import CODES, DaemonError  # noqa: E402
+from daemon.client import Client, wait_until_serving  # noqa: E402
+from daemon.errors import CODES  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
 
 TAGS = ["InferByRef", "InferByValue", "LoadSamples", "UnloadSamples", "RegisterDataset", "GetStatus",
@@ -146,14 +146,7 @@ def main() -> int:
     daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(work / "d.toml")], cwd=ROOT,
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"ipc://{work}/rt/dlrm.sock"
-    for _ in range(300):
-        try:
-            with Client(endpoint, timeout_s=0.5) as c:
-                if c.status()["state"] == "serving":
-                    break
-        except DaemonError:
-            pass
-        time.sleep(0.1)
+    wait_until_serving(endpoint, 30, daemon)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)

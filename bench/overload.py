@@ -29,8 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import Client, PipelinedClient  # noqa: E402
-from daemon.errors import DaemonError, Overloaded  # noqa: E402
+from daemon.client import Client, PipelinedClient, wait_until_serving  # noqa: E402
+from daemon.errors import Overloaded  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
 from formats.trace import reference_sample_sizes  # noqa: E402
 
@@ -97,15 +97,7 @@ class Daemon:
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.endpoint = f"ipc://{self.rt}/dlrm.sock"
         self.metrics_port = int(cfg.read_text().split("metrics_port = ")[1].split()[0])
-        for _ in range(300):
-            try:
-                with Client(self.endpoint, timeout_s=0.5) as c:
-                    if c.status()["state"] == "serving":
-                        return
-            except DaemonError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("daemon did not start")
+        wait_until_serving(self.endpoint, 30, self.proc)
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import Client, PipelinedClient  # noqa: E402
+from daemon.client import Client, PipelinedClient, wait_until_serving  # noqa: E402
 from daemon.errors import DaemonError  # noqa: E402
 from daemon.shm import list_regions  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
@@ -200,14 +200,7 @@ def main() -> int:
     daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(cfg)], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"ipc://{rt}/dlrm.sock"
-    for _ in range(300):
-        try:
-            with Client(endpoint, timeout_s=0.5) as c:
-                if c.status()["state"] == "serving":
-                    break
-        except DaemonError:
-            pass
-        time.sleep(0.1)
+    wait_until_serving(endpoint, 30, daemon)
     stop = threading.Event()
     load = Load(endpoint, stop, args.ref_qps, args.value_qps)
     load.start()

@@ -325,3 +325,24 @@ class PipelinedClient:
 
     def close(self) -> None:
         self._sock.close(0)
+
+
+def wait_until_serving(endpoint: str, timeout_s: float = 60.0, proc: Any = None) -> dict[str, Any]:
+    """Poll GetStatus until the daemon reports 'serving' and return that status.
+
+    `proc` (a subprocess.Popen of the daemon, optional) makes an early exit fail at once instead of
+    after the timeout. Raises ConnectionFailed naming the endpoint (and the exit code, if any).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ConnectionFailed(f"dlrm-daemon for {endpoint} exited with code {proc.returncode} while starting")
+        try:
+            with Client(endpoint, timeout_s=0.5) as client:
+                status = client.status()
+            if status.get("state") == "serving":
+                return status
+        except DaemonError:
+            pass
+        time.sleep(0.1)
+    raise ConnectionFailed(f"dlrm-daemon at {endpoint} did not report 'serving' within {timeout_s:g} s")

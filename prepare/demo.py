@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,23 +97,15 @@ def _start_daemon(art: Path, ds: Path, runtime: Path, engines: list[str]) -> sub
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("NOTIFY_SOCKET", None)
     proc = subprocess.Popen(args, cwd=REPO, env=env)
-    endpoint = f"ipc://{runtime}/dlrm.sock"
-    deadline = time.monotonic() + 300
-    from daemon.client import Client
-    from daemon.errors import DaemonError
+    from daemon.client import wait_until_serving
+    from daemon.errors import ConnectionFailed
 
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DemoError(f"dlrm-daemon exited with code {proc.returncode} while starting")
-        try:
-            with Client(endpoint, timeout_s=1.0) as client:
-                if client.status().get("state") == "serving":
-                    return proc
-        except DaemonError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise DemoError("dlrm-daemon did not report 'serving' within 300 s")
+    try:
+        wait_until_serving(f"ipc://{runtime}/dlrm.sock", timeout_s=300, proc=proc)
+    except ConnectionFailed as err:
+        proc.kill()
+        raise DemoError(str(err)) from None
+    return proc
 
 
 def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:

@@ -82,6 +82,10 @@ class Region:
             os.close(fd)
         self.slots = [SlotViews(self._mm, k * self.layout.slot_bytes, self.layout) for k in range(slots)]
 
+    def whole(self) -> np.ndarray:
+        """The whole mapping as uint8 (a GPU engine page-locks it, so slots move by DMA)."""
+        return np.frombuffer(self._mm, np.uint8, self.size)
+
     def close(self) -> None:
         self.slots = []
         try:

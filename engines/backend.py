@@ -2,7 +2,9 @@
 
 The process shell (ZeroMQ control socket, heartbeats, shared memory) is backend-agnostic; a backend
 only turns a batch of pairs into predictions. A TensorRT backend could be added behind this same
-interface where TensorRT exists.
+interface where TensorRT exists. A backend may also pipeline: `submit_by_ref`/`submit_by_value` return
+a handle whose wait() completes the batch (the GPU backend keeps several batches in flight); the
+module-level adapters below give synchronous backends the same shape.
 """
 from __future__ import annotations
 
@@ -45,6 +47,45 @@ class EngineBackend(Protocol):
 
     def close(self) -> None:
         """Release device and host resources."""
+
+
+class PendingBatch(Protocol):
+    """A submitted batch; wait() blocks until its predictions are in `out` (or raises its error)."""
+
+    def wait(self) -> BatchStats: ...
+
+
+@dataclass(frozen=True)
+class CompletedBatch:
+    """A batch a synchronous backend has already finished."""
+
+    stats: BatchStats
+
+    def wait(self) -> BatchStats:
+        return self.stats
+
+
+def submit_by_ref(backend: EngineBackend, dataset: str, pair_starts: np.ndarray, pair_counts: np.ndarray,
+                  out: np.ndarray) -> PendingBatch:
+    """Start a by-reference batch: asynchronously where the backend pipelines (GPU), else run it now."""
+    submit = getattr(backend, "submit_by_ref", None)
+    if submit is not None:
+        return submit(dataset, pair_starts, pair_counts, out)
+    return CompletedBatch(backend.infer_by_ref(dataset, pair_starts, pair_counts, out))
+
+
+def submit_by_value(backend: EngineBackend, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> PendingBatch:
+    """Start a by-value batch: asynchronously where the backend pipelines (GPU), else run it now."""
+    submit = getattr(backend, "submit_by_value", None)
+    if submit is not None:
+        return submit(dense, sparse, out)
+    return CompletedBatch(backend.infer_by_value(dense, sparse, out))
+
+
+def pin_host_memory(backend: EngineBackend, buf: np.ndarray) -> bool:
+    """Page-lock a host buffer for a backend that can DMA from it (GPU); False where none can."""
+    pin = getattr(backend, "pin_host_memory", None)
+    return bool(pin(buf)) if pin is not None else False
 
 
 def pair_index(pair_starts: np.ndarray, pair_counts: np.ndarray) -> np.ndarray:

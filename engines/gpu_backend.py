@@ -10,8 +10,15 @@ lookups and the dot interaction, fused in one kernel (kernels.gather_interaction
 fused_gather=False, kernels.embedding_gather into an fp16 [B,26,128] buffer then kernels.dot_interaction),
 written straight into the top-MLP input (the buffer is 480 wide with a zero last column and a zero-padded first top
 weight, so every GEMM has aligned K) -> top MLP -> sigmoid. Fixed batch sizes are captured as CUDA graphs;
-a batch is padded up to the next captured size (padding rows keep earlier, already-validated ids, so
-they read valid rows; the hot-lookup count is limited to the real rows in the kernel).
+a batch is padded up to the next captured size (padding rows are zeroed ids, valid in every table; the
+hot-lookup count is limited to the real rows in the kernel).
+
+Pipelining (engines/gpu_staging.py): submit_by_ref/submit_by_value enqueue a batch and return at once;
+up to `inflight` batches are in flight, each with its own staging set. Input copies run on a copy
+stream, the forward and the small prediction copy on the compute stream, so the host prepares batch
+i+1 while the GPU computes batch i. By reference only the ranges (start, count) cross PCIe; they are
+expanded to pair indices on the device. The engine's shared-memory region is page-locked
+(pin_host_memory), so by-value inputs and all predictions move by DMA with no host copy.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.backend import BatchStats, pair_index
+from engines.gpu_staging import GpuPending, HostRegistry, InFlight, StagingSet, Ticket
 from engines.placement import Placement
 from formats.artifact import Artifact
 from formats.dataset import Dataset
@@ -41,7 +49,7 @@ class GpuBackendError(RuntimeError):
 
 @dataclass
 class _DeviceDataset:
-    dense: torch.Tensor  # float32 [N, 13] on the device
+    dense: torch.Tensor  # [N, dense_width] in the model dtype (zero padding columns) on the device
     sparse: torch.Tensor  # int32 [N, 26] on the device
     num_pairs: int
 
@@ -77,6 +85,7 @@ class GpuBackend:
         fused_relu: bool = True,
         fused_gather: bool = True,
         kernel_config: dict[str, int] | None = None,
+        inflight: int = 4,
     ) -> None:
         if not torch.cuda.is_available():
             raise GpuBackendError(f"{device}: CUDA is not available on this machine")
@@ -94,14 +103,19 @@ class GpuBackend:
         # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps)
         self.kernel_config = dict(kernel_config or {})
         self.max_batch_pairs = int(max_batch_pairs)
+        if inflight < 1:
+            raise GpuBackendError(f"inflight must be positive, got {inflight}")
+        self.inflight = int(inflight)  # device batches in flight (staging sets)
         self.times = LoadTimes()
+        self.host = HostRegistry()
         art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
         self.config = art.config
         self.placement = Placement.from_artifact(art, gpu_part)
         self._datasets: dict[str, _DeviceDataset] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         torch.cuda.set_device(self._dev)
-        self.stream = torch.cuda.Stream(self._dev)
+        self.stream = torch.cuda.Stream(self._dev)  # compute, and the small prediction copies back
+        self.copy_stream = torch.cuda.Stream(self._dev)  # host-to-device input copies
         with torch.cuda.stream(self.stream):
             self._load_tables(art)
             self._load_mlp(art)
@@ -148,10 +162,13 @@ class GpuBackend:
     def _load_mlp(self, art: Artifact) -> None:
         cfg = self.config
         w = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in art.mlp.items()}
-        self.bottom = [
-            (w[f"bot_l.{2 * i}.weight"].to(self._dev, self.dtype), w[f"bot_l.{2 * i}.bias"].to(self._dev, self.dtype))
-            for i in range(len(cfg.bottom_mlp))
-        ]
+        self.dense_width = (cfg.dense_features + 7) // 8 * 8  # 16-byte aligned rows for cuBLAS
+        self.bottom = []
+        for i in range(len(cfg.bottom_mlp)):
+            weight = w[f"bot_l.{2 * i}.weight"]
+            if i == 0:
+                weight = F.pad(weight, (0, self.dense_width - cfg.dense_features))  # zero columns, zero inputs
+            self.bottom.append((weight.to(self._dev, self.dtype), w[f"bot_l.{2 * i}.bias"].to(self._dev, self.dtype)))
         self.top = []
         width = cfg.interaction_width
         self.top_in_width = (width + 7) // 8 * 8  # 16-byte aligned rows for cuBLAS
@@ -164,26 +181,25 @@ class GpuBackend:
     def _alloc_buffers(self) -> None:
         m, cfg = self.max_batch_pairs, self.config
         dev = self._dev
-        self.dense_in = torch.zeros((m, cfg.dense_features), dtype=torch.float32, device=dev)
-        # Zeros are valid ids: padding rows of a replayed graph always read real rows.
+        # Dense inputs in the model's dtype, 16 wide (3 zero columns, zero weight columns): an aligned K
+        # for cuBLAS (K = 13 took a slow unaligned path); the zeros are never written.
+        self.dense_in = torch.zeros((m, self.dense_width), dtype=self.dtype, device=dev)
+        # Zeros are valid ids: padding rows of a replayed graph always read real rows (see _run).
         self.sparse_in = torch.zeros((m, cfg.num_tables), dtype=torch.int32, device=dev)
         self.emb_buf = (torch.empty((m, cfg.num_tables, cfg.embedding_dim), dtype=self.dtype, device=dev)
                         if not self.fused_gather else None)
         self.top_in = torch.zeros((m, self.top_in_width), dtype=self.dtype, device=dev)
         self.pred = torch.empty(m, dtype=torch.float32, device=dev)
         self.counts = new_counts(dev)  # [limit, bad ids, hot-count slots]
-        self.dense_host = torch.empty((m, cfg.dense_features), dtype=torch.float32, pin_memory=True)
-        self.sparse_host = torch.empty((m, cfg.num_tables), dtype=torch.int32, pin_memory=True)
-        self.pred_host = torch.empty(m, dtype=torch.float32, pin_memory=True)
-        self.idx_host = torch.empty(m, dtype=torch.int64, pin_memory=True)
-        self.idx_dev = torch.empty(m, dtype=torch.int64, device=dev)
-        self.counts_host = torch.empty(2 + COUNT_SLOTS, dtype=torch.int64, pin_memory=True)
+        self._arange = torch.arange(m, dtype=torch.int64, device=dev)
         self._rows_dev = (self.table_offsets[1:] - self.table_offsets[:-1]).to(torch.int32)
+        self.pool = InFlight([StagingSet(k, m, cfg.dense_features, cfg.num_tables, self.counts.numel(), dev)
+                              for k in range(self.inflight)], self._finish)
 
     # ---- the forward ---------------------------------------------------------------------------------
     def _forward(self, n: int) -> None:
-        """Predict rows [0, n) of dense_in/sparse_in into pred[:n]; hot count into counts[1]."""
-        x = self.dense_in[:n].to(self.dtype)
+        """Predict rows [0, n) of dense_in/sparse_in into pred[:n]; hot count into counts[2:]."""
+        x = self.dense_in[:n]
         for weight, bias in self.bottom:
             x = self._linear_relu(x, weight, bias)
         self.counts[1:].zero_()
@@ -228,33 +244,52 @@ class GpuBackend:
         if size is None:
             self._forward(n)
         else:
+            if size > n:
+                # Padding rows read ids left by earlier batches: zero them so that ids refused in a failed
+                # batch are never looked up (and counted as bad) again.
+                self.sparse_in[n:size].zero_()
             self._graphs[size].replay()
         return n
 
-    def _finish(self, n: int, out: np.ndarray, at: int) -> tuple[int, int]:
-        self.pred_host[:n].copy_(self.pred[:n], non_blocking=True)
-        self.counts_host.copy_(self.counts, non_blocking=True)
-        self.stream.synchronize()
-        if int(self.counts_host[1]):
-            # Padding rows of later, smaller batches must not see these ids again.
-            self.sparse_in[:n].zero_()
-            raise GpuBackendError(f"batch of {n} pairs: {int(self.counts_host[1])} sparse ids outside their "
-                                  "table (those lookups were skipped; no predictions written)")
-        out[at : at + n] = self.pred_host[:n].numpy()
-        hot = int(self.counts_host[2:].sum())
-        return hot, n * self.config.num_tables - hot
+    def _launch(self, staging: StagingSet, n: int, out: np.ndarray, owner: GpuPending) -> None:
+        """Forward the n rows staged in dense_in/sparse_in; predictions and counts back to the host."""
+        self._run(n)
+        direct = self.host.contains(out[:n])
+        dest = torch.from_numpy(out[:n]) if direct else staging.pred_host[:n]
+        dest.copy_(self.pred[:n], non_blocking=True)
+        staging.counts_host.copy_(self.counts, non_blocking=True)
+        staging.done.record(self.stream)
+        self.pool.add(Ticket(staging, n, out[:n], direct, owner))
+
+    def _finish(self, t: Ticket) -> tuple[int, int]:
+        """Wait for a ticket's batch, move its predictions into place, give its set back."""
+        try:
+            t.staging.done.synchronize()
+            c = t.staging.counts_host.numpy()
+            bad, hot = int(c[1]), int(c[2:].sum())
+            if not bad and not t.direct:
+                t.out[:] = t.staging.pred_host[: t.n].numpy()
+        finally:
+            self.pool.give(t.staging)
+        if bad:
+            raise GpuBackendError(f"batch of {t.n} pairs: {bad} sparse ids outside their table (those lookups "
+                                  "were skipped; the batch has no valid predictions)")
+        return hot, t.n * self.config.num_tables - hot
 
     # ---- EngineBackend -------------------------------------------------------------------------------
     def register_dataset(self, name: str, path: Path) -> None:
         t0 = time.perf_counter()
         ds = Dataset.open(path)  # every id is checked against the model's tables below
+        self.stream.synchronize()
         with torch.cuda.stream(self.stream):
-            dense = torch.empty((ds.num_pairs, self.config.dense_features), dtype=torch.float32, device=self._dev)
+            # Dense stored as the forward reads it (model dtype, 16 wide): a batch is two index_selects.
+            dense = torch.zeros((ds.num_pairs, self.dense_width), dtype=self.dtype, device=self._dev)
             sparse = torch.empty((ds.num_pairs, self.config.num_tables), dtype=torch.int32, device=self._dev)
+            nd = self.config.dense_features
             for a in range(0, ds.num_pairs, _CHUNK_ROWS):
                 b = min(ds.num_pairs, a + _CHUNK_ROWS)
                 sparse[a:b].copy_(torch.from_numpy(np.ascontiguousarray(ds.sparse[a:b])))
-                dense[a:b].copy_(torch.from_numpy(np.ascontiguousarray(ds.dense[a:b], dtype=np.float32)))
+                dense[a:b, :nd].copy_(torch.from_numpy(np.ascontiguousarray(ds.dense[a:b], dtype=np.float32)))
                 # Checked on the device (a host pass over 89 M x 26 ids would take seconds).
                 bad = (sparse[a:b] < 0) | (sparse[a:b] >= self._rows_dev[None, :])
                 if bool(bad.any()):
@@ -266,34 +301,69 @@ class GpuBackend:
         self._datasets[name] = _DeviceDataset(dense, sparse, ds.num_pairs)
         self.times.datasets_s[name] = time.perf_counter() - t0
 
-    def infer_by_ref(
-        self, dataset: str, pair_starts: np.ndarray, pair_counts: np.ndarray, out: np.ndarray
-    ) -> BatchStats:
+    def pin_host_memory(self, buf: np.ndarray) -> bool:
+        """Page-lock a host buffer (the engine's shared-memory region): batches in it move by DMA."""
+        return self.host.register(buf)
+
+    def submit_by_ref(self, dataset: str, pair_starts: np.ndarray, pair_counts: np.ndarray,
+                      out: np.ndarray) -> GpuPending:
+        """Enqueue a by-reference request; the returned handle's wait() gives its BatchStats."""
         ds = self._datasets.get(dataset)
         if ds is None:
             raise GpuBackendError(f"dataset {dataset!r} is not registered on {self.device}")
         starts = np.asarray(pair_starts, dtype=np.int64)
         counts = np.asarray(pair_counts, dtype=np.int64)
-        if starts.size and (starts.min() < 0 or (starts + counts).max() > ds.num_pairs or counts.min() < 0):
+        if starts.shape != counts.shape or starts.ndim != 1:
+            raise GpuBackendError(f"pair starts and counts must be 1-D of one length, got {starts.shape}, {counts.shape}")
+        if starts.size and (starts.min() < 0 or counts.min() < 0 or (starts + counts).max() > ds.num_pairs):
             raise GpuBackendError(f"pair ranges outside dataset {dataset!r} ({ds.num_pairs} pairs)")
-        idx_all = pair_index(starts, counts)
-        self._check_out(out, idx_all.size)
-        hot = cold = 0
-        with torch.cuda.stream(self.stream):
-            for a in range(0, idx_all.size, self.max_batch_pairs):
-                idx_np = idx_all[a : a + self.max_batch_pairs]
-                n = idx_np.size
-                self.idx_host.numpy()[:n] = idx_np
-                idx = self.idx_dev[:n]
-                idx.copy_(self.idx_host[:n], non_blocking=True)
-                torch.index_select(ds.dense, 0, idx, out=self.dense_in[:n])
-                torch.index_select(ds.sparse, 0, idx, out=self.sparse_in[:n])
-                self._run(n)
-                h, c = self._finish(n, out, a)
-                hot, cold = hot + h, cold + c
-        return BatchStats(hot, cold)
+        total = int(counts.sum())
+        self._check_out(out, total)
+        pending = GpuPending(self.pool)
+        m = self.max_batch_pairs
+        # The daemon's batches fit one device batch: their ranges are expanded on the device. A larger
+        # request (direct API use) is cut into device batches of pair indices made on the host.
+        pieces = [(starts, counts, None)] if total <= m else [
+            (None, None, idx) for idx in np.split(pair_index(starts, counts), range(m, total, m))]
+        at = 0
+        for st, ct, idx in pieces:
+            n = total if idx is None else idx.size
+            if n == 0:
+                continue
+            s = self.pool.take()
+            try:
+                # starts then counts (or the pair indices), one contiguous run: a single DMA
+                host = s.ranges_host.numpy()
+                if idx is None:
+                    r = st.size
+                    host[:r] = st
+                    host[r : 2 * r] = ct
+                    k = 2 * r
+                else:
+                    host[:n] = idx
+                    k = n
+                with torch.cuda.stream(self.copy_stream):
+                    s.ranges_dev[:k].copy_(s.ranges_host[:k], non_blocking=True)
+                    s.copied.record(self.copy_stream)
+                with torch.cuda.stream(self.stream):
+                    self.stream.wait_event(s.copied)
+                    if idx is None:
+                        st_dev, ct_dev = s.ranges_dev[:r], s.ranges_dev[r : 2 * r]
+                        first = torch.cumsum(ct_dev, 0) - ct_dev
+                        pairs = torch.repeat_interleave(st_dev - first, ct_dev, output_size=n) + self._arange[:n]
+                    else:
+                        pairs = s.ranges_dev[:n]
+                    torch.index_select(ds.dense, 0, pairs, out=self.dense_in[:n])
+                    torch.index_select(ds.sparse, 0, pairs, out=self.sparse_in[:n])
+                    self._launch(s, n, out[at : at + n], pending)
+            except BaseException:
+                self.pool.give(s)  # never launched: its set goes straight back
+                raise
+            at += n
+        return pending
 
-    def infer_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:
+    def submit_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> GpuPending:
+        """Enqueue a by-value request (inputs copied asynchronously; by DMA from registered memory)."""
         cfg = self.config
         if dense.ndim != 2 or dense.shape[1] != cfg.dense_features or sparse.shape[0] != dense.shape[0]:
             raise GpuBackendError(f"dense must be [n, {cfg.dense_features}] and sparse [n, {cfg.num_tables}], "
@@ -304,31 +374,58 @@ class GpuBackend:
             if sparse.size and (sparse.min() < 0 or sparse.max() >= 2**31):
                 raise GpuBackendError("by-value batch: sparse ids outside int32")
             sparse = sparse.astype(np.int32)
-        if not self.fused_gather:  # the fused kernel checks ids on the device (counts[2])
+        if dense.dtype != np.float32:
+            dense = dense.astype(np.float32)
+        if not self.fused_gather:  # the fused kernel checks ids on the device (counts[1])
             try:
                 self.placement.check_sparse(sparse)
             except ValueError as exc:
                 raise GpuBackendError(f"by-value batch: {exc}") from exc
         total = dense.shape[0]
         self._check_out(out, total)
-        hot = cold = 0
-        with torch.cuda.stream(self.stream):
-            for a in range(0, total, self.max_batch_pairs):
-                b = min(total, a + self.max_batch_pairs)
-                n = b - a
-                self.dense_host.numpy()[:n] = dense[a:b]
-                self.sparse_host.numpy()[:n] = sparse[a:b]
-                self.dense_in[:n].copy_(self.dense_host[:n], non_blocking=True)
-                self.sparse_in[:n].copy_(self.sparse_host[:n], non_blocking=True)
-                self._run(n)
-                h, c = self._finish(n, out, a)
-                hot, cold = hot + h, cold + c
-        return BatchStats(hot, cold)
+        pending = GpuPending(self.pool)
+        nd = cfg.dense_features
+        for a in range(0, total, self.max_batch_pairs):
+            b = min(total, a + self.max_batch_pairs)
+            n = b - a
+            s = self.pool.take()
+            try:
+                d_src, s_src = dense[a:b], sparse[a:b]
+                if self.host.contains(d_src) and self.host.contains(s_src):
+                    d_t, s_t = torch.from_numpy(d_src), torch.from_numpy(s_src)
+                else:
+                    d_host, s_host = s.host_inputs()
+                    d_host.numpy()[:n] = d_src
+                    s_host.numpy()[:n] = s_src
+                    d_t, s_t = d_host[:n], s_host[:n]
+                with torch.cuda.stream(self.copy_stream):
+                    s.dense_dev[:n].copy_(d_t, non_blocking=True)
+                    s.sparse_dev[:n].copy_(s_t, non_blocking=True)
+                    s.copied.record(self.copy_stream)
+                with torch.cuda.stream(self.stream):
+                    self.stream.wait_event(s.copied)
+                    self.dense_in[:n, :nd].copy_(s.dense_dev[:n])
+                    self.sparse_in[:n].copy_(s.sparse_dev[:n])
+                    self._launch(s, n, out[a:b], pending)
+            except BaseException:
+                self.pool.give(s)
+                raise
+        return pending
+
+    def infer_by_ref(
+        self, dataset: str, pair_starts: np.ndarray, pair_counts: np.ndarray, out: np.ndarray
+    ) -> BatchStats:
+        return self.submit_by_ref(dataset, pair_starts, pair_counts, out).wait()
+
+    def infer_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:
+        return self.submit_by_value(dense, sparse, out).wait()
 
     def device_memory_bytes(self) -> int:
         return int(torch.cuda.memory_allocated(self._dev))
 
     def close(self) -> None:
+        torch.cuda.synchronize(self._dev)
+        self.host.unregister_all()
         self._graphs.clear()
         self._datasets.clear()
         for name in ("hot", "cold", "row_position", "emb_buf", "top_in", "dense_in", "sparse_in", "pred"):

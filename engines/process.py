@@ -4,7 +4,8 @@ Started by the supervisor with the multiprocessing *spawn* method (never fork: C
 argument is a msgspec-encoded `EngineSpec` (bytes). Two threads:
   main thread  owns the PAIR control socket to the dispatcher, relays messages and sends heartbeats
                every `heartbeat_interval_s`, even while a batch computes or the model loads;
-  work thread  loads the backend, then runs batches and dataset registrations in arrival order and
+  work thread  loads the backend, then submits batches and runs dataset registrations in arrival order;
+  done thread  waits for each submitted batch in order (a GPU backend keeps several in flight) and
                hands results back to the main thread over an inproc PAIR socket.
 Exit codes: 0 after Shutdown, 70 if the backend cannot be created, 1 on a lost dispatcher.
 """
@@ -17,6 +18,8 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ import zmq
 
 from daemon import protocol as P
 from daemon.shm import Region
-from engines.backend import EngineBackend
+from engines.backend import EngineBackend, PendingBatch, pin_host_memory, submit_by_ref, submit_by_value
 
 log = logging.getLogger("dlrm.engine")
 EXIT_LOAD_FAILED = 70
@@ -34,7 +37,7 @@ _WARMUP_PAIRS = 1024
 
 
 def create_backend(device: str, artifact: str, gpu_part: float,
-                   max_batch_pairs: int | None = None) -> EngineBackend:
+                   max_batch_pairs: int | None = None, inflight: int | None = None) -> EngineBackend:
     """'null' selects the null backend here; every real device goes through engines.factory."""
     if device == "null":
         from engines.null_backend import NullBackend
@@ -42,10 +45,55 @@ def create_backend(device: str, artifact: str, gpu_part: float,
         return NullBackend(device, artifact)
     from engines.factory import create_backend as factory_create
 
-    return factory_create(device, Path(artifact), gpu_part, max_batch_pairs=max_batch_pairs)
+    return factory_create(device, Path(artifact), gpu_part, max_batch_pairs=max_batch_pairs, inflight=inflight)
+
+
+@dataclass
+class _InFlight:
+    """A submitted batch (or a ready reply) waiting for the completion thread, in submission order."""
+
+    started: float  # time.monotonic() at submit: the heartbeat's busy_s
+    t0: float  # time.perf_counter() at submit: BatchDone.compute_s
+    msg: Any  # the BatchReady it answers, or a reply that is already made
+    pending: PendingBatch | None = None
+
+
+class _Completions:
+    """Batches in flight between the work thread (put) and the completion thread (peek, pop)."""
+
+    def __init__(self) -> None:
+        self._items: deque[_InFlight | None] = deque()
+        self._cv = threading.Condition()
+
+    def put(self, item: _InFlight | None) -> None:
+        with self._cv:
+            self._items.append(item)
+            self._cv.notify()
+
+    def peek(self) -> _InFlight | None:
+        with self._cv:
+            while not self._items:
+                self._cv.wait()
+            return self._items[0]
+
+    def pop(self) -> None:
+        with self._cv:
+            self._items.popleft()
+
+    def oldest_start(self) -> float:
+        with self._cv:
+            item = self._items[0] if self._items else None
+        return item.started if item is not None else 0.0
 
 
 class _Worker(threading.Thread):
+    """Loads the backend, then submits batches in arrival order; a completion thread answers them.
+
+    With a pipelining backend (GPU) the work thread prepares and enqueues batch i+1 while the GPU
+    computes batch i, and the completion thread waits for batch i (releasing the GIL) and replies. All
+    replies after EngineReady leave through the completion thread, the only user of the relay socket.
+    """
+
     def __init__(self, spec: P.EngineSpec, ctx: zmq.Context, region: Region) -> None:
         super().__init__(name=f"engine-{spec.name}-work", daemon=True)
         self.spec = spec
@@ -53,9 +101,14 @@ class _Worker(threading.Thread):
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.out = ctx.socket(zmq.PAIR)
         self.out.connect(f"inproc://relay-{id(self)}")
-        self.busy_since = 0.0
+        self.completions = _Completions()
         self.batches_done = 0
         self.backend: EngineBackend | None = None
+
+    @property
+    def busy_since(self) -> float:
+        """time.monotonic() when the oldest batch in flight was submitted; 0 when idle."""
+        return self.completions.oldest_start()
 
     def _send(self, msg: Any) -> None:
         self.out.send(P.encode(msg))
@@ -63,7 +116,10 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         try:
             backend = create_backend(self.spec.device, self.spec.artifact, self.spec.gpu_part,
-                                     self.spec.max_batch_pairs)
+                                     self.spec.max_batch_pairs, self.spec.slots)
+            if pin_host_memory(backend, self.region.whole()):
+                log.info("engine %s: shared-memory region page-locked (%d bytes)", self.spec.name,
+                         self.region.size)
             for name, path in self.spec.datasets.items():
                 backend.register_dataset(name, Path(path))
             n = min(_WARMUP_PAIRS, self.spec.max_batch_pairs)
@@ -76,40 +132,58 @@ class _Worker(threading.Thread):
         self.backend = backend
         self._send(P.EngineReady(device=self.spec.device, pid=os.getpid(),
                                  device_memory_bytes=int(backend.device_memory_bytes())))
+        completer = threading.Thread(target=self._complete, name=f"engine-{self.spec.name}-done", daemon=True)
+        completer.start()
         while True:
             msg = self.inbox.get()
             if msg is None:
                 break
             if isinstance(msg, P.BatchReady):
-                self._batch(backend, msg)
+                self._submit(backend, msg)
             elif isinstance(msg, P.AddDataset):
                 try:
                     backend.register_dataset(msg.name, Path(msg.path))
-                    self._send(P.DatasetAdded(name=msg.name, error=""))
+                    reply: Any = P.DatasetAdded(name=msg.name, error="")
                 except Exception as exc:
-                    self._send(P.DatasetAdded(name=msg.name, error=f"{type(exc).__name__}: {exc}"))
+                    reply = P.DatasetAdded(name=msg.name, error=f"{type(exc).__name__}: {exc}")
+                self.completions.put(_InFlight(time.monotonic(), time.perf_counter(), reply))
+        self.completions.put(None)
+        completer.join()
         backend.close()
 
-    def _batch(self, backend: EngineBackend, msg: P.BatchReady) -> None:
-        t0 = time.perf_counter()
-        self.busy_since = time.monotonic()
+    def _submit(self, backend: EngineBackend, msg: P.BatchReady) -> None:
+        item = _InFlight(time.monotonic(), time.perf_counter(), msg)
         try:
             v = self.region.slots[msg.slot]
             n = msg.num_pairs
             if msg.kind == "ref":
                 r = msg.num_ranges
-                stats = backend.infer_by_ref(msg.dataset, v.starts[:r], v.counts[:r], v.out[:n])
+                item.pending = submit_by_ref(backend, msg.dataset, v.starts[:r], v.counts[:r], v.out[:n])
             else:
-                stats = backend.infer_by_value(v.dense[:n], v.sparse[:n], v.out[:n])
-            reply: Any = P.BatchDone(batch_id=msg.batch_id, slot=msg.slot, num_pairs=n,
-                                     hot_lookups=int(stats.hot_lookups), cold_lookups=int(stats.cold_lookups),
-                                     compute_s=time.perf_counter() - t0)
+                item.pending = submit_by_value(backend, v.dense[:n], v.sparse[:n], v.out[:n])
         except Exception as exc:
             log.exception("engine %s: batch %d failed", self.spec.name, msg.batch_id)
-            reply = P.BatchFailed(batch_id=msg.batch_id, slot=msg.slot, message=f"{type(exc).__name__}: {exc}")
-        self.busy_since = 0.0
-        self.batches_done += 1
-        self._send(reply)
+            item.msg = P.BatchFailed(batch_id=msg.batch_id, slot=msg.slot, message=f"{type(exc).__name__}: {exc}")
+        self.completions.put(item)
+
+    def _complete(self) -> None:
+        while (item := self.completions.peek()) is not None:
+            reply = item.msg
+            if item.pending is not None:
+                msg = item.msg
+                try:
+                    stats = item.pending.wait()
+                    reply = P.BatchDone(batch_id=msg.batch_id, slot=msg.slot, num_pairs=msg.num_pairs,
+                                        hot_lookups=int(stats.hot_lookups), cold_lookups=int(stats.cold_lookups),
+                                        compute_s=time.perf_counter() - item.t0)
+                except Exception as exc:
+                    log.exception("engine %s: batch %d failed", self.spec.name, msg.batch_id)
+                    reply = P.BatchFailed(batch_id=msg.batch_id, slot=msg.slot,
+                                          message=f"{type(exc).__name__}: {exc}")
+            if isinstance(reply, (P.BatchDone, P.BatchFailed)):
+                self.batches_done += 1
+            self.completions.pop()
+            self._send(reply)
 
 
 def run_engine(spec: P.EngineSpec) -> int:

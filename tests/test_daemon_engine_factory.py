@@ -1,4 +1,5 @@
-"""The engine spec's max_batch_pairs reaches the GPU backend (which otherwise cuts batches at 65,536).
+"""The engine spec's max_batch_pairs and slots reach the GPU backend (which otherwise cuts batches at
+65,536 and keeps its own default of batches in flight).
 
 No GPU here, so GpuBackend is replaced by a recorder: the only stand-in in the daemon tests."""
 from __future__ import annotations
@@ -18,11 +19,12 @@ def test_factory_passes_max_batch_pairs(monkeypatch: pytest.MonkeyPatch, tmp_pat
     seen: list[tuple[Any, ...]] = []
 
     class Recorder:
-        def __init__(self, device: str, artifact: Any, gpu_part: float = 1.0, max_batch_pairs: int = 65536) -> None:
-            seen.append((device, artifact, gpu_part, max_batch_pairs))
+        def __init__(self, device: str, artifact: Any, gpu_part: float = 1.0, max_batch_pairs: int = 65536,
+                     inflight: int = 4) -> None:
+            seen.append((device, artifact, gpu_part, max_batch_pairs, inflight))
 
     monkeypatch.setattr(gb, "GpuBackend", Recorder)
-    process.create_backend("cuda:1", str(tmp_path), 0.3, 262144)
-    assert seen == [("cuda:1", tmp_path, 0.3, 262144)]
-    process.create_backend("cuda:0", str(tmp_path), 1.0)  # no value: the backend's own default
-    assert seen[-1] == ("cuda:0", tmp_path, 1.0, 65536)
+    process.create_backend("cuda:1", str(tmp_path), 0.3, 262144, 3)
+    assert seen == [("cuda:1", tmp_path, 0.3, 262144, 3)]
+    process.create_backend("cuda:0", str(tmp_path), 1.0)  # no value: the backend's own defaults
+    assert seen[-1] == ("cuda:0", tmp_path, 1.0, 65536, 4)

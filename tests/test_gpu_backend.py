@@ -152,3 +152,65 @@ def test_gpu_errors_are_typed(model_files: dict) -> None:
         assert np.isfinite(good).all()
     finally:
         eng.close()
+
+
+@pytest.mark.gpu
+def test_gpu_pipelined_batches_from_pinned_memory(model_files: dict) -> None:
+    """Several batches in flight at once (fewer staging sets than batches), inputs and outputs in
+    page-locked host memory (as the engine's shared-memory region), one bad batch among good ones."""
+    from engines.gpu_backend import GpuBackend, GpuBackendError
+    from engines.reference import Int8Reference
+
+    ref = Int8Reference(Artifact.open(model_files["artifact"]), 0.3)
+    dense, sparse, offs = model_files["dense"], model_files["sparse"], model_files["offsets"]
+    want = ref.predict(dense, sparse)
+    eng = GpuBackend("cuda:0", model_files["artifact"], 0.3, max_batch_pairs=1024, inflight=2)
+    try:
+        eng.register_dataset("ds", model_files["dataset"])
+        n = 6000
+        region = np.zeros(n * (13 * 4 + 26 * 4 + 4 * 4) + 4096, dtype=np.uint8)
+        assert eng.pin_host_memory(region)
+        at = 0
+
+        def view(dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+            nonlocal at
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            v = region[at:at + size].view(dtype).reshape(shape)
+            at += size
+            return v
+
+        d_pin, s_pin = view(np.float32, (n, 13)), view(np.int32, (n, 26))
+        d_pin[:], s_pin[:] = dense[:n], sparse[:n]
+        outs = [view(np.float32, (n,)) for _ in range(4)]
+        for o in outs:
+            o[:] = np.nan
+        assert eng.host.contains(d_pin) and eng.host.contains(outs[0])
+        bad = sparse[:300].copy()
+        bad[17, 4] = -1
+        bad_out = np.full(300, np.nan, dtype=np.float32)
+        # 6000 pairs by value = 6 device batches through 2 staging sets, then by reference, then a
+        # refused batch, then a by-value batch that pads to a graph size: none waited for yet.
+        pend = [eng.submit_by_value(d_pin, s_pin, outs[0])]
+        starts, counts = offs[:-1][::3], np.diff(offs)[::3]
+        k = int(np.searchsorted(np.cumsum(counts), 1024, side="right"))  # ranges adding up to <= 1024 pairs
+        pend.append(eng.submit_by_ref("ds", starts[:k], counts[:k], outs[1]))
+        pend.append(eng.submit_by_value(dense[:300], bad, bad_out))
+        pend.append(eng.submit_by_value(d_pin[:777], s_pin[:777], outs[2][:777]))
+        idx = np.concatenate([np.arange(s, s + c) for s, c in zip(starts[:k], counts[:k])])
+        stats0 = pend[0].wait()
+        pend[1].wait()
+        with pytest.raises(GpuBackendError, match="outside"):
+            pend[2].wait()
+        pend[3].wait()
+        np.testing.assert_allclose(outs[0], want[:n], atol=PRED_ATOL, rtol=0)
+        np.testing.assert_allclose(outs[1][: idx.size], want[idx], atol=PRED_ATOL, rtol=0)
+        np.testing.assert_allclose(outs[2][:777], want[:777], atol=PRED_ATOL, rtol=0)
+        assert np.isnan(bad_out).all()
+        hot, cold = ref.placement.lookup_counts(ref.placement.positions(sparse[:n]))
+        assert (stats0.hot_lookups, stats0.cold_lookups) == (hot, cold)
+        # A request larger than all staging sets together, waited for by its single caller.
+        out = np.full(n, np.nan, dtype=np.float32)
+        eng.infer_by_ref("ds", np.array([0]), np.array([n]), out)
+        np.testing.assert_allclose(out, want[:n], atol=PRED_ATOL, rtol=0)
+    finally:
+        eng.close()

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from engines.model import DLRM, load_dlrm_state_dict, mlp_forward
+from engines.model import DLRM, interaction, load_dlrm_state_dict, mlp_forward
 from engines.placement import Placement
 from formats.artifact import Artifact
 
@@ -48,6 +48,39 @@ class Int8Reference:
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         """float32 [n] click probabilities for dense float32 [n, 13] and sparse int [n, 26]."""
         return self.predict_positions(dense, self.placement.positions(sparse))
+
+    def top_input(self, dense: np.ndarray, sparse: np.ndarray) -> torch.Tensor:
+        """float32 [n, interaction_width]: the top MLP's input (bottom MLP output + dot interaction)."""
+        emb = torch.from_numpy(self.gather(self.placement.positions(sparse))).float() * self.scales[None, :, None]
+        x = torch.tensor(np.asarray(dense, dtype=np.float32))
+        with torch.no_grad():
+            for i in range(len(self.config.bottom_mlp)):
+                x = torch.relu(torch.nn.functional.linear(x, self.weights[f"bot_l.{2 * i}.weight"],
+                                                          self.weights[f"bot_l.{2 * i}.bias"]))
+            return interaction(x, emb)
+
+
+class Int8MlpReference(Int8Reference):
+    """int8 tables (as Int8Reference) + the int8 top MLP of kernels.quant_linear, through its reference
+    chain: the top input rounded to fp16 (as the GPU engine stores it), layer 1 fp16, the rest int8 with
+    the artifact's calibrated activation scales (or `calibration`, overriding them)."""
+
+    def __init__(self, artifact: Artifact, gpu_part: float = 1.0, calibration: Any = None) -> None:
+        super().__init__(artifact, gpu_part)
+        from kernels.quant_linear import quantize_top_mlp
+
+        cal = artifact.calibration if calibration is None else calibration
+        if cal is None:
+            raise ValueError(f"{artifact.path}: no calibration.json: run `dlrm-prepare calibrate --model "
+                             f"{artifact.path} --dataset CALIBRATION_DATASET` first")
+        self.quant = quantize_top_mlp(artifact.mlp, cal)
+
+    def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        from kernels.quant_linear import top_mlp_int8_reference
+
+        x = self.top_input(dense, sparse)
+        x = torch.nn.functional.pad(x, (0, self.quant.in_width_padded - x.shape[1])).to(torch.float16)
+        return top_mlp_int8_reference(self.quant, x).numpy()
 
 
 class Fp32Reference:

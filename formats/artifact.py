@@ -28,6 +28,9 @@ ROW_ORDER = "row_order.npy"
 SCALES = "scales.npy"
 MLP = "mlp.npz"
 META = "meta.json"
+CALIBRATION = "calibration.json"  # optional, not in meta.json's files: written after the artifact
+CALIBRATION_FORMAT = "dlrm-calibration"
+CALIBRATION_VERSION = 1
 DATA_FILES = (EMBEDDINGS, ROW_POSITION, ROW_ORDER, SCALES, MLP)
 SAMPLE_BLOCKS = 64
 BLOCK = 1 << 20
@@ -118,6 +121,11 @@ class Artifact:
             if got != want:
                 raise ArtifactError(f"{self.path / name}: bad checksum (sha256 {got}, meta.json says {want})")
 
+    @property
+    def calibration(self) -> "Calibration | None":
+        """The optional int8 activation calibration (calibration.json), None when absent."""
+        return read_calibration(self.path, self.meta)
+
     def data_bytes(self) -> int:
         return int(sum(self.meta["files"][n]["bytes"] for n in DATA_FILES))
 
@@ -190,6 +198,68 @@ def _load_mlp(path: Path, config: DLRMConfig) -> dict[str, np.ndarray]:
         if mlp[k].shape != shape or mlp[k].dtype != np.float32:
             raise ArtifactError(f"{path / MLP}: {k} is {mlp[k].dtype}{list(mlp[k].shape)}, expected float32{list(shape)}")
     return mlp
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Static activation ranges for the int8 top MLP (engines/calibration.py writes it).
+
+    amax: {layer name: max of that layer's input} for the int8 inputs ("top_l.2", "top_l.4", ...);
+    observed: every statistic measured ({"max": {...}, "p99.99": {...}}) so a method can be switched
+    without re-running; mlp_sha256 ties it to the artifact's mlp.npz (a rewritten model makes it stale).
+    """
+    method: str
+    amax: dict[str, float]
+    dataset: str
+    pairs: int
+    mlp_sha256: str
+    observed: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "method": self.method,
+                "amax": self.amax, "dataset": self.dataset, "pairs": self.pairs,
+                "mlp_sha256": self.mlp_sha256, "observed": self.observed}
+
+
+def write_calibration(path: Path | str, calibration: Calibration) -> None:
+    """Write calibration.json into an artifact directory (atomically)."""
+    path = Path(path)
+    tmp = path / (CALIBRATION + ".tmp")
+    tmp.write_text(json.dumps(calibration.to_json(), indent=1))
+    os.replace(tmp, path / CALIBRATION)
+
+
+def read_calibration(path: Path | str, meta: dict[str, Any] | None = None) -> Calibration | None:
+    """The artifact's calibration, None when it has none; ArtifactError if unreadable or stale."""
+    path = Path(path)
+    file = path / CALIBRATION
+    if not file.is_file():
+        return None
+    meta = read_meta(path) if meta is None else meta
+    try:
+        raw = json.loads(file.read_text())
+        if not isinstance(raw, dict) or raw.get("format") != CALIBRATION_FORMAT:
+            raise ArtifactError(f"{file}: format is not {CALIBRATION_FORMAT!r}")
+        if raw.get("version") != CALIBRATION_VERSION:
+            raise ArtifactError(f"{file}: wrong version {raw.get('version')!r}, this build reads "
+                                f"version {CALIBRATION_VERSION}")
+        cal = Calibration(
+            method=str(raw["method"]), amax={str(k): float(v) for k, v in raw["amax"].items()},
+            dataset=str(raw["dataset"]), pairs=int(raw["pairs"]), mlp_sha256=str(raw["mlp_sha256"]),
+            observed={str(m): {str(k): float(v) for k, v in d.items()} for m, d in raw.get("observed", {}).items()},
+        )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
+        raise ArtifactError(f"{file}: unreadable: {exc}") from exc
+    want = meta.get("files", {}).get(MLP, {}).get("sha256")
+    if cal.mlp_sha256 != want:
+        raise ArtifactError(f"{file}: stale: made for mlp.npz sha256 {cal.mlp_sha256}, the artifact has {want} "
+                            f"(re-run dlrm-prepare calibrate)")
+    bad = {k: v for k, v in cal.amax.items() if not (np.isfinite(v) and v > 0)}
+    if bad:
+        raise ArtifactError(f"{file}: amax must be finite and positive, got {bad}")
+    return cal
 
 
 def write_artifact(

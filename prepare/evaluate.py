@@ -4,7 +4,10 @@ Precision ``int8`` runs the served artifact (``--model``) through ``engines.refe
 (int8 rows dequantised with the per-table scale, hot/cold placement included). Precision ``fp32``
 needs the original fp32 weights: the artifact keeps only int8 tables, so give ``--checkpoint`` (the
 ``tb00_40M.pt``-style file, memory-mapped by ``engines.model.load_dlrm_checkpoint``, never read
-whole); ``--model`` is then optional and, if given, must describe the same tables. Predictions are
+whole); ``--model`` is then optional and, if given, must describe the same tables. Precision
+``int8-mlp`` adds the int8 top MLP (kernels.quant_linear's reference chain, engines.reference.
+Int8MlpReference) with the artifact's calibration.json (``dlrm-prepare calibrate``);
+``--calibration-method`` picks another recorded statistic (max, p99.99, ...) without re-calibrating. Predictions are
 written float32 per pair in dataset order (``--out``, a memory-mapped .npy), the AUC is printed.
 """
 from __future__ import annotations
@@ -31,8 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--dataset", type=Path, required=True, help="dataset directory (dlrm-prepare criteo/synthetic)")
-    parser.add_argument("--precision", choices=("fp32", "int8"), default="int8",
-                        help="int8: the artifact's tables (needs --model); fp32: the checkpoint's (needs --checkpoint)")
+    parser.add_argument("--precision", choices=("fp32", "int8", "int8-mlp"), default="int8",
+                        help="int8: the artifact's tables (needs --model); int8-mlp: int8 tables and int8 top "
+                             "MLP (needs a calibrated --model); fp32: the checkpoint's (needs --checkpoint)")
+    parser.add_argument("--calibration-method", help="int8-mlp: use this recorded amax statistic instead of "
+                                                     "calibration.json's method (max, p99.9, p99.99, p99.999)")
     parser.add_argument("--model", type=Path, metavar="ARTIFACT", help="served model artifact directory")
     parser.add_argument("--checkpoint", type=Path,
                         help="fp32 DLRM checkpoint (bare state dict or {'state_dict': ...}), memory-mapped")
@@ -44,8 +50,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_predictor(precision: str, model: Path | None, checkpoint: Path | None,
-                   gpu_part: float = 1.0) -> tuple[Predict, tuple[int, ...]]:
+                   gpu_part: float = 1.0, calibration_method: str | None = None) -> tuple[Predict, tuple[int, ...]]:
     """(predict function, model table rows) for the chosen precision."""
+    if precision == "int8-mlp":
+        if model is None:
+            raise EvalError("--precision int8-mlp needs --model ARTIFACT (calibrated)")
+        from engines.reference import Int8MlpReference
+        from formats.artifact import Artifact
+        art = Artifact.open(model)
+        cal = art.calibration
+        if cal is None:
+            raise EvalError(f"{model}: no calibration.json: run dlrm-prepare calibrate --model {model} "
+                            "--dataset CALIBRATION_DATASET (a training day, not the test day)")
+        if calibration_method is not None:
+            from engines.calibration import with_method
+            cal = with_method(cal, calibration_method)
+        mref = Int8MlpReference(art, gpu_part, cal)
+        return mref.predict, tuple(mref.config.table_rows)
+    if calibration_method is not None:
+        raise EvalError("--calibration-method applies to --precision int8-mlp only")
     if precision == "int8":
         if model is None:
             raise EvalError("--precision int8 needs --model ARTIFACT")
@@ -104,7 +127,8 @@ def evaluate(dataset: Dataset, predict: Predict, model_rows: Sequence[int], out:
 
 
 def run(args: argparse.Namespace) -> int:
-    predict, rows = make_predictor(args.precision, args.model, args.checkpoint, args.gpu_part)
+    predict, rows = make_predictor(args.precision, args.model, args.checkpoint, args.gpu_part,
+                                   args.calibration_method)
     ds = Dataset.open(args.dataset)
     t0 = time.perf_counter()
     preds, auc = evaluate(ds, predict, rows, args.out, args.batch_pairs, args.samples)

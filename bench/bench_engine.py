@@ -170,6 +170,10 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
            torch.empty((n, eng.config.num_tables, eng.config.embedding_dim), dtype=eng.dtype, device=eng.pred.device))
     def top() -> torch.Tensor:
         y = eng.top_in[:n]
+        if eng.qtop is not None:
+            from kernels.quant_linear import top_mlp_int8
+
+            return top_mlp_int8(eng.qtop, y, eng.pred[:n], eng.top_scratch, eng.top_configs)
         for i, (w, b) in enumerate(eng.top):
             y = eng._linear_relu(y, w, b) if i < len(eng.top) - 1 else torch.nn.functional.linear(y, w, b)
         return y
@@ -195,6 +199,7 @@ def main() -> int:
     ap.add_argument("--parts", type=str, default="1.0,0.5,0.3,0.1")
     ap.add_argument("--kernel-from", type=Path, default=None,
                     help="bench_gather.py JSON: use its fastest fused gather+interaction variant")
+    ap.add_argument("--mlp", default="fp16,int8", help="MLP precisions to time (GpuBackend mlp_precision)")
     ap.add_argument("--unfused", action="store_true", help="also time v1's unfused kernels and separate ReLU")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -232,27 +237,41 @@ def main() -> int:
     res["baseline_pairs_per_s"] = base
 
     ref = Int8Reference(art, 1.0).predict(dense[:2000], sparse[:2000])
+    mlps = args.mlp.split(",")
+    ref_int8 = None
+    if "int8" in mlps:
+        # Static activation scales from the first pairs (a random model: accuracy is not the point here).
+        from engines.calibration import calibrate
+        from engines.reference import Int8MlpReference
+        from formats.artifact import write_calibration
+        from formats.dataset import Dataset
+
+        write_calibration(art_path, calibrate(art, Dataset.open(ds_path), 16384))
+        ref_int8 = Int8MlpReference(Artifact.open(art_path), 1.0).predict(dense[:2000], sparse[:2000])
     parts = [float(p) for p in args.parts.split(",")]
-    # (gpu_part, fused ReLU epilogue, fused gather+interaction): v2, then v1's pieces for comparison
-    configs = ([(parts[0], True, True)] + ([(parts[0], True, False), (parts[0], False, False)]
-                                           if args.unfused else []) + [(p, True, True) for p in parts[1:]])
+    # (gpu_part, fused ReLU epilogue, fused gather+interaction, MLP precision)
+    configs = ([(parts[0], True, True, m) for m in mlps]
+               + ([(parts[0], True, False, mlps[0]), (parts[0], False, False, mlps[0])] if args.unfused else [])
+               + [(p, True, True, mlps[-1]) for p in parts[1:]])
     rows = []
-    for part, fused, fgather in configs:
+    for part, fused, fgather, mlp in configs:
         t0 = time.perf_counter()
-        sizes = None if (part, fused, fgather) == configs[0] else [b for b in batches]
+        sizes = None if (part, fused, fgather, mlp) == configs[0] else [b for b in batches]
         eng = GpuBackend("cuda:0", art_path, part, max_batch_pairs=args.max_batch, graph_sizes=sizes,
-                         fused_relu=fused, fused_gather=fgather, kernel_config=kcfg)
+                         fused_relu=fused, fused_gather=fgather, kernel_config=kcfg, mlp_precision=mlp)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         eng.register_dataset("bench", ds_path)
         reg_s = time.perf_counter() - t0
         out = np.full(args.pairs, np.nan, dtype=np.float32)
         st = eng.infer_by_value(dense[:2000], sparse[:2000], out)
-        err = float(np.abs(out[:2000] - ref).max())
+        want = ref_int8 if mlp == "int8" else ref
+        err = float(np.abs(out[:2000] - want).max())
         err_base = float(np.abs(p_base - ref).max())
-        entry = {"gpu_part": part, "fused_relu": fused, "fused_gather": fgather, "load_s": load_s, "register_s": reg_s, "times": vars(eng.times),
-                 "max_abs_err_vs_int8_ref": err, "baseline_max_abs_err": err_base,
-                 "device_bytes": eng.device_memory_bytes(), "by_batch": {}}
+        entry = {"gpu_part": part, "fused_relu": fused, "fused_gather": fgather, "mlp": mlp, "load_s": load_s,
+                 "register_s": reg_s, "times": vars(eng.times), "max_abs_err_vs_reference": err,
+                 "max_abs_err_int8_mlp_vs_fp32_mlp": float(np.abs(out[:2000] - ref).max()),
+                 "baseline_max_abs_err": err_base, "device_bytes": eng.device_memory_bytes(), "by_batch": {}}
         st = eng.infer_by_ref("bench", np.array([0]), np.array([args.pairs]), out)
         entry["hot_share"] = st.hot_lookups / (st.hot_lookups + st.cold_lookups)
         print(f"gpu_part {part}: load {load_s:.2f} s ({eng.times.hot_s:.2f} hot, {eng.times.cold_s:.2f} cold, "
@@ -276,8 +295,9 @@ def main() -> int:
                                     "pipelined_by_ref_pairs_per_s": piped}
             print(f"  batch {b}: graph forward {b / fwd_ms / 1e3:.2f} M pairs/s; infer_by_ref ({n} pairs) "
                   f"{n / ref_ms / 1e3:.2f} M/s; pipelined by_ref {piped / 1e6:.2f} M/s; infer_by_value {b / val_ms / 1e3:.2f} M/s", flush=True)
-        if (part, fused, fgather) == configs[0]:
-            entry["stages_ms"] = stage_breakdown(eng, batches[-1])
+        if fused and fgather and part == parts[0]:
+            with torch.cuda.stream(eng.stream):
+                entry["stages_ms"] = stage_breakdown(eng, batches[-1])
             print("  stages at batch", batches[-1], {k: round(v, 3) for k, v in entry["stages_ms"].items()}, flush=True)
         eng.close()
         del eng
@@ -286,14 +306,15 @@ def main() -> int:
     res["engine"] = rows
 
     print(f"\n== engine summary ({card}; {config.total_rows * 128 / 1e9:.2f} GB int8 tables, Zipf {args.zipf}) ==")
-    print("gpu_part  fusedReLU fusedGather HBM-share  load_s  batch   fwd Mpairs/s  by_ref M/s  pipelined M/s  by_value M/s  fp16-baseline M/s")
+    print("gpu_part  mlp   fusedReLU fusedGather HBM-share  load_s  batch   fwd Mpairs/s  by_ref M/s  pipelined M/s  by_value M/s  fp16-baseline M/s")
     for e in rows:
         for b, v in e["by_batch"].items():
-            print(f"{e['gpu_part']:8.1f}  {str(e['fused_relu']):9s} {str(e['fused_gather']):11s} {e['hot_share']:9.4f}  {e['load_s']:6.2f}  {b:6d}  "
+            print(f"{e['gpu_part']:8.1f}  {e['mlp']:5s} {str(e['fused_relu']):9s} {str(e['fused_gather']):11s} {e['hot_share']:9.4f}  {e['load_s']:6.2f}  {b:6d}  "
                   f"{v['forward_pairs_per_s'] / 1e6:12.2f}  {v['by_ref_pairs_per_s'] / 1e6:10.2f}  "
                   f"{v['pipelined_by_ref_pairs_per_s'] / 1e6:13.2f}  "
                   f"{v['by_value_pairs_per_s'] / 1e6:12.2f}  {base[b] / 1e6:17.2f}")
-    print("max |engine - Int8Reference| per part:", [f"{e['max_abs_err_vs_int8_ref']:.2e}" for e in rows])
+    print("max |engine - its reference| per config:", [f"{e['mlp']}@{e['gpu_part']}: {e['max_abs_err_vs_reference']:.2e}"
+                                                        for e in rows])
     if args.out:
         args.out.write_text(json.dumps(res, indent=1, default=str))
     return 0

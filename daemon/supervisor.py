@@ -174,7 +174,8 @@ class Supervisor:
             shm_path=str(e.region.path), slots=self.config.inflight_batches,
             max_batch_pairs=self.config.max_batch_pairs,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
-            datasets=self.events.engine_spec_datasets(), parent_pid=os.getpid())
+            datasets=self.events.engine_spec_datasets(), parent_pid=os.getpid(),
+            gpu_mlp_precision=self.config.gpu_mlp_precision)
         from engines.process import engine_main
 
         proc = self.mp.Process(target=engine_main, args=(P.encode(spec),), name=f"dlrm-engine-{e.name}",

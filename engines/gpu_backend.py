@@ -38,7 +38,8 @@ from formats.artifact import Artifact
 from formats.dataset import Dataset
 from kernels.dot_interaction import dot_interaction
 from kernels.embedding_gather import embedding_gather
-from kernels.gather_interaction import COUNT_SLOTS, gather_interaction, new_counts
+from kernels.gather_interaction import gather_interaction, new_counts
+from kernels.quant_linear import QuantTopMlp, alloc_scratch, quantize_top_mlp, top_mlp_int8
 
 _CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
 
@@ -65,6 +66,13 @@ class LoadTimes:
     datasets_s: dict[str, float] = field(default_factory=dict)
 
 
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """A [rows, k] tensor's memory as 8-byte words where its rows allow (else the tensor itself)."""
+    if (t.shape[-1] * t.element_size()) % 8 == 0 and t.is_contiguous():
+        return t.view(torch.int64)
+    return t
+
+
 def default_graph_sizes(max_batch_pairs: int) -> list[int]:
     """Powers of two from 512 up to max_batch_pairs (itself included): padding wastes at most half."""
     sizes = [s for s in (1 << k for k in range(9, 31)) if s < max_batch_pairs]
@@ -86,6 +94,8 @@ class GpuBackend:
         fused_gather: bool = True,
         kernel_config: dict[str, int] | None = None,
         inflight: int = 4,
+        mlp_precision: str = "auto",
+        top_configs: Sequence[dict[str, int] | None] | None = None,
     ) -> None:
         if not torch.cuda.is_available():
             raise GpuBackendError(f"{device}: CUDA is not available on this machine")
@@ -95,6 +105,10 @@ class GpuBackend:
             raise GpuBackendError(f"GpuBackend needs a cuda:N device, got {device!r}")
         if dtype not in (torch.float16, torch.bfloat16):
             raise GpuBackendError(f"dtype must be float16 or bfloat16, got {dtype}")
+        if mlp_precision not in ("auto", "int8", "fp16", "bf16"):
+            raise GpuBackendError(f"mlp_precision must be auto, int8, fp16 or bf16, got {mlp_precision!r}")
+        if mlp_precision in ("fp16", "bf16"):
+            dtype = torch.float16 if mlp_precision == "fp16" else torch.bfloat16
         if max_batch_pairs < 1:
             raise GpuBackendError(f"max_batch_pairs must be positive, got {max_batch_pairs}")
         self.dtype = dtype
@@ -110,6 +124,18 @@ class GpuBackend:
         self.host = HostRegistry()
         art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
         self.config = art.config
+        self.calibration = art.calibration
+        if mlp_precision == "auto":
+            mlp_precision = "int8" if self.calibration is not None and dtype == torch.float16 else (
+                "fp16" if dtype == torch.float16 else "bf16")
+        if mlp_precision == "int8":
+            if self.calibration is None:
+                raise GpuBackendError(f"mlp_precision int8 needs {art.path}/calibration.json: run `dlrm-prepare "
+                                      "calibrate --model ARTIFACT --dataset CALIBRATION_DATASET`")
+            if dtype != torch.float16:
+                raise GpuBackendError("mlp_precision int8 runs the rest of the model in fp16; dtype must be float16")
+        self.mlp_precision = mlp_precision
+        self.top_configs = list(top_configs) if top_configs is not None else None
         self.placement = Placement.from_artifact(art, gpu_part)
         self._datasets: dict[str, _DeviceDataset] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -177,6 +203,13 @@ class GpuBackend:
             if i == 0 and self.top_in_width != width:
                 weight = F.pad(weight, (0, self.top_in_width - width))  # zero columns meet zero inputs
             self.top.append((weight.to(self._dev, self.dtype), w[f"top_l.{2 * i}.bias"].to(self._dev, self.dtype)))
+        self.qtop: QuantTopMlp | None = None
+        if self.mlp_precision == "int8":
+            # Layer 1 fp16 -> int8 activations (calibrated static scales) -> int8 layers, the last with
+            # the 1-wide output and sigmoid fused (kernels/quant_linear.py).
+            self.qtop = quantize_top_mlp(art.mlp, self.calibration).to(self._dev)
+            if self.qtop.in_width_padded != self.top_in_width:
+                raise GpuBackendError(f"int8 top MLP input width {self.qtop.in_width_padded} != {self.top_in_width}")
 
     def _alloc_buffers(self) -> None:
         m, cfg = self.max_batch_pairs, self.config
@@ -190,8 +223,11 @@ class GpuBackend:
                         if not self.fused_gather else None)
         self.top_in = torch.zeros((m, self.top_in_width), dtype=self.dtype, device=dev)
         self.pred = torch.empty(m, dtype=torch.float32, device=dev)
+        self.top_scratch = alloc_scratch(self.qtop, m, dev) if self.qtop is not None else None
         self.counts = new_counts(dev)  # [limit, bad ids, hot-count slots]
         self._arange = torch.arange(m, dtype=torch.int64, device=dev)
+        self._dense_words = _words(self.dense_in)  # the same memory, as 8-byte words
+        self._sparse_words = _words(self.sparse_in)
         self._rows_dev = (self.table_offsets[1:] - self.table_offsets[:-1]).to(torch.int32)
         self.pool = InFlight([StagingSet(k, m, cfg.dense_features, cfg.num_tables, self.counts.numel(), dev)
                               for k in range(self.inflight)], self._finish)
@@ -211,6 +247,9 @@ class GpuBackend:
             embedding_gather(self.sparse_in[:n], self.table_offsets, self.row_position, self.scales, self.hot,
                              self.cold, emb, self.counts[2:3], count_limit=self.counts[:1])
             y = dot_interaction(x, emb, self.top_in[:n])
+        if self.qtop is not None:
+            top_mlp_int8(self.qtop, y, self.pred[:n], self.top_scratch, self.top_configs)
+            return
         last = len(self.top) - 1
         for i, (weight, bias) in enumerate(self.top):
             y = self._linear_relu(y, weight, bias) if i < last else F.linear(y, weight, bias)
@@ -353,8 +392,10 @@ class GpuBackend:
                         pairs = torch.repeat_interleave(st_dev - first, ct_dev, output_size=n) + self._arange[:n]
                     else:
                         pairs = s.ranges_dev[:n]
-                    torch.index_select(ds.dense, 0, pairs, out=self.dense_in[:n])
-                    torch.index_select(ds.sparse, 0, pairs, out=self.sparse_in[:n])
+                    # Rows gathered as 8-byte words (dense 4, sparse 13 a pair): index_select is
+                    # per element, and 2- or 4-byte elements made it several times slower.
+                    torch.index_select(_words(ds.dense), 0, pairs, out=self._dense_words[:n])
+                    torch.index_select(_words(ds.sparse), 0, pairs, out=self._sparse_words[:n])
                     self._launch(s, n, out[at : at + n], pending)
             except BaseException:
                 self.pool.give(s)  # never launched: its set goes straight back

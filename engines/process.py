@@ -36,8 +36,8 @@ EXIT_ORPHANED = 1
 _WARMUP_PAIRS = 1024
 
 
-def create_backend(device: str, artifact: str, gpu_part: float,
-                   max_batch_pairs: int | None = None, inflight: int | None = None) -> EngineBackend:
+def create_backend(device: str, artifact: str, gpu_part: float, max_batch_pairs: int | None = None,
+                   inflight: int | None = None, mlp_precision: str | None = None) -> EngineBackend:
     """'null' selects the null backend here; every real device goes through engines.factory."""
     if device == "null":
         from engines.null_backend import NullBackend
@@ -45,7 +45,8 @@ def create_backend(device: str, artifact: str, gpu_part: float,
         return NullBackend(device, artifact)
     from engines.factory import create_backend as factory_create
 
-    return factory_create(device, Path(artifact), gpu_part, max_batch_pairs=max_batch_pairs, inflight=inflight)
+    return factory_create(device, Path(artifact), gpu_part, max_batch_pairs=max_batch_pairs, inflight=inflight,
+                          mlp_precision=mlp_precision)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         try:
             backend = create_backend(self.spec.device, self.spec.artifact, self.spec.gpu_part,
-                                     self.spec.max_batch_pairs, self.spec.slots)
+                                     self.spec.max_batch_pairs, self.spec.slots, self.spec.gpu_mlp_precision)
             if pin_host_memory(backend, self.region.whole()):
                 log.info("engine %s: shared-memory region page-locked (%d bytes)", self.spec.name,
                          self.region.size)

@@ -69,14 +69,14 @@ def test_int8_out_rounding_and_saturation_exact() -> None:
     w = torch.zeros((n, k), dtype=torch.int8)
     w[0, :] = torch.arange(k, dtype=torch.int8)  # y[j, 0] = j
     bias = torch.zeros(n)
-    bias[0] = 0.5  # y = j + 0.5, scaled by 1/4: (j + 0.5) / 4 rounds half up on exact .5 values
     ones = torch.ones(n)
     out = torch.empty((k, n), dtype=torch.int8)
-    quant_linear(x, w, bias, ones, torch.tensor([1.0]), out, out_inv_scale=torch.tensor([0.25]), config=SMALL)
+    # y = j, times 1/2: odd j land exactly on .5 and must round up (floor(v + 0.5)), not to even.
+    quant_linear(x, w, bias, ones, torch.tensor([1.0]), out, out_inv_scale=torch.tensor([0.5]), config=SMALL)
     j = np.arange(k)
-    expect = np.minimum(np.floor((j + 0.5) * 0.25 + 0.5), 127)
-    np.testing.assert_array_equal(out[:, 0].numpy(), expect)
-    # Saturation: y = 31.5 * 8 = 252 -> 127, never wraps to negative.
+    np.testing.assert_array_equal(out[:, 0].numpy(), np.floor(j * 0.5 + 0.5))
+    bias[0] = 0.5
+    # Saturation: y = (31 + 0.5) * 8 = 252 -> 127, never wraps to negative.
     quant_linear(x, w, bias, ones, torch.tensor([1.0]), out, out_inv_scale=torch.tensor([8.0]), config=SMALL)
     assert int(out[31, 0]) == 127 and int(out[:, 0].min()) >= 0
     assert (out[:, 1:] == 0).all(), "zero weight columns give zero"

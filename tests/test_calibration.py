@@ -147,7 +147,10 @@ def test_kernel_chain_on_artifact_matches_eval_reference(setup: Path) -> None:
     q = ref.quant.to(dev)
     pred = top_mlp_int8(q, x.to(dev), scratch=alloc_scratch(q, n, dev)).cpu()
     expect = top_mlp_int8_reference(ref.quant, x)
-    assert float((pred - expect).abs().max()) < 1e-3
+    # Layer 1 sums fp16 products in fp32 in another order than the float64 reference: an activation on a
+    # rounding boundary may move one int8 step; wrong scales or layouts move predictions by far more.
+    assert float((pred - expect).abs().max()) < 5e-3
+    assert float((pred - expect).abs().mean()) < 1e-4
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.gpu_backend import GpuBackend  # noqa: E402
+from kernels.pair_rows import remap_ids  # noqa: E402
 from engines.model import DLRM, DLRMConfig, random_state_dict  # noqa: E402
 from engines.reference import Int8Reference  # noqa: E402
 from formats.artifact import Artifact, table_offsets, write_artifact  # noqa: E402
@@ -179,11 +180,12 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
         return y
     return {
         "bottom_mlp": cuda_ms(bottom),
-        "gather": cuda_ms(lambda: embedding_gather(eng.sparse_in[:n], eng.table_offsets, eng.row_position,
+        # sparse_in holds file positions (remapped before the graph): row_position None
+        "gather": cuda_ms(lambda: embedding_gather(eng.sparse_in[:n], eng.table_offsets, None,
                                                    eng.scales, eng.hot, eng.cold, emb)),
         "interaction": cuda_ms(lambda: dot_interaction(bo, emb, eng.top_in[:n])),
         "fused_gather_interaction": cuda_ms(lambda: gather_interaction(
-            bo, eng.sparse_in[:n], eng.table_offsets, eng.row_position, eng.scales, eng.hot, eng.cold,
+            bo, eng.sparse_in[:n], eng.table_offsets, None, eng.scales, eng.hot, eng.cold,
             eng.top_in[:n], **(eng.kernel_config or {}))),
         "top_mlp": cuda_ms(top),
         "graph_forward": cuda_ms(lambda: eng._run(n)),
@@ -283,7 +285,8 @@ def main() -> int:
             starts, counts = offsets[:s_end], np.diff(offsets[: s_end + 1])
             n = int(counts.sum())
             eng.dense_in[:b, : dense.shape[1]].copy_(torch.from_numpy(dense[:b]).cuda())
-            eng.sparse_in[:b].copy_(torch.from_numpy(sparse[:b]).cuda())
+            remap_ids(torch.from_numpy(sparse[:b]).cuda(), eng.table_offsets, eng.row_position, eng.sparse_in[:b],
+                      torch.zeros(1, dtype=torch.int64, device="cuda"))
             torch.cuda.synchronize()
             with torch.cuda.stream(eng.stream):
                 fwd_ms = cuda_ms(lambda b=b: eng._run(b), reps=20)

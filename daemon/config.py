@@ -51,10 +51,10 @@ class DaemonConfig:
         "flag/env comma-separated"))
     embedding_weights_on_gpu_part: float = field(default=1.0, metadata=_h(
         "share of embedding rows (most frequent first) kept in device memory, 0..1"))
-    gpu_mlp_precision: str = field(default="auto", metadata=_h(
-        "GPU engines' MLP arithmetic: 'int8' (top MLP on int8 tensor cores with the artifact's "
-        "calibration.json, `dlrm-prepare calibrate`), 'fp16', 'bf16', or 'auto' (int8 where the artifact "
-        "is calibrated, else fp16). The CPU engine always computes in fp32"))
+    gpu_mlp_precision: str = field(default="fp16", metadata=_h(
+        "GPU engines' MLP arithmetic: 'fp16' or 'bf16' (cuBLAS), or 'int8' (top MLP through the Triton "
+        "int8 kernel with the artifact's calibration.json from `dlrm-prepare calibrate`; measured slower "
+        "than fp16 on an H200, BENCHMARKS.md). The CPU engine always computes in fp32"))
     max_batch_pairs: int = field(default=65536, metadata=_h("largest batch sent to an engine, in pairs"))
     max_queue_delay_s: float = field(default=0.002, metadata=_h(
         "a partial batch closes once its oldest query waited this long (busy engines only)"))
@@ -209,8 +209,8 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
         raise bad("metrics_port", f"must be a TCP port 0..65535, got {cfg.metrics_port}")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
-    if cfg.gpu_mlp_precision not in ("auto", "int8", "fp16", "bf16"):
-        raise bad("gpu_mlp_precision", f"must be auto, int8, fp16 or bf16, got {cfg.gpu_mlp_precision!r}")
+    if cfg.gpu_mlp_precision not in ("int8", "fp16", "bf16"):
+        raise bad("gpu_mlp_precision", f"must be fp16, bf16 or int8, got {cfg.gpu_mlp_precision!r}")
     if not cfg.engines:
         raise bad("engines", "at least one engine device is needed")
     for dev in cfg.engines:

@@ -223,7 +223,7 @@ class EngineSpec(msgspec.Struct, frozen=True):
     heartbeat_interval_s: float
     datasets: dict[str, str]
     parent_pid: int
-    gpu_mlp_precision: str = "auto"  # GPU engines: auto, int8, fp16 or bf16 (daemon.config)
+    gpu_mlp_precision: str = "fp16"  # GPU engines: fp16, bf16 or int8 (daemon.config)
 
 
 _ENC = msgspec.msgpack.Encoder()

@@ -3,15 +3,18 @@
 Placement (SPEC "Quantization and placement"): rows [0, n_hot) of the frequency-ordered artifact go to
 device memory, the rest to pinned host memory that the gather kernel reads zero-copy; the remap table
 (row_position) lives on the device. By-reference datasets are copied to the device once at registration
-(NVIDIA's "start_from_device"), so a by-reference batch moves only its pair indices over PCIe.
+(NVIDIA's "start_from_device") with their ids already remapped to file positions (kernels.pair_rows), so
+a by-reference batch moves only its ranges over PCIe and the forward's gather does no remap load; a
+by-value batch is remapped (and its ids checked) on the device right after its copy.
 
 One forward: bottom MLP (cuBLAS, bias+ReLU in the GEMM epilogue, fp16/bf16) -> gather of all 26
 lookups and the dot interaction, fused in one kernel (kernels.gather_interaction; or, with
 fused_gather=False, kernels.embedding_gather into an fp16 [B,26,128] buffer then kernels.dot_interaction),
-written straight into the top-MLP input (the buffer is 480 wide with a zero last column and a zero-padded first top
-weight, so every GEMM has aligned K) -> top MLP -> sigmoid. Fixed batch sizes are captured as CUDA graphs;
-a batch is padded up to the next captured size (padding rows are zeroed ids, valid in every table; the
-hot-lookup count is limited to the real rows in the kernel).
+written straight into the top-MLP input (512 wide: zero columns after the 479 values meet zero columns
+of the first top weight, so every GEMM has aligned K) -> top MLP (fp16/bf16 cuBLAS, or the int8 Triton
+chain of kernels.quant_linear) -> sigmoid. Fixed batch sizes are captured as CUDA graphs; a batch is
+padded up to the next captured size (padding rows are zeroed positions, a valid row; the hot-lookup
+count is limited to the real rows in the kernel).
 
 Pipelining (engines/gpu_staging.py): submit_by_ref/submit_by_value enqueue a batch and return at once;
 up to `inflight` batches are in flight, each with its own staging set. Input copies run on a copy
@@ -39,6 +42,7 @@ from formats.dataset import Dataset
 from kernels.dot_interaction import dot_interaction
 from kernels.embedding_gather import embedding_gather
 from kernels.gather_interaction import gather_interaction, new_counts
+from kernels.pair_rows import gather_pair_rows, remap_ids
 from kernels.quant_linear import QuantTopMlp, alloc_scratch, quantize_top_mlp, top_mlp_int8
 
 _CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
@@ -51,7 +55,7 @@ class GpuBackendError(RuntimeError):
 @dataclass
 class _DeviceDataset:
     dense: torch.Tensor  # [N, dense_width] in the model dtype (zero padding columns) on the device
-    sparse: torch.Tensor  # int32 [N, 26] on the device
+    positions: torch.Tensor  # int32 [N, 26]: file positions of the lookups (ids remapped at registration)
     num_pairs: int
 
 
@@ -64,13 +68,6 @@ class LoadTimes:
     remap_s: float = 0.0
     graphs_s: float = 0.0
     datasets_s: dict[str, float] = field(default_factory=dict)
-
-
-def _words(t: torch.Tensor) -> torch.Tensor:
-    """A [rows, k] tensor's memory as 8-byte words where its rows allow (else the tensor itself)."""
-    if (t.shape[-1] * t.element_size()) % 8 == 0 and t.is_contiguous():
-        return t.view(torch.int64)
-    return t
 
 
 def default_graph_sizes(max_batch_pairs: int) -> list[int]:
@@ -94,7 +91,7 @@ class GpuBackend:
         fused_gather: bool = True,
         kernel_config: dict[str, int] | None = None,
         inflight: int = 4,
-        mlp_precision: str = "auto",
+        mlp_precision: str | None = None,
         top_configs: Sequence[dict[str, int] | None] | None = None,
     ) -> None:
         if not torch.cuda.is_available():
@@ -105,8 +102,10 @@ class GpuBackend:
             raise GpuBackendError(f"GpuBackend needs a cuda:N device, got {device!r}")
         if dtype not in (torch.float16, torch.bfloat16):
             raise GpuBackendError(f"dtype must be float16 or bfloat16, got {dtype}")
-        if mlp_precision not in ("auto", "int8", "fp16", "bf16"):
-            raise GpuBackendError(f"mlp_precision must be auto, int8, fp16 or bf16, got {mlp_precision!r}")
+        if mlp_precision is None:
+            mlp_precision = "fp16" if dtype == torch.float16 else "bf16"
+        if mlp_precision not in ("int8", "fp16", "bf16"):
+            raise GpuBackendError(f"mlp_precision must be int8, fp16 or bf16, got {mlp_precision!r}")
         if mlp_precision in ("fp16", "bf16"):
             dtype = torch.float16 if mlp_precision == "fp16" else torch.bfloat16
         if max_batch_pairs < 1:
@@ -125,9 +124,6 @@ class GpuBackend:
         art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
         self.config = art.config
         self.calibration = art.calibration
-        if mlp_precision == "auto":
-            mlp_precision = "int8" if self.calibration is not None and dtype == torch.float16 else (
-                "fp16" if dtype == torch.float16 else "bf16")
         if mlp_precision == "int8":
             if self.calibration is None:
                 raise GpuBackendError(f"mlp_precision int8 needs {art.path}/calibration.json: run `dlrm-prepare "
@@ -197,7 +193,10 @@ class GpuBackend:
             self.bottom.append((weight.to(self._dev, self.dtype), w[f"bot_l.{2 * i}.bias"].to(self._dev, self.dtype)))
         self.top = []
         width = cfg.interaction_width
-        self.top_in_width = (width + 7) // 8 * 8  # 16-byte aligned rows for cuBLAS
+        # cuBLAS ran the first top GEMM faster at K = 512 than at 480 (H200: 0.487 vs 0.504 ms at 262,144
+        # rows); the int8 chain (kernels/quant_linear.py) pads its fp16 layer to a multiple of 16.
+        align = 16 if self.mlp_precision == "int8" else 64
+        self.top_in_width = (width + align - 1) // align * align
         for i in range(len(cfg.top_mlp)):
             weight = w[f"top_l.{2 * i}.weight"]
             if i == 0 and self.top_in_width != width:
@@ -226,8 +225,6 @@ class GpuBackend:
         self.top_scratch = alloc_scratch(self.qtop, m, dev) if self.qtop is not None else None
         self.counts = new_counts(dev)  # [limit, bad ids, hot-count slots]
         self._arange = torch.arange(m, dtype=torch.int64, device=dev)
-        self._dense_words = _words(self.dense_in)  # the same memory, as 8-byte words
-        self._sparse_words = _words(self.sparse_in)
         self._rows_dev = (self.table_offsets[1:] - self.table_offsets[:-1]).to(torch.int32)
         self.pool = InFlight([StagingSet(k, m, cfg.dense_features, cfg.num_tables, self.counts.numel(), dev)
                               for k in range(self.inflight)], self._finish)
@@ -238,13 +235,13 @@ class GpuBackend:
         x = self.dense_in[:n]
         for weight, bias in self.bottom:
             x = self._linear_relu(x, weight, bias)
-        self.counts[1:].zero_()
+        # sparse_in holds file positions (remapped and checked before the graph): no remap loads here.
         if self.fused_gather:
-            y = gather_interaction(x, self.sparse_in[:n], self.table_offsets, self.row_position, self.scales,
+            y = gather_interaction(x, self.sparse_in[:n], self.table_offsets, None, self.scales,
                                    self.hot, self.cold, self.top_in[:n], self.counts, **self.kernel_config)
         else:
             emb = self.emb_buf[:n]
-            embedding_gather(self.sparse_in[:n], self.table_offsets, self.row_position, self.scales, self.hot,
+            embedding_gather(self.sparse_in[:n], self.table_offsets, None, self.scales, self.hot,
                              self.cold, emb, self.counts[2:3], count_limit=self.counts[:1])
             y = dot_interaction(x, emb, self.top_in[:n])
         if self.qtop is not None:
@@ -263,7 +260,7 @@ class GpuBackend:
 
     def _capture(self, sizes: Sequence[int]) -> None:
         with torch.cuda.stream(self.stream):
-            self.counts[0] = 0
+            self.counts.zero_()
             for s in sizes:
                 self._forward(s)  # compiles the kernels and picks cuBLAS algorithms outside capture
             self.stream.synchronize()
@@ -277,15 +274,16 @@ class GpuBackend:
         self._sizes = sorted(self._graphs)
 
     def _run(self, n: int) -> int:
-        """Forward of the first n staged rows (already on the device, enqueued on self.stream)."""
+        """Forward of the first n staged rows (already on the device, enqueued on self.stream); the
+        caller zeroed counts[1:] before staging (a by-value batch's remap counts its bad ids there)."""
         self.counts[:1].fill_(n * self.config.num_tables)
         size = next((s for s in self._sizes if s >= n), None)
         if size is None:
             self._forward(n)
         else:
             if size > n:
-                # Padding rows read ids left by earlier batches: zero them so that ids refused in a failed
-                # batch are never looked up (and counted as bad) again.
+                # Padding rows hold what earlier batches left: zero them (position 0, a valid row) so a
+                # replay reads only rows that were checked.
                 self.sparse_in[n:size].zero_()
             self._graphs[size].replay()
         return n
@@ -321,21 +319,24 @@ class GpuBackend:
         ds = Dataset.open(path)  # every id is checked against the model's tables below
         self.stream.synchronize()
         with torch.cuda.stream(self.stream):
-            # Dense stored as the forward reads it (model dtype, 16 wide): a batch is two index_selects.
+            # Stored as the forward reads it: dense in the model dtype, 16 wide; lookups as file positions
+            # (remapped once here, so the forward's gather skips the remap table).
             dense = torch.zeros((ds.num_pairs, self.dense_width), dtype=self.dtype, device=self._dev)
             sparse = torch.empty((ds.num_pairs, self.config.num_tables), dtype=torch.int32, device=self._dev)
+            bad = torch.zeros(1, dtype=torch.int64, device=self._dev)
             nd = self.config.dense_features
             for a in range(0, ds.num_pairs, _CHUNK_ROWS):
                 b = min(ds.num_pairs, a + _CHUNK_ROWS)
                 sparse[a:b].copy_(torch.from_numpy(np.ascontiguousarray(ds.sparse[a:b])))
                 dense[a:b, :nd].copy_(torch.from_numpy(np.ascontiguousarray(ds.dense[a:b], dtype=np.float32)))
                 # Checked on the device (a host pass over 89 M x 26 ids would take seconds).
-                bad = (sparse[a:b] < 0) | (sparse[a:b] >= self._rows_dev[None, :])
-                if bool(bad.any()):
-                    pair, table = (int(v) for v in bad.nonzero()[0])
+                invalid = (sparse[a:b] < 0) | (sparse[a:b] >= self._rows_dev[None, :])
+                if bool(invalid.any()):
+                    pair, table = (int(v) for v in invalid.nonzero()[0])
                     raise GpuBackendError(
                         f"dataset {name!r} at {path}: sparse id {int(sparse[a + pair, table])} of pair {a + pair} "
                         f"is outside table {table} ({self.config.table_rows[table]} rows)")
+                remap_ids(sparse[a:b], self.table_offsets, self.row_position, sparse[a:b], bad)
             self.stream.synchronize()
         self._datasets[name] = _DeviceDataset(dense, sparse, ds.num_pairs)
         self.times.datasets_s[name] = time.perf_counter() - t0
@@ -392,10 +393,9 @@ class GpuBackend:
                         pairs = torch.repeat_interleave(st_dev - first, ct_dev, output_size=n) + self._arange[:n]
                     else:
                         pairs = s.ranges_dev[:n]
-                    # Rows gathered as 8-byte words (dense 4, sparse 13 a pair): index_select is
-                    # per element, and 2- or 4-byte elements made it several times slower.
-                    torch.index_select(_words(ds.dense), 0, pairs, out=self._dense_words[:n])
-                    torch.index_select(_words(ds.sparse), 0, pairs, out=self._sparse_words[:n])
+                    self.counts[1:].zero_()
+                    # One launch for both rows of every pair (index_select took 0.16 ms a batch).
+                    gather_pair_rows(pairs, ds.dense, self.dense_in, ds.positions, self.sparse_in)
                     self._launch(s, n, out[at : at + n], pending)
             except BaseException:
                 self.pool.give(s)  # never launched: its set goes straight back
@@ -417,11 +417,6 @@ class GpuBackend:
             sparse = sparse.astype(np.int32)
         if dense.dtype != np.float32:
             dense = dense.astype(np.float32)
-        if not self.fused_gather:  # the fused kernel checks ids on the device (counts[1])
-            try:
-                self.placement.check_sparse(sparse)
-            except ValueError as exc:
-                raise GpuBackendError(f"by-value batch: {exc}") from exc
         total = dense.shape[0]
         self._check_out(out, total)
         pending = GpuPending(self.pool)
@@ -446,7 +441,10 @@ class GpuBackend:
                 with torch.cuda.stream(self.stream):
                     self.stream.wait_event(s.copied)
                     self.dense_in[:n, :nd].copy_(s.dense_dev[:n])
-                    self.sparse_in[:n].copy_(s.sparse_dev[:n])
+                    self.counts[1:].zero_()
+                    # ids -> file positions; ids outside their table count in counts[1] (the batch fails)
+                    remap_ids(s.sparse_dev[:n], self.table_offsets, self.row_position, self.sparse_in[:n],
+                              self.counts[1:2])
                     self._launch(s, n, out[a:b], pending)
             except BaseException:
                 self.pool.give(s)

@@ -30,6 +30,7 @@ def _gather_kernel(
     count_limit_ptr,  # int64 [1]: count only lookups below this flat index (if LIMIT)
     n_lookups, n_hot,
     T: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr, LIMIT: tl.constexpr,
+    REMAPPED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     lk = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # flattened lookup b*T + t
@@ -37,8 +38,11 @@ def _gather_kernel(
     b = lk // T
     t = lk - b * T
     ids = tl.load(sparse_ptr + b * stride_sb + t * stride_st, mask=valid, other=0)
-    g = tl.load(offsets_ptr + t, mask=valid, other=0) + ids.to(tl.int64)
-    pos = tl.load(row_position_ptr + g, mask=valid, other=0).to(tl.int64)
+    if REMAPPED:  # already file positions (kernels/pair_rows.remap_ids)
+        pos = ids.to(tl.int64)
+    else:
+        g = tl.load(offsets_ptr + t, mask=valid, other=0) + ids.to(tl.int64)
+        pos = tl.load(row_position_ptr + g, mask=valid, other=0).to(tl.int64)
     scale = tl.load(scales_ptr + t, mask=valid, other=0.0)
     is_hot = pos < n_hot
     cols = tl.arange(0, D)
@@ -64,7 +68,7 @@ def _gather_kernel(
 def embedding_gather(
     sparse: torch.Tensor,
     table_offsets: torch.Tensor,
-    row_position: torch.Tensor,
+    row_position: torch.Tensor | None,
     scales: torch.Tensor,
     hot: torch.Tensor,
     cold: torch.Tensor | None,
@@ -79,14 +83,17 @@ def embedding_gather(
     `hot` holds file rows [0, n_hot) with n_hot = hot.shape[0]; `cold` the rest (None when all rows are
     hot). `hot_count` (int64 [1]) is incremented by the number of lookups served from `hot`; with
     `count_limit` (int64 [1], device), only among the first count_limit[0] flat lookups (b * T + t).
+    With row_position None, `sparse` already holds file positions (kernels.pair_rows.remap_ids).
     """
     B, T = sparse.shape
     D = hot.shape[1]
     if out.shape != (B, T, D) or out.stride(2) != 1:
         raise ValueError(f"out must be [{B}, {T}, {D}] with a contiguous last dim, got {tuple(out.shape)} "
                          f"strides {out.stride()}")
-    if sparse.dtype != torch.int32 or row_position.dtype != torch.int32:
-        raise TypeError(f"sparse and row_position must be int32, got {sparse.dtype}, {row_position.dtype}")
+    remapped = row_position is None
+    if sparse.dtype != torch.int32 or (not remapped and row_position.dtype != torch.int32):
+        raise TypeError(f"sparse and row_position must be int32, got {sparse.dtype}, "
+                        f"{None if remapped else row_position.dtype}")
     if table_offsets.dtype != torch.int64 or table_offsets.numel() < T:
         raise TypeError("table_offsets must be int64 with at least one entry per table")
     if hot.dtype != torch.int8 or (cold is not None and (cold.dtype != torch.int8 or cold.shape[1] != D)):
@@ -100,12 +107,13 @@ def embedding_gather(
     grid = (triton.cdiv(n, block),)
     _gather_kernel[grid](
         sparse, sparse.stride(0), sparse.stride(1),
-        table_offsets, row_position, scales, hot, hot if cold is None else cold,
+        table_offsets, table_offsets if remapped else row_position, scales, hot, hot if cold is None else cold,
         out, out.stride(0), out.stride(1),
         hot_count if count else table_offsets,
         count_limit if count_limit is not None else table_offsets,
         n, hot.shape[0],
-        T=T, D=D, BLOCK=block, COUNT=count, LIMIT=count_limit is not None, num_warps=num_warps,
+        T=T, D=D, BLOCK=block, COUNT=count, LIMIT=count_limit is not None, REMAPPED=remapped,
+        num_warps=num_warps,
     )
     return out
 
@@ -113,16 +121,20 @@ def embedding_gather(
 def embedding_gather_reference(
     sparse: torch.Tensor,
     table_offsets: torch.Tensor,
-    row_position: torch.Tensor,
+    row_position: torch.Tensor | None,
     scales: torch.Tensor,
     hot: torch.Tensor,
     cold: torch.Tensor | None,
     dtype: torch.dtype = torch.float16,
 ) -> tuple[torch.Tensor, int]:
-    """Plain PyTorch: ([B, T, D] dequantized rows in `dtype`, number of hot lookups)."""
+    """Plain PyTorch: ([B, T, D] dequantized rows in `dtype`, number of hot lookups); row_position None:
+    `sparse` holds file positions already."""
     T = sparse.shape[1]
-    g = table_offsets[:T].to(sparse.device).long()[None, :] + sparse.long()
-    pos = row_position.to(sparse.device).long()[g]
+    if row_position is None:
+        pos = sparse.long()
+    else:
+        g = table_offsets[:T].to(sparse.device).long()[None, :] + sparse.long()
+        pos = row_position.to(sparse.device).long()[g]
     n_hot = hot.shape[0]
     rows = torch.cat([hot.cpu(), cold.cpu()]) if cold is not None else hot.cpu()
     q = rows[pos.cpu()].float()

@@ -47,7 +47,7 @@ def _gather_interaction_pair_kernel(
     out_ptr, stride_ob, counts_ptr,
     B, n_hot,
     T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr,
-    COUNT: tl.constexpr, UPCAST: tl.constexpr, SLOTS: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr, SLOTS: tl.constexpr, REMAPPED: tl.constexpr,
 ):
     # One pair per loop step on plain 2-D tiles: measured faster than the [PB, NP, D] kernel below at
     # PB = 1 (whose reshapes cost layout conversions); same arguments and semantics.
@@ -71,9 +71,13 @@ def _gather_interaction_pair_kernel(
         b = pid.to(tl.int64) * PAIRS + k
         if b < B:
             ids = tl.load(sparse_ptr + b * stride_sb + t, mask=is_emb, other=0).to(tl.int64)
-            ok = is_emb & (ids >= 0) & (ids < rows)
-            bad_total += (is_emb & ~ok).to(tl.int64)
-            pos = tl.load(row_position_ptr + offs + ids, mask=ok, other=0).to(tl.int64)
+            if REMAPPED:  # already file positions, checked when they were remapped (kernels/pair_rows.py)
+                ok = is_emb
+                pos = ids
+            else:
+                ok = is_emb & (ids >= 0) & (ids < rows)
+                bad_total += (is_emb & ~ok).to(tl.int64)
+                pos = tl.load(row_position_ptr + offs + ids, mask=ok, other=0).to(tl.int64)
             hot = ok & (pos < n_hot)
             cold = ok & (pos >= n_hot)
             q = tl.load(hot_ptr + (pos * D)[:, None] + c[None, :], mask=hot[:, None], other=0) + tl.load(
@@ -102,7 +106,7 @@ def _gather_interaction_kernel(
     counts_ptr,  # int64 [3]: [count limit (flat lookups), hot lookups (+=), bad ids (+=)]
     B, n_hot,
     T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr, PB: tl.constexpr,
-    COUNT: tl.constexpr, UPCAST: tl.constexpr, SLOTS: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr, SLOTS: tl.constexpr, REMAPPED: tl.constexpr,
 ):
     # PAIRS loop iterations per program, each over a [PB, NP, D] tile of PB > 1 pairs (more loads in
     # flight per program, one batched dot). Measured slower than the pair kernel above on an H200.
@@ -128,10 +132,14 @@ def _gather_interaction_kernel(
         live = b < B
         m = live[:, None] & is_emb[None, :]  # [PB, NP]
         ids = tl.load(sparse_ptr + b[:, None] * stride_sb + t[None, :], mask=m, other=0).to(tl.int64)
-        # Ids outside their table read nothing and are counted: the caller raises, the device never faults.
-        ok = m & (ids >= 0) & (ids < rows[None, :])
-        bad_total += (m & ~ok).to(tl.int64)
-        pos = tl.load(row_position_ptr + offs[None, :] + ids, mask=ok, other=0).to(tl.int64)
+        if REMAPPED:
+            ok = m
+            pos = ids
+        else:
+            # Ids outside their table read nothing and are counted: the caller raises, the device never faults.
+            ok = m & (ids >= 0) & (ids < rows[None, :])
+            bad_total += (m & ~ok).to(tl.int64)
+            pos = tl.load(row_position_ptr + offs[None, :] + ids, mask=ok, other=0).to(tl.int64)
         hot = ok & (pos < n_hot)
         cold = ok & (pos >= n_hot)
         c3 = c[None, None, :]
@@ -159,7 +167,7 @@ def gather_interaction(
     bottom: torch.Tensor,
     sparse: torch.Tensor,
     table_offsets: torch.Tensor,
-    row_position: torch.Tensor,
+    row_position: torch.Tensor | None,
     scales: torch.Tensor,
     hot: torch.Tensor,
     cold: torch.Tensor | None,
@@ -176,6 +184,8 @@ def gather_interaction(
     `counts` (new_counts(); on the device): counts[0] limits hot counting to the first counts[0] flat
     lookups (b * T + t; a replayed graph pads its batch), counts[1] += ids outside their table (those
     read nothing; the caller must treat the batch as failed), counts[2:] += hot lookups (read_counts).
+    With row_position None, `sparse` already holds file positions (kernels.pair_rows.remap_ids, which
+    checked them): the kernel skips the remap load and the table bounds check (counts[1] stays as is).
     Defaults: the fastest variant measured on an H200 (docs/GPU_NOTES.md).
     """
     B, T = sparse.shape
@@ -186,7 +196,9 @@ def gather_interaction(
                          f"{tuple(out.shape)}; expected [B,{D}], [B,T], [B,>={width}]")
     if bottom.stride(1) != 1 or out.stride(1) != 1 or sparse.stride(1) != 1:
         raise ValueError("bottom, sparse and out need a contiguous last dim")
-    if sparse.dtype != torch.int32 or row_position.dtype != torch.int32 or table_offsets.dtype != torch.int64:
+    remapped = row_position is None
+    if sparse.dtype != torch.int32 or (not remapped and row_position.dtype != torch.int32) \
+            or table_offsets.dtype != torch.int64:
         raise TypeError("sparse and row_position must be int32, table_offsets int64")
     if table_offsets.numel() < T + 1:
         raise ValueError(f"table_offsets needs {T + 1} entries (exclusive prefix sum and total)")
@@ -201,18 +213,18 @@ def gather_interaction(
     np_ = max(16, triton.next_power_of_2(T + 1))
     grid = (triton.cdiv(B, pairs_per_program * pairs_per_tile),)
     args = (bottom, bottom.stride(0), sparse, sparse.stride(0),
-            table_offsets, row_position, scales, hot, hot if cold is None else cold,
+            table_offsets, table_offsets if remapped else row_position, scales, hot, hot if cold is None else cold,
             out, out.stride(0), counts if counts is not None else table_offsets, B, hot.shape[0])
     # Triton's CPU interpreter multiplies bf16 as raw integers: see kernels/dot_interaction.py.
     upcast = out.device.type == "cpu" and out.dtype == torch.bfloat16
     if pairs_per_tile == 1:
         _gather_interaction_pair_kernel[grid](*args, T=T, D=D, NP=np_, PAIRS=pairs_per_program,
                                               COUNT=counts is not None, UPCAST=upcast, SLOTS=COUNT_SLOTS,
-                                              num_warps=num_warps)
+                                              REMAPPED=remapped, num_warps=num_warps)
     else:
         _gather_interaction_kernel[grid](*args, T=T, D=D, NP=np_, PAIRS=pairs_per_program, PB=pairs_per_tile,
                                          COUNT=counts is not None, UPCAST=upcast, SLOTS=COUNT_SLOTS,
-                                              num_warps=num_warps)
+                                         REMAPPED=remapped, num_warps=num_warps)
     return out
 
 
@@ -220,7 +232,7 @@ def gather_interaction_reference(
     bottom: torch.Tensor,
     sparse: torch.Tensor,
     table_offsets: torch.Tensor,
-    row_position: torch.Tensor,
+    row_position: torch.Tensor | None,
     scales: torch.Tensor,
     hot: torch.Tensor,
     cold: torch.Tensor | None,

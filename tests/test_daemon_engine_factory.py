@@ -20,11 +20,11 @@ def test_factory_passes_max_batch_pairs(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
     class Recorder:
         def __init__(self, device: str, artifact: Any, gpu_part: float = 1.0, max_batch_pairs: int = 65536,
-                     inflight: int = 4, mlp_precision: str = "auto") -> None:
+                     inflight: int = 4, mlp_precision: str = "default") -> None:
             seen.append((device, artifact, gpu_part, max_batch_pairs, inflight, mlp_precision))
 
     monkeypatch.setattr(gb, "GpuBackend", Recorder)
     process.create_backend("cuda:1", str(tmp_path), 0.3, 262144, 3, "int8")
     assert seen == [("cuda:1", tmp_path, 0.3, 262144, 3, "int8")]
     process.create_backend("cuda:0", str(tmp_path), 1.0)  # no value: the backend's own defaults
-    assert seen[-1] == ("cuda:0", tmp_path, 1.0, 65536, 4, "auto")
+    assert seen[-1] == ("cuda:0", tmp_path, 1.0, 65536, 4, "default")

@@ -181,6 +181,21 @@ def _check_fused(rows: list[int], n_hot: int, batch: int, dtype: torch.dtype, de
     bf16_tol = 2e-2 if device == "cpu" else 8e-3
     assert err < (bf16_tol if dtype == torch.bfloat16 else 1e-3), err
     assert read_counts(counts) == (ref_hot, 0)
+    # The same pairs given as file positions (remapped ahead, row_position None): the same bits.
+    from kernels.pair_rows import remap_ids_reference
+
+    positions, _ = remap_ids_reference(sparse.cpu(), offsets.cpu(), tb["row_position"].cpu())
+    out_pos = torch.full_like(out, float("nan"))
+    counts = new_counts(device)
+    counts[0] = real * T
+    gather_interaction(bottom, positions.to(device), offsets, None, tb["scales"], tb["hot"], tb["cold"],
+                       out_pos, counts, pairs_per_program=per_program, pairs_per_tile=tile)
+    assert torch.equal(out_pos[:, :width], out[:, :width]) and read_counts(counts) == (ref_hot, 0)
+    emb_ids = torch.full((batch, T, D), float("nan"), dtype=dtype, device=device)
+    emb_pos = torch.full_like(emb_ids, float("nan"))
+    embedding_gather(sparse, tb["offsets"], tb["row_position"], tb["scales"], tb["hot"], tb["cold"], emb_ids)
+    embedding_gather(positions.to(device), tb["offsets"], None, tb["scales"], tb["hot"], tb["cold"], emb_pos)
+    assert not torch.isnan(emb_ids.float()).any() and torch.equal(emb_ids, emb_pos)
     # Ids outside their table are counted and read nothing.
     bad = sparse.clone()
     bad[0, 2] = rows[2]

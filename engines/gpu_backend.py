@@ -339,6 +339,10 @@ class GpuBackend:
                 remap_ids(sparse[a:b], self.table_offsets, self.row_position, sparse[a:b], bad)
             self.stream.synchronize()
         self._datasets[name] = _DeviceDataset(dense, sparse, ds.num_pairs)
+        if ds.num_pairs:
+            # One pair through the whole by-reference path: its kernels compile (Triton) and load now, not
+            # under the first queries (a GPU demo's Server run saw p90 250 ms without this).
+            self.infer_by_ref(name, np.zeros(1, np.int64), np.ones(1, np.int64), np.empty(1, np.float32))
         self.times.datasets_s[name] = time.perf_counter() - t0
 
     def pin_host_memory(self, buf: np.ndarray) -> bool:

@@ -94,7 +94,8 @@ def _start_daemon(art: Path, ds: Path, runtime: Path, engines: list[str]) -> sub
     args = _py("daemon.cli", "--runtime-dir", str(runtime), "--model", str(art),
                "--datasets", f"demo={ds}", "--engines", ",".join(engines))
     print(f"\n== start dlrm-daemon ({', '.join(engines)})\n$ {' '.join(args)}", flush=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Keep the caller's PYTHONPATH (packages installed with --target, as on the GPU machine) after ours.
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("NOTIFY_SOCKET", None)
     proc = subprocess.Popen(args, cwd=REPO, env=env)
     from daemon.client import wait_until_serving

@@ -16,7 +16,6 @@ import json
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_engine import build, cuda_ms  # noqa: E402
+from bench.bench_engine import build, cuda_ms, pipelined_pairs_per_s  # noqa: E402
 from engines.gpu_backend import GpuBackend  # noqa: E402
 
 
@@ -34,33 +33,13 @@ def ranges_for(offsets: np.ndarray, pairs: int) -> tuple[np.ndarray, np.ndarray]
     return offsets[:end], np.diff(offsets[: end + 1])
 
 
-def pipelined(eng: GpuBackend, starts: np.ndarray, counts: np.ndarray, reps: int) -> float:
-    n = int(counts.sum())
-    depth = eng.inflight
-    region = np.zeros(depth * n, dtype=np.float32)
-    eng.pin_host_memory(region)
-    outs = region.reshape(depth, n)
-    pend: deque = deque()
-    best = 0.0
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for i in range(reps):
-            if len(pend) >= depth:
-                pend.popleft().wait()
-            pend.append(eng.submit_by_ref("bench", starts, counts, outs[i % depth]))
-        while pend:
-            pend.popleft().wait()
-        best = max(best, reps * n / (time.perf_counter() - t0))
-    return best
-
-
 def profile(eng: GpuBackend, starts: np.ndarray, counts: np.ndarray, reps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile as tprofile
 
-    pipelined(eng, starts, counts, 4)
+    pipelined_pairs_per_s(eng, starts, counts, 4)
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        pipelined(eng, starts, counts, reps)
+        pipelined_pairs_per_s(eng, starts, counts, reps)
         wall = time.perf_counter() - t0
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per: dict[str, list[float]] = {}
@@ -83,7 +62,7 @@ def profile(eng: GpuBackend, starts: np.ndarray, counts: np.ndarray, reps: int) 
     first = spans[0][0] if spans else 0
     last = max(e for _, e in spans) if spans else 0
     table = sorted(((k, len(v), sum(v)) for k, v in per.items()), key=lambda r: -r[2])
-    batches = 2 * reps  # pipelined() runs its loop twice
+    batches = 4 + reps  # pipelined_pairs_per_s warms up with 4 batches first
     return {"wall_s": wall, "device_busy_us": busy, "device_span_us": last - first,
             "busy_share_of_span": busy / (last - first) if last > first else None,
             "per_batch_us": [(k, c / batches, t / batches) for k, c, t in table[:25]]}
@@ -107,14 +86,14 @@ def main() -> int:
         eng = GpuBackend("cuda:0", art, 1.0, max_batch_pairs=b, graph_sizes=[b])
         eng.register_dataset("bench", ds)
         starts, counts = ranges_for(offsets, b)
-        rate = pipelined(eng, starts, counts, args.reps)
+        rate = pipelined_pairs_per_s(eng, starts, counts, args.reps)
         with torch.cuda.stream(eng.stream):
             fwd = b / cuda_ms(lambda: eng._run(b), reps=20) * 1e3
         res["pipelined_pairs_per_s"][b] = {"pipelined": rate, "graph_forward": fwd}
         print(f"batch {b}: pipelined by_ref {rate / 1e6:.2f} M pairs/s, graph forward {fwd / 1e6:.2f} M pairs/s",
               flush=True)
         if b == 262144:
-            prof = profile(eng, starts, counts, 8)
+            prof = profile(eng, starts, counts, 12)
             res["profile_262144"] = prof
             print(f"  profile: wall {prof['wall_s'] * 1e3:.1f} ms for 16 batches, device busy "
                   f"{prof['device_busy_us'] / 1e3:.1f} ms of a {prof['device_span_us'] / 1e3:.1f} ms span "

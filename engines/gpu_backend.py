@@ -226,8 +226,8 @@ class GpuBackend:
         self.counts = new_counts(dev)  # [limit, bad ids, hot-count slots]
         self._arange = torch.arange(m, dtype=torch.int64, device=dev)
         self._rows_dev = (self.table_offsets[1:] - self.table_offsets[:-1]).to(torch.int32)
-        self.pool = InFlight([StagingSet(k, m, cfg.dense_features, cfg.num_tables, self.counts.numel(), dev)
-                              for k in range(self.inflight)], self._finish)
+        self.pool = InFlight([StagingSet(m, cfg.dense_features, cfg.num_tables, self.counts.numel(), dev)
+                              for _ in range(self.inflight)], self._finish)
 
     # ---- the forward ---------------------------------------------------------------------------------
     def _forward(self, n: int) -> None:

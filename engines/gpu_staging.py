@@ -64,9 +64,7 @@ class HostRegistry:
 class StagingSet:
     """Buffers of one batch in flight (max_pairs pairs)."""
 
-    def __init__(self, index: int, max_pairs: int, dense: int, tables: int, counts_len: int,
-                 device: torch.device) -> None:
-        self.index = index
+    def __init__(self, max_pairs: int, dense: int, tables: int, counts_len: int, device: torch.device) -> None:
         self.max_pairs = max_pairs
         self._dense, self._tables = dense, tables
         self.pred_host = torch.empty(max_pairs, dtype=torch.float32, pin_memory=True)

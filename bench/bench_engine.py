@@ -24,20 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_gather import bench_ms as cuda_ms, bounded_zipf  # noqa: E402
 from engines.gpu_backend import GpuBackend  # noqa: E402
 from kernels.pair_rows import remap_ids  # noqa: E402
 from engines.model import DLRM, DLRMConfig, random_state_dict  # noqa: E402
 from engines.reference import Int8Reference  # noqa: E402
 from formats.artifact import Artifact, table_offsets, write_artifact  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
-
-
-def bounded_zipf(rng: np.random.Generator, a: float, n: np.ndarray | int, size: tuple[int, ...]) -> np.ndarray:
-    """Ranks in [0, n) with P(r) ~ (r + 1)^-a (continuous inverse CDF; no clipping of the tail onto one row)."""
-    u = rng.random(size)
-    top = (np.asarray(n, dtype=np.float64) + 1.0) ** (1.0 - a)
-    r = np.floor(((top - 1.0) * u + 1.0) ** (1.0 / (1.0 - a))) - 1
-    return np.minimum(r, np.asarray(n) - 1).astype(np.int64)
 
 
 def zipf_ids(rng: np.random.Generator, n: int, rows: np.ndarray, a: float) -> np.ndarray:
@@ -88,21 +81,6 @@ def _mlp_state(config: DLRMConfig, seed: int) -> dict[str, np.ndarray]:
     tiny = DLRMConfig(tuple(1 for _ in config.table_rows), config.embedding_dim, config.dense_features,
                       config.bottom_mlp, config.top_mlp)
     return {k: v.numpy() for k, v in random_state_dict(tiny, seed).items() if not k.startswith("emb_l.")}
-
-
-def cuda_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
 
 
 def wall_ms(fn, reps: int = 10, warmup: int = 2) -> float:

@@ -88,6 +88,18 @@ def pin_host_memory(backend: EngineBackend, buf: np.ndarray) -> bool:
     return bool(pin(buf)) if pin is not None else False
 
 
+def check_ranges(dataset: str, pair_starts: np.ndarray, pair_counts: np.ndarray,
+                 num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 (starts, counts) of by-reference ranges; ValueError unless they lie in the dataset's pairs."""
+    starts = np.asarray(pair_starts, dtype=np.int64)
+    counts = np.asarray(pair_counts, dtype=np.int64)
+    if starts.shape != counts.shape or starts.ndim != 1:
+        raise ValueError(f"pair starts and counts must be 1-D of one length, got {starts.shape}, {counts.shape}")
+    if starts.size and (starts.min() < 0 or counts.min() < 0 or (starts + counts).max() > num_pairs):
+        raise ValueError(f"pair ranges outside dataset {dataset!r} ({num_pairs} pairs)")
+    return starts, counts
+
+
 def pair_index(pair_starts: np.ndarray, pair_counts: np.ndarray) -> np.ndarray:
     """Concatenated pair indices of the ranges [start, start+count), without a Python loop."""
     counts = np.asarray(pair_counts, dtype=np.int64)

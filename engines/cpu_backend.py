@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.backend import BatchStats, pair_index
+from engines.backend import BatchStats, check_ranges, pair_index
 from engines.reference import Int8Reference
 from formats.artifact import Artifact
 from formats.dataset import Dataset
@@ -43,11 +43,10 @@ class CpuBackend:
         ds = self.datasets.get(dataset)
         if ds is None:
             raise BackendError(f"dataset {dataset!r} is not registered")
-        starts = np.asarray(pair_starts, dtype=np.int64)
-        counts = np.asarray(pair_counts, dtype=np.int64)
-        if starts.shape != counts.shape or (counts < 0).any() or (starts < 0).any() \
-                or (starts + counts > ds.num_pairs).any():
-            raise BackendError(f"pair ranges outside dataset {dataset!r} ({ds.num_pairs} pairs)")
+        try:
+            starts, counts = check_ranges(dataset, pair_starts, pair_counts, ds.num_pairs)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from exc
         idx = pair_index(starts, counts)
         return self._run(np.asarray(ds.dense[idx]), np.asarray(ds.sparse[idx]), out)
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.backend import BatchStats, pair_index
+from engines.backend import BatchStats, check_ranges, pair_index
 from engines.gpu_staging import GpuPending, HostRegistry, InFlight, StagingSet, Ticket
 from engines.placement import Placement
 from formats.artifact import Artifact
@@ -355,12 +355,10 @@ class GpuBackend:
         ds = self._datasets.get(dataset)
         if ds is None:
             raise GpuBackendError(f"dataset {dataset!r} is not registered on {self.device}")
-        starts = np.asarray(pair_starts, dtype=np.int64)
-        counts = np.asarray(pair_counts, dtype=np.int64)
-        if starts.shape != counts.shape or starts.ndim != 1:
-            raise GpuBackendError(f"pair starts and counts must be 1-D of one length, got {starts.shape}, {counts.shape}")
-        if starts.size and (starts.min() < 0 or counts.min() < 0 or (starts + counts).max() > ds.num_pairs):
-            raise GpuBackendError(f"pair ranges outside dataset {dataset!r} ({ds.num_pairs} pairs)")
+        try:
+            starts, counts = check_ranges(dataset, pair_starts, pair_counts, ds.num_pairs)
+        except ValueError as exc:
+            raise GpuBackendError(str(exc)) from exc
         total = int(counts.sum())
         self._check_out(out, total)
         pending = GpuPending(self.pool)

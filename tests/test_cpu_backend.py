@@ -76,3 +76,14 @@ def test_by_value_and_errors(paths: tuple[Path, Path]) -> None:
         backend.infer_by_value(np.asarray(data.dense[:7]), np.asarray(data.sparse[:7]), out[:3])
     with pytest.raises(ValueError, match="unknown device"):
         create_backend("tpu", art, 1.0)
+
+
+def test_check_ranges_refuses_bad_ranges() -> None:
+    from engines.backend import check_ranges
+
+    starts, counts = check_ranges("d", [0, 5], [5, 5], 10)
+    assert starts.dtype == counts.dtype == np.int64
+    for s, c, why in (([0], [11], "outside"), ([-1], [1], "outside"), ([3], [-1], "outside"),
+                      ([0, 1], [1], "one length")):
+        with pytest.raises(ValueError, match=why):
+            check_ranges("d", s, c, 10)

@@ -7,6 +7,7 @@ reference (engines/reference.py), so both paths compute the same graph.
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -210,18 +211,54 @@ def infer_config(state: Mapping[str, Any]) -> DLRMConfig:
     return config
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """The numpy globals a facebookresearch/dlrm `--save-model` checkpoint pickles beside its state dict:
+    numpy scalars (train_loss, test_acc, ...) and their dtypes, under numpy 2's `numpy._core` and numpy 1's
+    `numpy.core` names. Nothing else is allowed: arrays, objects and code stay refused."""
+    import numpy as np
+    import numpy.dtypes
+
+    scalar = np._core.multiarray.scalar  # type: ignore[attr-defined]
+    numeric = [getattr(numpy.dtypes, name) for name in numpy.dtypes.__all__
+               if name.endswith("DType") and name[:-5] in _NUMPY_SCALAR_DTYPES]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *numeric]
+
+
+_NUMPY_SCALAR_DTYPES = frozenset(("Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64",
+                                  "Float16", "Float32", "Float64", "LongDouble", "Complex64", "Complex128"))
+REWRITE_HINT = "dlrm-prepare rewrite-checkpoint {path} NEW.pt"
+
+
+# torch.save's format before 1.6 starts with a pickled magic number (protocol 2, a 10-byte long).
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
+
+
+def load_checkpoint_file(path: Path, mmap: bool = True) -> Any:
+    """torch.load a checkpoint safely: weights only (tensors, containers, numbers) plus numpy scalars.
+
+    A zip file (torch >= 1.6) is memory-mapped, never read whole (the real one is 90 GB). A legacy
+    (pre-1.6, non-zip) file cannot be mapped: CheckpointError says how to rewrite it once."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if mmap and not zipfile.is_zipfile(path) and _is_legacy_torch_file(path):
+        raise CheckpointError(
+            f"{path}: a legacy (pre-1.6, non-zip) torch file, which cannot be memory-mapped; rewrite it "
+            f"once in the zip format (needs RAM for the whole file): {REWRITE_HINT.format(path=path)}")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or pickled-code files
+        raise CheckpointError(f"{path}: cannot load as a weights-only torch checkpoint: {exc}") from exc
+
+
 def load_dlrm_checkpoint(path_or_obj: str | Path | Mapping[str, Any]) -> tuple[DLRMConfig, dict[str, Tensor]]:
     """(config, state dict) from a path (memory-mapped, never read whole) or an already loaded object."""
-    if isinstance(path_or_obj, (str, Path)):
-        path = Path(path_or_obj)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such checkpoint file")
-        try:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as exc:  # torch raises many types for corrupt / legacy / pickled files
-            raise CheckpointError(f"{path}: cannot load as a torch zip checkpoint: {exc}") from exc
-    else:
-        obj = path_or_obj
+    obj = load_checkpoint_file(Path(path_or_obj)) if isinstance(path_or_obj, (str, Path)) else path_or_obj
     state = _state_dict_of(obj)
     config = infer_config(state)
     return config, {k: state[k] for k in config.expected_shapes()}

@@ -10,6 +10,7 @@ from typing import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("prepare.convert", "convert a DLRM checkpoint into the int8 served artifact"),
     "verify": ("prepare.verify", "check an artifact's full checksums"),
+    "rewrite-checkpoint": ("prepare.rewrite_checkpoint", "rewrite a legacy (pre-1.6) checkpoint in the zip format"),
     "criteo": ("prepare.criteo", "preprocess Criteo day files into a dataset"),
     "synthetic": ("prepare.synthetic", "generate a synthetic model and dataset"),
     "eval": ("prepare.evaluate", "offline evaluation and AUC of a model on a dataset"),
@@ -19,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     lines = ["usage: dlrm-prepare SUBCOMMAND [options]  (dlrm-prepare SUBCOMMAND --help)", "", "subcommands:"]
-    lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<18} {text}" for name, (_, text) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -105,3 +105,61 @@ def test_refuses_non_checkpoints(tmp_path: Path) -> None:
         load_dlrm_checkpoint(bad)
     with pytest.raises(CheckpointError, match="not a state dict"):
         load_dlrm_checkpoint([1, 2])  # type: ignore[arg-type]
+
+
+def _dlrm_script_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, object]:
+    """What facebookresearch/dlrm's `dlrm_s_pytorch.py --save-model` writes (the script that wrote
+    tb00_40M.pt): the state dict beside numpy-scalar metrics and the optimizer's state."""
+    params = [torch.nn.Parameter(v.clone()) for v in list(state.values())[:2]]
+    opt = torch.optim.SGD(params, lr=0.1)
+    return {"epoch": 0, "nepochs": 1, "nbatches": 10, "nbatches_test": 2, "iter": 10, "state_dict": state,
+            "train_acc": np.float64(0.79), "train_loss": np.float32(0.45), "test_acc": np.float64(0.8),
+            "test_loss": np.float64(0.44), "total_loss": np.float64(4.5), "total_accu": np.int64(7),
+            "opt_state_dict": opt.state_dict()}
+
+
+def test_loads_dlrm_script_checkpoint_with_numpy_scalars(tmp_path: Path) -> None:
+    import zipfile
+
+    state = random_state_dict(SMALL, seed=4)
+    path = tmp_path / "script.pt"
+    torch.save(_dlrm_script_checkpoint(state), path)
+    config, loaded = load_dlrm_checkpoint(path)
+    assert config == SMALL and torch.equal(loaded["top_l.8.bias"], state["top_l.8.bias"])
+    # numpy 1.x pickles the scalar constructor as numpy.core.multiarray.scalar (numpy 2: numpy._core):
+    # the same file written by a numpy-1 training run loads too.
+    old = tmp_path / "numpy1.pt"
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(info.filename, data)
+    assert load_dlrm_checkpoint(old)[0] == SMALL
+
+
+class _Arbitrary:
+    """Stands for any pickled object whose class would run code at load."""
+
+
+def test_refuses_pickled_code_even_beside_numpy_scalars(tmp_path: Path) -> None:
+    path = tmp_path / "code.pt"
+    # A global that is neither a tensor, a container nor a numpy scalar: weights_only must still refuse.
+    torch.save({"state_dict": random_state_dict(SMALL), "acc": np.float64(1.0), "extra": _Arbitrary()}, path)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_dlrm_checkpoint(path)
+
+
+def test_legacy_checkpoint_is_named_with_the_rewrite_command(tmp_path: Path) -> None:
+    from prepare.cli import main as prepare_main
+
+    state = random_state_dict(SMALL, seed=6)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(_dlrm_script_checkpoint(state), legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="legacy .pre-1.6") as err:
+        load_dlrm_checkpoint(legacy)
+    assert f"dlrm-prepare rewrite-checkpoint {legacy} NEW.pt" in str(err.value)
+    assert prepare_main(["rewrite-checkpoint", str(legacy), str(tmp_path / "new.pt")]) == 0
+    config, loaded = load_dlrm_checkpoint(tmp_path / "new.pt")
+    assert config == SMALL and torch.equal(loaded["emb_l.0.weight"], state["emb_l.0.weight"])

@@ -18,6 +18,10 @@ from daemon.datasets import artifact_meta_problem
 from daemon.security import curve_problem, exposure_problem
 
 ENV_PREFIX = "DLRM_"
+# max_batch_pairs = 0 picks by engine kind: a CPU engine does ~10k pairs/s on 2 cores, so a
+# 65,536-pair batch would hold it (and every query batched behind it) for seconds.
+CPU_BATCH_PAIRS = 8192
+DEFAULT_BATCH_PAIRS = 65536
 _IPC_PATH_MAX = 107  # sun_path limit of a unix socket address
 
 
@@ -55,7 +59,9 @@ class DaemonConfig:
         "GPU engines' MLP arithmetic: 'fp16' or 'bf16' (cuBLAS), or 'int8' (top MLP through the Triton "
         "int8 kernel with the artifact's calibration.json from `dlrm-prepare calibrate`; measured slower "
         "than fp16 on an H200, BENCHMARKS.md). The CPU engine always computes in fp32"))
-    max_batch_pairs: int = field(default=65536, metadata=_h("largest batch sent to an engine, in pairs"))
+    max_batch_pairs: int = field(default=0, metadata=_h(
+        "largest batch sent to an engine, in pairs; 0 (default) = 8192 when every engine is 'cpu' (about "
+        "1 s of a 2-core CPU engine), else 65536 (a GPU runs 262144 faster: see config.example.toml)"))
     max_queue_delay_s: float = field(default=0.002, metadata=_h(
         "a partial batch closes once its oldest query waited this long (busy engines only)"))
     inflight_batches: int = field(default=2, metadata=_h("shared-memory slots (batches in flight) per engine"))
@@ -66,8 +72,10 @@ class DaemonConfig:
     heartbeat_timeout_s: float = field(default=1.0, metadata=_h(
         "an engine silent this long is declared hung and restarted"))
     batch_timeout_s: float = field(default=10.0, metadata=_h(
-        "an engine whose oldest in-flight batch has run this long is declared hung and restarted "
-        "(its batches are retried once on another engine), even while it still heartbeats"))
+        "an engine whose oldest in-flight batch has run this long and whose batch threads then make no "
+        "CPU or run-queue progress for heartbeat_timeout_s is declared hung and restarted (its batches are "
+        "retried once on another engine), even while it still heartbeats; a batch that is still "
+        "computing is slow, not hung"))
     drain_timeout_s: float = field(default=10.0, metadata=_h("on SIGTERM, time allowed to finish accepted work"))
     restart_backoff_s: float = field(default=1.0, metadata=_h(
         "first delay before restarting a failed engine; doubles per consecutive failure (max 60 s)"))
@@ -281,6 +289,9 @@ def load_config(
     values["runtime_dir"] = os.path.abspath(values["runtime_dir"])
     if not values.get("endpoint"):
         values["endpoint"] = f"ipc://{values['runtime_dir']}/dlrm.sock"
+    if not values.get("max_batch_pairs"):
+        engines = values.get("engines", DaemonConfig.engines)
+        values["max_batch_pairs"] = CPU_BATCH_PAIRS if engines and all(d == "cpu" for d in engines) else DEFAULT_BATCH_PAIRS
     cfg = DaemonConfig(**values)
     _validate(cfg, sources)
     return cfg

@@ -363,6 +363,7 @@ class Dispatcher(RequestHandler):
             e.ready_at = time.monotonic()
             e.ever_ready = True
             e.device_memory_bytes = msg.device_memory_bytes
+            e.work_tids = list(msg.work_tids)
             log.info("engine %s ready (pid %d, %d bytes of device memory)", e.name, msg.pid, msg.device_memory_bytes)
             if self.metrics is not None:
                 self.metrics.set_engine_up(e.name, True)

@@ -181,6 +181,9 @@ class EngineReady(_Msg):
     device: str
     pid: int
     device_memory_bytes: int
+    # Native ids of the threads that compute batches (work and completion threads): the dispatcher
+    # reads their CPU and run-queue time to tell a long batch that progresses from a hung one.
+    work_tids: list[int] = []
 
 
 class EngineFailed(_Msg):

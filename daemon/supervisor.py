@@ -3,14 +3,16 @@
 The dispatcher owns the event loop; this module owns each engine's process, control socket and
 shared-memory region, and tells the dispatcher (through `EngineEvents`) what happened. An engine is
 declared lost when its process exits (seen at once through its sentinel) or, once ready, when it is
-hung (it is then killed):
+hung (it is then killed). Hung means not making progress, never merely slow:
   * silent: nothing (heartbeat or any other message) came for `heartbeat_timeout_s`, after draining
     its socket, while the dispatcher itself was running (time the dispatcher's own loop stalled is not
-    counted against the engine), and the process made no CPU progress meanwhile (a process that
-    burns CPU while its heartbeats are late is starved, e.g. of the GIL or of cores, not hung; it
-    gets up to `batch_timeout_s` more before it is declared hung anyway);
-  * stuck: its oldest in-flight batch has run for `batch_timeout_s` (a backend call that never
-    returns while the process still heartbeats).
+    counted against the engine), and the process made no CPU or run-queue progress over the last half
+    timeout (a process that computes or waits for a core while its heartbeats are late is starved,
+    e.g. of the GIL or of cores, not hung, however long that lasts);
+  * stuck: its oldest in-flight batch has run for `batch_timeout_s` and the threads that compute
+    batches (named by the engine in EngineReady) made no CPU or run-queue progress for
+    `heartbeat_timeout_s` (a backend call that blocks forever while the process still heartbeats). A
+    batch that computes longer than `batch_timeout_s` on a loaded machine is slow, not hung.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import zmq
 
@@ -33,11 +35,13 @@ log = logging.getLogger("dlrm.supervisor")
 _MAX_BACKOFF_S = 60.0
 _STABLE_S = 30.0  # a run this long resets the backoff
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-def process_progress_ns(pid: int) -> int | None:
-    """CPU time plus run-queue wait of all of a process's threads, in ns (Linux schedstat), or None
-    if the process is gone, stopped (SIGSTOP), a zombie, or this is not Linux.
 
-    Either part growing means the process is alive: computing, or runnable and waiting for a core.
+
+def process_progress_ns(pid: int, tids: Sequence[int] | None = None) -> int | None:
+    """CPU time plus run-queue wait of a process's threads (all, or only `tids`), in ns (Linux
+    schedstat), or None if the process is gone, stopped (SIGSTOP), a zombie, or this is not Linux.
+
+    Either part growing means the threads are alive: computing, or runnable and waiting for a core.
     A deadlocked or stopped process grows neither. Without schedstat (some kernels, gVisor), the
     process's CPU time from /proc/PID/stat (10 ms ticks) stands in."""
     try:
@@ -50,11 +54,14 @@ def process_progress_ns(pid: int) -> int | None:
         return None
     total = 0
     seen = False
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        tids = []
-    for tid in tids:
+    if tids is None:
+        try:
+            names = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            names = []
+    else:
+        names = [str(t) for t in tids]
+    for tid in names:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
                 cpu, wait = f.read().split()[:2]
@@ -97,6 +104,9 @@ class Engine:
         self.last_beat_sent = 0.0  # the engine's own send time of its last heartbeat
         self.cpu_mark: tuple[float, int] | None = None  # (when, process_progress_ns) while silent
         self.starved_since = 0.0  # silent but burning CPU since then (0: not so)
+        self.work_tids: list[int] = []  # the engine's batch-computing threads (EngineReady)
+        self.batch_mark: tuple[float, int] | None = None  # (when, their progress) while a batch is overdue
+        self.slow_since = 0.0  # an overdue batch has been progressing since then (0: none is)
         self.last_result_at = 0.0  # when its last BatchDone/BatchFailed arrived
         self.hot_lookups = 0
         self.cold_lookups = 0
@@ -186,6 +196,9 @@ class Supervisor:
         e.started_at = e.last_heartbeat = time.monotonic()
         e.cpu_mark = None
         e.starved_since = 0.0
+        e.work_tids = []
+        e.batch_mark = None
+        e.slow_since = 0.0
         e.free_slots = list(range(self.config.inflight_batches))
         self.loop.add_reader(sock.getsockopt(zmq.FD), self._readable, e, e.generation)
         self.loop.add_reader(proc.sentinel, self._exited, e, e.generation)
@@ -246,10 +259,15 @@ class Supervisor:
                 self.drain(e)  # its BatchDone may be waiting unread
                 now = time.monotonic()
                 head = e.oldest_batch(now) if e.ready else None
-                if head is not None and head[1] > self.config.batch_timeout_s:
+                if head is not None and head[1] > self.config.batch_timeout_s and not self._computing(e, now):
                     self.lose(e, f"batch {head[0].batch_id} ({head[0].num_pairs} pairs) running for "
-                                 f"{head[1]:.2f} s, more than batch_timeout_s={self.config.batch_timeout_s} (hung)")
+                                 f"{head[1]:.2f} s, more than batch_timeout_s={self.config.batch_timeout_s}, "
+                                 f"with no CPU or run-queue progress of its threads for "
+                                 f"{self.config.heartbeat_timeout_s:g} s (hung)")
                     continue
+            elif e.batch_mark is not None:
+                e.batch_mark = None
+                e.slow_since = 0.0
             silent = now - e.last_heartbeat
             if silent <= timeout / 2:
                 e.cpu_mark = None
@@ -271,7 +289,7 @@ class Supervisor:
 
     def _starved(self, e: Engine, now: float) -> bool:
         """Silent past the timeout, but its process computed or waited for a core over the last half
-        timeout: late (short of the GIL or of cores), not hung, for up to batch_timeout_s more."""
+        timeout: late (short of the GIL or of cores), not hung."""
         ticks = process_progress_ns(e.pid) if e.pid else None
         if ticks is None or e.cpu_mark is None:
             return False
@@ -283,10 +301,30 @@ class Supervisor:
         if not e.starved_since:
             e.starved_since = now
             log.warning("engine %s: no message for %.2f s, but its process is running (%.1f ms of CPU "
-                        "or run-queue wait in %.2f s): starved, not hung; waiting up to batch_timeout_s="
-                        "%.1f s", e.name, now - e.last_heartbeat, (ticks - k0) / 1e6, now - t0,
-                        self.config.batch_timeout_s)
-        return now - e.starved_since <= self.config.batch_timeout_s
+                        "or run-queue wait in %.2f s): starved, not hung", e.name, now - e.last_heartbeat,
+                        (ticks - k0) / 1e6, now - t0)
+        return True
+
+    def _computing(self, e: Engine, now: float) -> bool:
+        """An overdue batch: whether the engine's batch threads still make progress (CPU time or
+        run-queue wait), judged over windows of heartbeat_timeout_s. A stopped or vanished process
+        does not; without known threads (an older engine) the whole process is read."""
+        ticks = process_progress_ns(e.pid, e.work_tids or None) if e.pid else None
+        if ticks is None:
+            return False
+        if e.batch_mark is None:
+            e.batch_mark = (now, ticks)
+            return True
+        t0, k0 = e.batch_mark
+        if ticks != k0:
+            e.batch_mark = (now, ticks)
+            if not e.slow_since:
+                e.slow_since = now
+                log.warning("engine %s: a batch has run past batch_timeout_s=%.1f s, but its threads are "
+                            "computing (%.1f ms of CPU or run-queue wait in %.2f s): slow, not hung",
+                            e.name, self.config.batch_timeout_s, (ticks - k0) / 1e6, now - t0)
+            return True
+        return now - t0 < self.config.heartbeat_timeout_s
 
     def all_heartbeats_recent(self, now: float) -> bool:
         return all(e.ready and now - e.last_heartbeat <= self.config.heartbeat_timeout_s

@@ -77,7 +77,10 @@ class StagingSet:
         self._dense_host: torch.Tensor | None = None
         self._sparse_host: torch.Tensor | None = None
         self.copied = torch.cuda.Event()  # inputs are on the device (copy stream)
-        self.done = torch.cuda.Event()  # predictions and counts are on the host (compute stream)
+        # Predictions and counts are on the host (compute stream). Blocking: a thread waiting for it sleeps
+        # instead of spinning, so a hung device shows as no CPU progress to the supervisor (daemon/
+        # supervisor.py), and waiting threads leave the cores to the work that needs them.
+        self.done = torch.cuda.Event(blocking=True)
 
     def host_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Pinned by-value staging, allocated on first use (only unregistered callers need it)."""

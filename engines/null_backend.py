@@ -9,7 +9,10 @@ Environment (test and benchmark hooks, read at start):
                      sleep releases the GIL, so heartbeats go on: a batch stuck in a backend call;
   DLRM_NULL_GIL_S    seconds to compute per batch while holding the GIL (a GIL-heavy backend that
                      starves the engine's heartbeat thread, though the process is alive);
-                     both skip the first batch (the engine's warm-up at load): they model serving.
+  DLRM_NULL_SPIN_S   seconds to compute per batch in plain Python (the GIL is shared as usual, so
+                     heartbeats go on: a slow batch that is making progress, as a CPU engine's on a
+                     loaded host);
+                     all three skip the first batch (the engine's warm-up at load): they model serving.
   DLRM_NULL_FILL=0   by reference, leave the output slot as it is: the dispatcher benchmark measures
                      the dispatcher's ceiling, not numpy writing predictions.
 """
@@ -43,6 +46,7 @@ class NullBackend:
         self._datasets: dict[str, Path] = {}
         self._delay_s = float(os.environ.get("DLRM_NULL_DELAY_S", "0") or 0)
         self._gil_s = float(os.environ.get("DLRM_NULL_GIL_S", "0") or 0)
+        self._spin_s = float(os.environ.get("DLRM_NULL_SPIN_S", "0") or 0)
         self._warm = False
         self._fill = os.environ.get("DLRM_NULL_FILL", "1") != "0"
         self._arange = np.arange(0, dtype=np.int32)
@@ -81,6 +85,10 @@ class NullBackend:
             return
         if self._delay_s:
             time.sleep(self._delay_s)
+        if self._spin_s:
+            end = time.monotonic() + self._spin_s
+            while time.monotonic() < end:
+                pass
         if self._gil_s:
             # A long switch interval keeps the GIL with this thread while it spins (Python code
             # would otherwise hand it over every 5 ms): other threads of the process stall.

@@ -105,6 +105,8 @@ class _Worker(threading.Thread):
         self.completions = _Completions()
         self.batches_done = 0
         self.backend: EngineBackend | None = None
+        self._completer_tid = 0
+        self._completer_started = threading.Event()
 
     @property
     def busy_since(self) -> float:
@@ -131,10 +133,12 @@ class _Worker(threading.Thread):
             self._send(P.EngineFailed(message=f"{type(exc).__name__}: {exc}"))
             return
         self.backend = backend
-        self._send(P.EngineReady(device=self.spec.device, pid=os.getpid(),
-                                 device_memory_bytes=int(backend.device_memory_bytes())))
         completer = threading.Thread(target=self._complete, name=f"engine-{self.spec.name}-done", daemon=True)
         completer.start()
+        self._completer_started.wait()
+        self._send(P.EngineReady(device=self.spec.device, pid=os.getpid(),
+                                 device_memory_bytes=int(backend.device_memory_bytes()),
+                                 work_tids=[threading.get_native_id(), self._completer_tid]))
         while True:
             msg = self.inbox.get()
             if msg is None:
@@ -168,6 +172,8 @@ class _Worker(threading.Thread):
         self.completions.put(item)
 
     def _complete(self) -> None:
+        self._completer_tid = threading.get_native_id()
+        self._completer_started.set()
         while (item := self.completions.peek()) is not None:
             reply = item.msg
             if item.pending is not None:

@@ -74,3 +74,18 @@ def test_cli_check_config_and_help(tmp_path: Path) -> None:
     h = _cli("--help")
     assert h.returncode == 0 and "--max-batch-pairs" in h.stdout and "DLRM_MAX_BATCH_PAIRS" in h.stdout
     assert _cli("--no-such-flag").returncode == exitcodes.USAGE
+
+
+def test_max_batch_pairs_default_fits_the_engine_kind(tmp_path: Path) -> None:
+    """A CPU engine does ~10k pairs/s on 2 cores: its default batch must not hold it for seconds
+    (make demo lost a healthy engine under a 65,536-pair batch on a loaded host)."""
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "meta.json").write_text('{"table_rows": [5, 5]}')
+    cpu = load_config(write(tmp_path, f'engines = ["cpu"]\nmodel = "{art}"\n'), env={})
+    assert cpu.max_batch_pairs == 8192
+    assert load_config(write(tmp_path, 'engines = ["null"]\n'), env={}).max_batch_pairs == 65536
+    mixed = load_config(write(tmp_path, f'engines = ["cpu", "cuda:0"]\nmodel = "{art}"\n'), env={})
+    assert mixed.max_batch_pairs == 65536
+    assert load_config(write(tmp_path, f'engines = ["cpu"]\nmodel = "{art}"\nmax_batch_pairs = 300\n'),
+                       env={}).max_batch_pairs == 300

@@ -29,6 +29,15 @@ class Reply:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """What a backend says of itself when replies are late."""
+
+    reachable: bool  # it answered
+    busy: bool  # it holds queued or in-flight work (so late replies are slow, not lost)
+    detail: str  # for the log and the error message
+
+
 class Backend(Protocol):
     def load_samples(self, sample_ids: np.ndarray) -> None:
         """Make the samples (LoadGen's working set) servable by reference."""
@@ -41,6 +50,9 @@ class Backend(Protocol):
 
     def poll(self, timeout_ms: int) -> list[Reply]:
         """Replies that arrived, waiting up to `timeout_ms` for the first one."""
+
+    def liveness(self, timeout_s: float) -> Liveness:
+        """Whether the backend is alive and working; called by the completion thread when replies are late."""
 
     def close(self) -> None:
         """Release sockets and threads."""
@@ -93,6 +105,9 @@ class NullBackend:
         except queue.Empty:
             return out
 
+    def liveness(self, timeout_s: float) -> Liveness:
+        return Liveness(True, not self._replies.empty(), "in process")
+
     def close(self) -> None:
         pass
 
@@ -127,6 +142,7 @@ class DaemonBackend:
                                f"running there?") from exc
         self._call("RegisterDataset", self._control.register_dataset, dataset_name, dataset_path)
         self._client = PipelinedClient(endpoint)
+        self._probe: Client | None = None
         ctx = zmq.Context.instance()
         addr = f"inproc://loadgen-driver-wake-{id(self)}"
         self._wake_rx = ctx.socket(zmq.PAIR)
@@ -172,9 +188,28 @@ class DaemonBackend:
                 return [Reply(rid, None, f"send failed: {exc}")]
         return [_convert(r) for r in self._client.poll(0)]
 
+    def liveness(self, timeout_s: float) -> Liveness:
+        """The daemon's status over a socket of its own (the completion thread's; the control client
+        belongs to LoadGen's thread)."""
+        if self._probe is None:
+            from daemon.client import Client
+
+            self._probe = Client(self.endpoint, timeout_s=timeout_s)
+        try:
+            st = self._probe.status()
+        except self._daemon_error as exc:
+            self._probe.close()
+            self._probe = None
+            return Liveness(False, False, str(exc))
+        queued, inflight = int(st["queue_queries"]), int(st["inflight_batches"])
+        return Liveness(True, queued + inflight > 0,
+                        f"daemon {st['state']}: {queued} queries queued, {inflight} batches in flight")
+
     def close(self) -> None:
         self._client.close()
         self._control.close()
+        if self._probe is not None:
+            self._probe.close()
         self._wake_tx.close(0)
         self._wake_rx.close(0)
 

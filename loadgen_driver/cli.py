@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Offline's query is split into requests of this many samples")
     p.add_argument("--max-inflight", type=int, default=64, help="requests in flight at most")
     p.add_argument("--timeout-s", type=float, default=30.0,
-                   help="a request without reply for this long fails the run")
+                   help="after this long without any reply the driver asks the daemon whether it is working: "
+                        "if it is (work queued or in flight), the wait goes on; if it is idle the pending requests "
+                        "fail; if it does not answer they fail and no more samples are sent")
     p.add_argument("--issue", choices=("fast", "capi", "slow"), default="fast",
                    help="fast: ConstructFastSUT (default); capi: LoadGen's C ConstructSUT (ids as arrays, "
                         "experimental); slow: ConstructSUT")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     notes.append(f"issue through {result.issue}, completion through {result.completion}")
     print(format_summary(args.scenario, args.mode, summary, stats.completed_samples,
                          stats.completed_pairs, result.wall_s, stats.error_samples,
-                         stats.complete_ns_per_sample(), notes, auc_lines))
+                         stats.complete_ns_per_sample(), notes, auc_lines, stats.unsent_samples, stats.warnings))
     print(f"logs: {result.output_dir}")
     if stats.errors:
         print(f"loadgen_driver: RUN FAILED: {stats.error_samples:,} samples in {stats.error_events:,} "

@@ -75,6 +75,8 @@ def format_summary(
     complete_ns_per_sample: float,
     notes: list[str],
     auc_lines: list[str] | None = None,
+    unsent_samples: int = 0,
+    warnings: list[str] | None = None,
 ) -> str:
     """The short human summary printed at the end of a run."""
     out = [f"== loadgen_driver: {scenario} {mode} =="]
@@ -83,8 +85,10 @@ def format_summary(
     rate_key = "Samples per second" if scenario == "Offline" else "Completed samples per second"
     sps = summary.number(rate_key) or summary.number("Samples per second")
     if mode == "PerformanceOnly":
-        pairs_per_sample = completed_pairs / completed_samples if completed_samples else 0.0
-        if sps is not None:
+        if not completed_samples:
+            out.append("throughput: n/a (no sample got a prediction)")
+        elif sps is not None:
+            pairs_per_sample = completed_pairs / completed_samples
             out.append(f"throughput: {sps:,.0f} samples/s, {sps * pairs_per_sample:,.0f} pairs/s (LoadGen)")
         if scenario == "Server":
             sched = summary.number("Scheduled samples per second")
@@ -99,14 +103,19 @@ def format_summary(
         )
         result = summary.result
         why = summary.failed_checks()
-        out.append(f"result: {result}" + (f" ({'; '.join(why)})" if why and result != "VALID" else ""))
         if error_samples:
-            # Failed samples were completed without data at once, so LoadGen's verdict means nothing.
-            out.append(f"RUN FAILED: {error_samples:,} samples failed (LoadGen's result does not count)")
+            # Failed samples were completed without data, so LoadGen's own verdict means nothing.
+            out.append(f"result: INVALID ({error_samples:,} samples failed; LoadGen's own verdict, {result}, "
+                       "does not count)")
+        else:
+            out.append(f"result: {result}" + (f" ({'; '.join(why)})" if why and result != "VALID" else ""))
     out.append(
         f"driver: {completed_samples:,} samples, {completed_pairs:,} pairs in {wall_s:.1f} s; "
         f"completion cost {complete_ns_per_sample:,.0f} ns/sample; errors: {error_samples:,} samples"
+        + (f" ({unsent_samples:,} of them never sent: the daemon had stopped answering)" if unsent_samples else "")
     )
+    for w in warnings or []:
+        out.append(f"warning: {w}")
     for w in summary.warnings[:5]:
         out.append(f"loadgen {w}")
     out.extend(auc_lines or [])

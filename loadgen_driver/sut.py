@@ -7,6 +7,15 @@ only the in-flight requests' id arrays are held (numpy, no per-sample Python obj
 The one per-sample Python step is building LoadGen's `QuerySampleResponse` (Python binding); with
 `capi` (loadgen_driver/capi.py) the batch is completed by one C call and no per-sample object exists.
 Its cost is measured either way (`SutStats.complete_seconds`).
+
+Timeouts judge progress, not age: Offline issues every sample at once, so a request may wait long
+behind others (or compute long, 550k pairs on a CPU engine) on a slow but healthy daemon. When no
+reply has come for `reply_timeout_s` while requests are pending, the driver asks the backend whether
+it is alive (`Backend.liveness`: the daemon's status): busy with queued or in-flight work means slow,
+and the wait goes on; idle means the pending requests were lost, and they fail; no answer means the
+daemon has stopped answering: the pending requests fail, and the samples LoadGen issues afterwards are
+completed as failures without being sent (counted as `unsent_samples`). A failed request never stops
+the others: each error is counted once, by samples.
 """
 from __future__ import annotations
 
@@ -34,9 +43,11 @@ class SutStats:
     completed_samples: int = 0
     completed_pairs: int = 0
     requests: int = 0
-    error_samples: int = 0
+    error_samples: int = 0  # samples completed without a prediction (failed or never sent)
+    unsent_samples: int = 0  # of those, samples not sent because the daemon had stopped answering
     error_events: int = 0  # failed requests (and other errors), all counted
     errors: list[str] = field(default_factory=list)  # the first MAX_LOGGED_ERRORS messages
+    warnings: list[str] = field(default_factory=list)  # problems that do not fail the run
     complete_seconds: float = 0.0  # building responses + QuerySamplesComplete, summed
 
     def complete_ns_per_sample(self) -> float:
@@ -70,9 +81,11 @@ class DriverSUT:
         self.poll_ms = poll_ms
         self.capi = capi  # None: one QuerySampleResponse object per sample (the Python binding)
         self.stats = SutStats()
-        self.failed = threading.Event()  # after the first error: complete at once, send nothing
+        self.unreachable = threading.Event()  # no reply for reply_timeout_s: send nothing more
         self._window = threading.Semaphore(max_inflight)
+        # Insertion order is send order: the first entry is the oldest request in flight.
         self._pending: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self._last_reply_at = time.monotonic()
         self._lock = threading.Lock()
         self._next_id = 1
         self._stop = threading.Event()
@@ -108,17 +121,23 @@ class DriverSUT:
             self._record(f"LoadSamples of {len(sample_indices)} samples failed: {exc}")
 
     def unload_samples(self, sample_indices: list[int]) -> None:
+        # After the run: a failed unload leaves samples marked servable in the daemon, which harms no
+        # result, so it is a warning, not a failed run.
         try:
             self.backend.unload_samples(np.array(sample_indices, dtype=np.int64))
         except Exception as exc:
-            self._record(f"UnloadSamples of {len(sample_indices)} samples failed: {exc}")
+            message = f"UnloadSamples of {len(sample_indices)} samples failed: {exc}"
+            self.stats.warnings.append(message)
+            log.warning("%s", message)
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, ids: np.ndarray, idx: np.ndarray) -> None:
         while not self._window.acquire(timeout=1.0):
-            if self.failed.is_set():
+            if self.unreachable.is_set():
                 break
-        if self.failed.is_set():
+        if self.unreachable.is_set():
+            self.stats.error_samples += len(ids)
+            self.stats.unsent_samples += len(ids)
             self._complete_empty(ids)
             self._window.release()
             return
@@ -156,6 +175,8 @@ class DriverSUT:
                 self._fail_all(f"backend poll failed: {type(exc).__name__}: {exc}")
                 time.sleep(0.1)
                 continue
+            if replies:
+                self._last_reply_at = time.monotonic()
             for reply in replies:
                 with self._lock:
                     entry = self._pending.pop(reply.request_id, None)
@@ -213,7 +234,6 @@ class DriverSUT:
             lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids.tolist()])
 
     def _record(self, message: str) -> None:
-        self.failed.set()
         self.stats.error_events += 1
         # The first errors are logged with their sample ids; later ones only counted (a dead engine
         # would otherwise print one line per in-flight request).
@@ -241,6 +261,22 @@ class DriverSUT:
 
     def _check_timeouts(self) -> None:
         with self._lock:
-            oldest = next(iter(self._pending.values()), None)
-        if oldest is not None and time.monotonic() - oldest[2] > self.reply_timeout_s:
-            self._fail_all(f"no reply from the backend within {self.reply_timeout_s:g} s")
+            head = next(iter(self._pending.values()), None)
+            waiting = len(self._pending)
+        if head is None:
+            return
+        silent = time.monotonic() - max(self._last_reply_at, head[2])
+        if silent <= self.reply_timeout_s:
+            return
+        live = self.backend.liveness(min(self.reply_timeout_s, 5.0))
+        if live.reachable and live.busy:
+            log.info("no reply for %.1f s, but the backend is working (%s): waiting on", silent, live.detail)
+            self._last_reply_at = time.monotonic()
+            return
+        if live.reachable:
+            why = f"the backend is idle ({live.detail}): {waiting} pending requests were lost"
+        else:
+            self.unreachable.set()
+            why = (f"the backend does not answer ({live.detail}): {waiting} pending requests fail and later "
+                   "samples are not sent")
+        self._fail_all(f"no reply from the backend within {self.reply_timeout_s:g} s; {why}")

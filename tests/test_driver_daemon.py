@@ -153,3 +153,25 @@ def test_daemon_killed_mid_run_fails_not_hangs(tmp_path: Path) -> None:
         daemon.close()
     assert driver.returncode == 1, out + err
     assert "RUN FAILED" in err and "no reply from the backend within 1 s" in err
+
+
+def test_slow_daemon_is_not_a_failed_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each request takes longer than --timeout-s on a working daemon (small batches, each 0.25 s):
+    the driver asks the daemon, sees it working, and the run completes with every sample."""
+    ds = make_dataset(tmp_path / "ds", np.full(60, 10))
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    daemon = DaemonProc({"engines": ["null"], "model": str(art), "max_batch_pairs": 100,
+                         "inflight_batches": 1}, env={"DLRM_NULL_DELAY_S": "0.25"})
+    try:
+        daemon.wait_serving()
+        rc = main(["--scenario", "Offline", "--dataset", str(ds), "--endpoint", daemon.endpoint,
+                   "--output-dir", str(tmp_path / "o"), "--quiet", "--min-query-count", "60",
+                   "--min-duration-s", "0", "--target-qps", "10", "--samples-per-request", "30",
+                   "--timeout-s", "1"])
+    finally:
+        daemon.terminate()
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "errors: 0 samples" in out and "driver: 60 samples" in out, out

@@ -198,3 +198,92 @@ def test_load_samples_failure_fails_the_run(dataset: Path, tmp_path: Path) -> No
                                             target_qps=1000, min_duration_ms=0, min_query_count=50))
     result = run_test(_NoLoad(ds.sample_offsets), ts, ds.num_samples, tmp_path, ds.sample_offsets)
     assert any("LoadSamples" in e and "dataset not registered" in e for e in result.stats.errors)
+
+
+def test_a_failed_request_does_not_stop_the_others(dataset: Path, tmp_path: Path) -> None:
+    """Every sample is accounted for: one failed request costs its own samples, the rest are sent and
+    completed (main used to complete everything after the first error empty, uncounted)."""
+    from loadgen_driver.runner import run_test
+
+    ds = Dataset.open(dataset)
+    ts, _ = build_test_settings(RunSettings("Offline", "PerformanceOnly", ds.num_samples,
+                                            target_qps=1000, min_duration_ms=200, min_query_count=100))
+    result = run_test(_FailingBackend(ds.sample_offsets), ts, ds.num_samples, tmp_path, ds.sample_offsets,
+                      samples_per_request=16, reply_timeout_s=5.0)
+    st = result.stats
+    assert st.error_samples == 16 and st.error_events == 1 and st.unsent_samples == 0, st
+    assert st.completed_samples + st.error_samples == st.issued_samples > 16, st
+
+
+def test_summary_of_a_run_with_failures_says_invalid() -> None:
+    from loadgen_driver.summary import LoadgenSummary, format_summary
+
+    s = LoadgenSummary(values={"Result is": "VALID", "Samples per second": "1000"})
+    text = format_summary("Offline", "PerformanceOnly", s, 0, 0, 1.0, 375, 0.0, [], unsent_samples=300)
+    assert "result: VALID" not in text and "result: INVALID (375 samples failed" in text, text
+    assert "0 pairs/s" not in text and "throughput: n/a" in text, text
+    assert "300 of them never sent" in text
+    ok = format_summary("Offline", "PerformanceOnly", s, 10, 2700, 1.0, 0, 0.0, [])
+    assert "result: VALID" in ok and "270,000 pairs/s" in ok
+
+
+class _SlowBackend(NullBackend):
+    """Answers each request 0.8 s after it is sent, and says it is busy meanwhile (a slow daemon)."""
+
+    def __init__(self, offsets: np.ndarray) -> None:
+        super().__init__(offsets)
+        import threading
+
+        self._timers: list[threading.Timer] = []
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    def send(self, request_id: int, sample_ids: np.ndarray) -> None:
+        import threading
+
+        with self._lock:
+            self._busy += 1
+
+        def answer() -> None:
+            NullBackend.send(self, request_id, sample_ids)
+            with self._lock:
+                self._busy -= 1
+
+        t = threading.Timer(0.8 * (1 + len(self._timers)), answer)
+        self._timers.append(t)
+        t.start()
+
+    def liveness(self, timeout_s: float):  # type: ignore[no-untyped-def]
+        from loadgen_driver.backend import Liveness
+
+        return Liveness(True, self._busy > 0 or not self._replies.empty(), f"{self._busy} busy")
+
+
+def test_slow_but_working_backend_is_waited_for(dataset: Path, tmp_path: Path) -> None:
+    """Replies come seconds after issue, more than reply_timeout_s, from a backend that is working:
+    the run completes with no error (main failed such an Offline run: its clock ran from issue)."""
+    from loadgen_driver.runner import run_test
+
+    ds = Dataset.open(dataset)
+    ts, _ = build_test_settings(RunSettings("Offline", "PerformanceOnly", ds.num_samples,
+                                            target_qps=10, min_duration_ms=0, min_query_count=40))
+    result = run_test(_SlowBackend(ds.sample_offsets), ts, ds.num_samples, tmp_path, ds.sample_offsets,
+                      samples_per_request=10, reply_timeout_s=0.5)
+    assert result.stats.errors == [] and result.stats.error_samples == 0, result.stats
+    assert result.stats.completed_samples == result.stats.issued_samples >= 40
+    assert result.wall_s > 2.0  # replies really came late
+
+
+def test_unload_failure_after_the_run_is_a_warning(dataset: Path, tmp_path: Path) -> None:
+    from loadgen_driver.runner import run_test
+
+    class _NoUnload(NullBackend):
+        def unload_samples(self, sample_ids: np.ndarray) -> None:
+            raise RuntimeError("daemon restarted meanwhile")
+
+    ds = Dataset.open(dataset)
+    ts, _ = build_test_settings(RunSettings("Offline", "PerformanceOnly", ds.num_samples,
+                                            target_qps=1000, min_duration_ms=0, min_query_count=50))
+    result = run_test(_NoUnload(ds.sample_offsets), ts, ds.num_samples, tmp_path, ds.sample_offsets)
+    assert result.stats.errors == [] and result.stats.error_samples == 0
+    assert any("UnloadSamples" in w and "restarted" in w for w in result.stats.warnings)

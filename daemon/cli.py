@@ -4,16 +4,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Sequence
 
 from daemon import exitcodes
-from daemon.config import ConfigError, DaemonConfig, add_config_flags, load_config, overrides_from_args
+from daemon.config import (ConfigError, DaemonConfig, add_config_flags, find_endpoint, load_config,
+                           overrides_from_args)
 
 log = logging.getLogger("dlrm.daemon")
 _EPILOG = """subcommands:
   dlrm-daemon check-config FILE   validate a config file (and DLRM_* environment) and print it
   dlrm-daemon status [--endpoint E | --config FILE]   show a running daemon's engines, queue, rates
+                                  (default endpoint: daemon/endpoints.py; DLRM_ENDPOINT overrides it)
   dlrm-daemon keygen DIR [--name NAME]   write a CURVE key pair NAME.key / NAME.key_secret (0600)
 
 exit codes: 0 ok (also after SIGTERM/SIGINT drain), 1 runtime failure, 2 usage,
@@ -82,7 +85,7 @@ def serve(cfg: DaemonConfig) -> int:
 def check_config(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="dlrm-daemon check-config",
                                 description="validate a config file (with DLRM_* environment) and print it")
-    p.add_argument("file")
+    p.add_argument("file", help="the TOML config file to check")
     args = p.parse_args(argv)
     cfg = _config_or_exit(args.file, None)
     print(cfg.describe())
@@ -94,12 +97,25 @@ def status(argv: Sequence[str]) -> int:
     from daemon.client import Client
     from daemon.errors import DaemonError
 
-    p = argparse.ArgumentParser(prog="dlrm-daemon status", description="show a running daemon's state")
-    p.add_argument("--endpoint", help="daemon endpoint (default: from --config / DLRM_* / defaults)")
-    p.add_argument("--config", metavar="FILE")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p = argparse.ArgumentParser(prog="dlrm-daemon status", description="show a running daemon's state",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--endpoint", default=None,
+                   help="daemon endpoint (default: the config file's endpoint or runtime_dir, else "
+                        "DLRM_ENDPOINT / DLRM_RUNTIME_DIR, else the first default runtime dir holding a socket)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="read the endpoint (endpoint or runtime_dir) from this daemon config file; nothing "
+                        "else of it is needed")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon's answer")
     args = p.parse_args(argv)
-    endpoint = args.endpoint or _config_or_exit(args.config, None).endpoint
+    try:
+        endpoint = args.endpoint or find_endpoint(args.config)
+    except ConfigError as exc:
+        print(f"dlrm-daemon status: configuration error: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG_ERROR
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
+        print(f"dlrm-daemon status: no daemon at {endpoint} (no socket there); give --endpoint or --config",
+              file=sys.stderr)
+        return exitcodes.RUNTIME_FAILURE
     try:
         with Client(endpoint, timeout_s=args.timeout) as c:
             st = c.status()
@@ -138,9 +154,10 @@ def keygen(argv: Sequence[str]) -> int:
 
     p = argparse.ArgumentParser(prog="dlrm-daemon keygen", description="write a ZeroMQ CURVE key pair: "
                                 "NAME.key (public: give the daemon's to clients, put clients' in "
-                                "curve_authorized_keys_dir) and NAME.key_secret (mode 0600)")
-    p.add_argument("dir")
-    p.add_argument("--name", default="server")
+                                "curve_authorized_keys_dir) and NAME.key_secret (mode 0600)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dir", help="directory to write the two files into (created)")
+    p.add_argument("--name", default="server", help="file name stem of the pair")
     args = p.parse_args(argv)
     pub, sec = make_keys(args.dir, args.name)
     print(f"public {pub}\nsecret {sec}")
@@ -148,6 +165,18 @@ def keygen(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe must not surface at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `dlrm-daemon status | head`: the reader left; say nothing more (and not at exit either).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return exitcodes.OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "check-config":
         return check_config(argv[1:])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from daemon.datasets import artifact_meta_problem
+from daemon.endpoints import client_endpoint, default_runtime_dir, endpoint_in
 from daemon.security import curve_problem, exposure_problem
 
 ENV_PREFIX = "DLRM_"
@@ -26,11 +27,12 @@ _IPC_PATH_MAX = 107  # sun_path limit of a unix socket address
 
 
 class ConfigError(ValueError):
-    """An invalid configuration; the message names the key and the source of its value."""
+    """An invalid configuration; the message names the key and the source of its value (or, with
+    key "", the config file that cannot be read)."""
 
     def __init__(self, key: str, message: str, source: str = "") -> None:
         where = f" (from {source})" if source else ""
-        super().__init__(f"config key '{key}'{where}: {message}")
+        super().__init__(f"config key '{key}'{where}: {message}" if key else message)
         self.key = key
 
 
@@ -183,14 +185,6 @@ def _parse_pairs(text: str | list[str]) -> dict[str, str]:
     return out
 
 
-def _default_runtime_dir(env: Mapping[str, str]) -> str:
-    if env.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
-        return env["RUNTIME_DIRECTORY"].split(":")[0]
-    if env.get("XDG_RUNTIME_DIR"):
-        return os.path.join(env["XDG_RUNTIME_DIR"], "dlrm-daemon")
-    return f"/tmp/dlrm-daemon-{os.getuid()}"
-
-
 def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
     def bad(key: str, msg: str) -> ConfigError:
         return ConfigError(key, msg, sources.get(key, "default"))
@@ -250,6 +244,33 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
         raise bad("runtime_dir", f"path too long for unix sockets inside it (limit {_IPC_PATH_MAX})")
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The TOML table of a config file; ConfigError naming the file when it cannot be read."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"config file {path} is not valid TOML: {exc}") from None
+
+
+def find_endpoint(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The endpoint of a running daemon, for its clients (`dlrm-daemon status`): from the config
+    file's `endpoint` or `runtime_dir` (nothing else of it is read or checked), else DLRM_ENDPOINT /
+    DLRM_RUNTIME_DIR, else the default (daemon.endpoints.client_endpoint)."""
+    env = os.environ if env is None else env
+    if path is not None:
+        raw = read_config_file(path)
+        for key in ("endpoint", "runtime_dir"):
+            if key in raw and not isinstance(raw[key], str):
+                raise ConfigError(key, f"must be a string, got {raw[key]!r}", str(path))
+        if raw.get("endpoint"):
+            return str(raw["endpoint"])
+        if raw.get("runtime_dir"):
+            return endpoint_in(str(raw["runtime_dir"]))
+    return client_endpoint(env)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -260,12 +281,7 @@ def load_config(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+        raw = read_config_file(path)
         for key, value in raw.items():
             if key not in FIELDS:
                 known = ", ".join(FIELDS)
@@ -285,10 +301,10 @@ def load_config(
         values[key] = _coerce(key, value, flag_name(key), from_text=isinstance(value, (str, list)))
         sources[key] = flag_name(key)
     if not values.get("runtime_dir"):
-        values["runtime_dir"] = _default_runtime_dir(env)
+        values["runtime_dir"] = default_runtime_dir(env)
     values["runtime_dir"] = os.path.abspath(values["runtime_dir"])
     if not values.get("endpoint"):
-        values["endpoint"] = f"ipc://{values['runtime_dir']}/dlrm.sock"
+        values["endpoint"] = endpoint_in(values["runtime_dir"])
     if not values.get("max_batch_pairs"):
         engines = values.get("engines", DaemonConfig.engines)
         values["max_batch_pairs"] = CPU_BATCH_PAIRS if engines and all(d == "cpu" for d in engines) else DEFAULT_BATCH_PAIRS
@@ -301,10 +317,23 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per key (strings; load_config coerces and validates them)."""
     for key, f in FIELDS.items():
         kwargs: dict[str, Any] = {"dest": key, "default": None,
-                                  "help": f"{f.metadata['help']} [env {env_name(key)}]"}
+                                  "help": f"{f.metadata['help']} [{_shown_default(f)}env {env_name(key)}]"}
         if key == "datasets":
             kwargs.update(action="append", metavar="NAME=PATH")
         parser.add_argument(flag_name(key), **kwargs)
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return ""
+    if value in ("", 0) and not isinstance(value, bool) and f.name in ("endpoint", "runtime_dir", "max_batch_pairs"):
+        return ""  # the help text says how the default is chosen
+    text = ",".join(value) if isinstance(value, tuple) else json.dumps(value) if isinstance(value, (dict, str)) else str(value)
+    return "default: " + text.replace("%", "%%") + "; "
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -129,7 +129,6 @@ def with_method(calibration: Calibration, method: str) -> Calibration:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", type=Path, required=True, metavar="ARTIFACT",
                         help="artifact directory; calibration.json is written into it")
     parser.add_argument("--dataset", type=Path, required=True,

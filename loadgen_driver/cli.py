@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from daemon.endpoints import client_endpoint
 from loadgen_driver.accuracy import AccuracyLogError, auc_report, score_accuracy_log
 from loadgen_driver.backend import Backend, BackendError, DaemonBackend, NullBackend
 from loadgen_driver.runner import run_test
@@ -19,15 +21,26 @@ from loadgen_driver.settings import RunSettings, SettingsError, build_test_setti
 from loadgen_driver.summary import format_summary, read_summary
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default (where it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loadgen_driver", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=("Offline", "Server"), required=True)
-    p.add_argument("--mode", choices=("PerformanceOnly", "AccuracyOnly"), default="PerformanceOnly")
+    p = argparse.ArgumentParser(prog="loadgen_driver", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--scenario", choices=("Offline", "Server"), required=True, help="MLPerf scenario")
+    p.add_argument("--mode", choices=("PerformanceOnly", "AccuracyOnly"), default="PerformanceOnly",
+                   help="AccuracyOnly runs every sample once and scores the AUC")
     p.add_argument("--dataset", type=Path, required=True, help="dataset directory (formats/dataset.py)")
     p.add_argument("--dataset-name", default=None, help="name to register with the daemon (default: dir name)")
-    p.add_argument("--endpoint", default="ipc:///run/dlrm-daemon/dispatcher.sock",
-                   help="daemon ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--endpoint", default=None,
+                   help="daemon ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555 (default: the daemon's own default, "
+                        f"found as daemon/endpoints.py says; here now {client_endpoint()})")
     p.add_argument("--backend", choices=("daemon", "null"), default="daemon",
                    help="null: answer in process at once (LoadGen's own ceiling; no model)")
     p.add_argument("--user-conf", type=Path, default=None, help="LoadGen user.conf (model name `dlrm`)")
@@ -49,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "if it is (work queued or in flight), the wait goes on; if it is idle the pending requests "
                         "fail; if it does not answer they fail and no more samples are sent")
     p.add_argument("--issue", choices=("fast", "capi", "slow"), default="fast",
-                   help="fast: ConstructFastSUT (default); capi: LoadGen's C ConstructSUT (ids as arrays, "
+                   help="fast: ConstructFastSUT; capi: LoadGen's C ConstructSUT (ids as arrays, "
                         "experimental); slow: ConstructSUT")
     p.add_argument("--completion", choices=("capi", "python"), default="capi",
                    help="capi: complete each batch with one call of LoadGen's C API (no per-sample "
@@ -62,10 +75,20 @@ def _make_backend(args: argparse.Namespace, offsets: np.ndarray) -> Backend:
     if args.backend == "null":
         return NullBackend(offsets)
     name = args.dataset_name or args.dataset.resolve().name
-    return DaemonBackend(args.endpoint, name, str(args.dataset.resolve()), timeout_s=min(args.timeout_s, 10.0))
+    return DaemonBackend(args.endpoint or client_endpoint(), name, str(args.dataset.resolve()), timeout_s=min(args.timeout_s, 10.0))
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `loadgen_driver ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="loadgen_driver: %(message)s", stream=sys.stderr)
     try:

@@ -7,6 +7,10 @@ import importlib
 import sys
 from typing import Sequence
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A subcommand's description as written, and every option's default."""
+
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("prepare.convert", "convert a DLRM checkpoint into the int8 served artifact"),
     "verify": ("prepare.verify", "check an artifact's full checksums"),
@@ -40,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlrm-prepare {name}: not available: module {module_name} cannot be imported ({exc})",
               file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"dlrm-prepare {name}")
+    parser = argparse.ArgumentParser(prog=f"dlrm-prepare {name}", formatter_class=HelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:

@@ -223,7 +223,6 @@ def _count_rows(counts: list[np.ndarray], ids: np.ndarray) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("files", nargs="+", type=Path, metavar="DAY_FILE",
                         help="Criteo TSV day files, plain or gzip, processed in the given order")
     parser.add_argument("--out", type=Path, help="dataset directory to write")

@@ -32,7 +32,6 @@ class EvalError(ValueError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--dataset", type=Path, required=True, help="dataset directory (dlrm-prepare criteo/synthetic)")
     parser.add_argument("--precision", choices=("fp32", "int8", "int8-mlp"), default="int8",
                         help="int8: the artifact's tables (needs --model); int8-mlp: int8 tables and int8 top "

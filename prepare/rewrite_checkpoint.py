@@ -18,7 +18,6 @@ from engines.model import load_checkpoint_file
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("old", type=Path, help="the legacy checkpoint")
     parser.add_argument("new", type=Path, help="where to write the zip-format copy")
 

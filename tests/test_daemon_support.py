@@ -42,16 +42,25 @@ def expected_null_by_ref(offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
 class DaemonProc:
     """A `python -m daemon.cli` subprocess with its own short runtime dir (unix socket path limit)."""
 
-    def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None,
+                 default_runtime_dir: bool = False) -> None:
+        """`default_runtime_dir`: configure no runtime_dir; the daemon takes its default, under
+        XDG_RUNTIME_DIR = our temp dir (see `client_env`)."""
         self.rt = tempfile.mkdtemp(prefix="dlrmt-", dir="/tmp")
-        cfg = {"runtime_dir": self.rt, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 0.8,
-               "restart_backoff_s": 0.2, **config}
+        cfg = {"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 0.8, "restart_backoff_s": 0.2, **config}
+        if not default_runtime_dir:
+            cfg = {"runtime_dir": self.rt, **cfg}
         self.config_path = Path(self.rt) / "daemon.toml"
         self.config_path.write_text(_toml(cfg))
-        self.endpoint = f"ipc://{self.rt}/dlrm.sock"
-        full_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        self.endpoint = f"ipc://{self.rt}/dlrm-daemon/dlrm.sock" if default_runtime_dir else f"ipc://{self.rt}/dlrm.sock"
+        drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "RUNTIME_DIRECTORY", "DLRM_ENDPOINT", "DLRM_RUNTIME_DIR")
+        full_env = {k: v for k, v in os.environ.items() if k not in drop}
+        if default_runtime_dir:
+            full_env["XDG_RUNTIME_DIR"] = self.rt
+        self.client_env = dict(full_env)  # what a client on the same host (same user session) sees
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         full_env.update({"PYTHONPATH": path, **(env or {})})
+        self.client_env["PYTHONPATH"] = path
         self.log_path = Path(self.rt) / "daemon.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(self.config_path)],

@@ -36,7 +36,7 @@ class RawNullSut:
     """LoadGen's own ceiling: complete every sample with an empty response, nothing else.
 
     inline: complete inside IssueQuery (on LoadGen's issue thread); else a second thread completes
-    chunks of `chunk` samples (the SPEC's measurement).
+    chunks of `chunk` samples (the REFERENCE's measurement).
     """
 
     def __init__(self, chunk: int, inline: bool, capi: "CComplete | None" = None) -> None:

@@ -1,7 +1,7 @@
 """GpuBackend throughput on the GPU, beside a plain PyTorch fp16 DLRM forward measured in the same run.
 
 Builds (on the device machine) a random int8 artifact with MLPerf table sizes scaled by --scale, rows in
-frequency order for Zipf-skewed ids (SPEC hot/cold rule: per-table probabilities, sorted globally), and a
+frequency order for Zipf-skewed ids (REFERENCE hot/cold rule: per-table probabilities, sorted globally), and a
 dataset of --pairs pairs with such ids. Then, per gpu_part (1.0, 0.5, 0.3, 0.1): load time, share of
 lookups served from device memory, the captured forward alone (graph replay) and whole infer_by_ref /
 infer_by_value calls (index gather, forward, predictions back to the host) at several batch sizes.

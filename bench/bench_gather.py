@@ -71,7 +71,7 @@ def make_problem(rows: int, batch: int, seed: int, zipf: float | None) -> dict[s
         row_position = torch.randperm(per * T, device="cuda").to(torch.int32)
     else:
         # Rank r of table t is its r-th most frequent row; the file orders rows by rank across tables
-        # (equal tables and exponents: global position = r * T + t), as the SPEC hot/cold rule would.
+        # (equal tables and exponents: global position = r * T + t), as the REFERENCE hot/cold rule would.
         ranks = bounded_zipf(rng, zipf, per, (batch, T)).astype(np.int32)
         ids = torch.from_numpy(ranks).cuda()
         g = torch.arange(per * T, device="cuda", dtype=torch.int64)

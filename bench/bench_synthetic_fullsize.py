@@ -1,6 +1,6 @@
 """Time `dlrm-prepare synthetic --full-size` (artifact + dataset) and report per-phase rates.
 
-    .venv/bin/python bench/bench_synthetic_fullsize.py --out var/bench_synthetic            # SPEC size
+    .venv/bin/python bench/bench_synthetic_fullsize.py --out var/bench_synthetic            # REFERENCE size
     .venv/bin/python bench/bench_synthetic_fullsize.py --scale 0.1 --samples 20480          # quicker
 
 Needs ~24 GB + ~9 GB free disk at full size (checked first). The output is deleted afterwards unless

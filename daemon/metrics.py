@@ -22,13 +22,13 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-# Dense around the 30 ms Server bound (SPEC) so p99 near the bound is resolved to 2.5 ms.
+# Dense around the 30 ms Server bound (REFERENCE) so p99 near the bound is resolved to 2.5 ms.
 LATENCY_BUCKETS_S: tuple[float, ...] = tuple(
     ms / 1000.0
     for ms in (0.5, 1, 2, 3, 5, 7.5, 10, 12.5, 15, 17.5, 20, 22.5, 25, 27.5, 30, 32.5, 35, 40, 50,
                75, 100, 250, 500, 1000)
 )
-# Batches range from one small query (100 pairs) to NVIDIA's 350,000-pair GPU batch (SPEC).
+# Batches range from one small query (100 pairs) to NVIDIA's 350,000-pair GPU batch (REFERENCE).
 BATCH_PAIRS_BUCKETS: tuple[float, ...] = (
     100, 250, 500, 1000, 2000, 4000, 8000, 16000, 32000, 65536, 131072, 262144, 350000, 524288,
 )

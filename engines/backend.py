@@ -42,6 +42,9 @@ class EngineBackend(Protocol):
     def infer_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:
         """Predict pairs given inline: dense float32 [n, 13] (log-transformed), sparse int32 [n, 26]."""
 
+    def warm_up(self) -> None:
+        """Run every path a served batch can take (kernels compiled, modules loaded) before ready."""
+
     def device_memory_bytes(self) -> int:
         """Bytes of device memory in use (0 on CPU)."""
 

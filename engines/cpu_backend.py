@@ -72,6 +72,12 @@ class CpuBackend:
         hot, cold = self.placement.lookup_counts(positions)
         return BatchStats(hot_lookups=hot, cold_lookups=cold)
 
+    def warm_up(self) -> None:
+        """One small batch before the engine says it is ready (first-call costs of torch's kernels)."""
+        n = 64
+        self.infer_by_value(np.zeros((n, self.artifact.config.dense_features), np.float32),
+                            np.zeros((n, self.artifact.config.num_tables), np.int32), np.empty(n, np.float32))
+
     def device_memory_bytes(self) -> int:
         return 0
 

@@ -1,6 +1,6 @@
 """GPU engine backend: int8 hot/cold embeddings, Triton gather + interaction, half-precision MLPs, CUDA graphs.
 
-Placement (SPEC "Quantization and placement"): rows [0, n_hot) of the frequency-ordered artifact go to
+Placement (REFERENCE "Quantization and placement"): rows [0, n_hot) of the frequency-ordered artifact go to
 device memory, the rest to pinned host memory that the gather kernel reads zero-copy; the remap table
 (row_position) lives on the device. By-reference datasets are copied to the device once at registration
 (NVIDIA's "start_from_device") with their ids already remapped to file positions (kernels.pair_rows), so
@@ -344,6 +344,29 @@ class GpuBackend:
             # under the first queries (a GPU demo's Server run saw p90 250 ms without this).
             self.infer_by_ref(name, np.zeros(1, np.int64), np.ones(1, np.int64), np.empty(1, np.float32))
         self.times.datasets_s[name] = time.perf_counter() - t0
+
+    def warm_up(self) -> None:
+        """Run every path a served batch can take, at several sizes, before the engine says it is ready:
+        nothing may compile (Triton), load lazily (CUDA modules) or pick an algorithm inside a measured
+        run. Sizes cover 1, odd and multiples of 16, range counts of 1 and many, by value and by
+        reference for each registered dataset; the forward itself is captured at every graph size."""
+        m = self.max_batch_pairs
+        sizes = sorted({min(m, n) for n in (1, 2, 17, 32, 333, 4096, m - 1 if m > 1 else 1, m)})
+        cfg = self.config
+        for n in sizes:
+            dense = np.zeros((n, cfg.dense_features), np.float32)
+            sparse = np.zeros((n, cfg.num_tables), np.int32)
+            self.infer_by_value(dense, sparse, np.empty(n, np.float32))
+        for name, ds in self._datasets.items():
+            for n in sizes:
+                n = min(n, ds.num_pairs)
+                if n == 0:
+                    continue
+                # one range, then ranges of one pair each (a batch of many short samples)
+                self.infer_by_ref(name, np.zeros(1, np.int64), np.full(1, n, np.int64), np.empty(n, np.float32))
+                k = min(n, 700)
+                self.infer_by_ref(name, np.arange(k, dtype=np.int64), np.ones(k, np.int64), np.empty(k, np.float32))
+        torch.cuda.synchronize(self._dev)
 
     def pin_host_memory(self, buf: np.ndarray) -> bool:
         """Page-lock a host buffer (the engine's shared-memory region): batches in it move by DMA."""

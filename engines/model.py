@@ -1,4 +1,4 @@
-"""DLRM v1 (MLPerf Inference, SPEC "The model") as a PyTorch module and its checkpoint loader.
+"""DLRM v1 (MLPerf Inference, REFERENCE "The model") as a PyTorch module and its checkpoint loader.
 
 The state-dict keys are exactly those of facebookresearch/dlrm `DLRM_Net`, so the real checkpoint
 `tb00_40M.pt` loads without renaming. The MLP / interaction math lives in functions shared with the int8
@@ -17,7 +17,7 @@ from torch import Tensor
 
 NUM_TABLES = 26
 
-# SPEC: Criteo Terabyte table sizes with the 40M index limit, in feature order.
+# REFERENCE: Criteo Terabyte table sizes with the 40M index limit, in feature order.
 MLPERF_TABLE_ROWS: tuple[int, ...] = (
     39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10, 2208,
     11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
@@ -91,7 +91,7 @@ class DLRMConfig:
 
 
 def interaction(bottom: Tensor, emb: Tensor) -> Tensor:
-    """SPEC dot interaction: [N,d] bottom output and [N,T,d] embeddings -> [N, d + (T+1)T/2].
+    """REFERENCE dot interaction: [N,d] bottom output and [N,T,d] embeddings -> [N, d + (T+1)T/2].
 
     Strict lower triangle in row-major order (i > j), as DLRM_Net's li/lj lists.
     """

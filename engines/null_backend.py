@@ -101,6 +101,10 @@ class NullBackend:
             finally:
                 sys.setswitchinterval(old)
 
+    def warm_up(self) -> None:
+        """Nothing to warm; the first batch after it is the first served one (the stall hooks skip it)."""
+        self._stall()
+
     def device_memory_bytes(self) -> int:
         return 0
 

@@ -1,4 +1,4 @@
-"""Hot/cold placement (SPEC "Hot/cold split"): which artifact rows live in device memory.
+"""Hot/cold placement (REFERENCE "Hot/cold split"): which artifact rows live in device memory.
 
 The artifact stores rows most-accessed first, so the split needs no rewrite: rows [0, n_hot) of
 `embeddings.int8` are hot (device memory), the rest cold (host memory); a lookup of global row g is hot

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
 from daemon import protocol as P
@@ -33,7 +32,6 @@ from engines.backend import EngineBackend, PendingBatch, pin_host_memory, submit
 log = logging.getLogger("dlrm.engine")
 EXIT_LOAD_FAILED = 70
 EXIT_ORPHANED = 1
-_WARMUP_PAIRS = 1024
 
 
 def create_backend(device: str, artifact: str, gpu_part: float, max_batch_pairs: int | None = None,
@@ -125,9 +123,7 @@ class _Worker(threading.Thread):
                          self.region.size)
             for name, path in self.spec.datasets.items():
                 backend.register_dataset(name, Path(path))
-            n = min(_WARMUP_PAIRS, self.spec.max_batch_pairs)
-            backend.infer_by_value(np.zeros((n, P.DENSE_FEATURES), np.float32),
-                                   np.zeros((n, P.SPARSE_FEATURES), np.int32), np.empty(n, np.float32))
+            backend.warm_up()  # before EngineReady: nothing compiles inside a measured run
         except BaseException as exc:  # any load failure must reach the dispatcher as text
             log.exception("engine %s: backend failed to load", self.spec.name)
             self._send(P.EngineFailed(message=f"{type(exc).__name__}: {exc}"))
@@ -275,4 +271,10 @@ def engine_main(spec_bytes: bytes) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s engine[{spec.name}] %(levelname)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))
+    # Before torch loads libgomp: an OpenMP thread that waits at a barrier spins 30k rounds (tens of
+    # microseconds), not the default 300k (milliseconds), then sleeps. On a loaded host a spinning
+    # thread holds the core its descheduled peer needs, and every parallel region of a forward pays:
+    # 2-core CPU engine beside two busy processes, one 270-pair query: p99 209 ms spinning by default,
+    # 32 ms at 30k; idle p50 9.2 ms either way (BENCHMARKS.md "CPU engine on a loaded host").
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     sys.exit(run_engine(spec))

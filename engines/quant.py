@@ -1,4 +1,4 @@
-"""SPEC int8 embedding quantization (as NVIDIA's submission): one scale per table.
+"""REFERENCE int8 embedding quantization (as NVIDIA's submission): one scale per table.
 
 scale = maxabs / 127.5 and q = clip(rint(w / scale), -127, 127), all in float32 as NVIDIA computes it
 (a float64 division would round a few values differently). Tables are processed in row chunks so a

@@ -1,4 +1,4 @@
-"""``row_frequencies.bin`` (SPEC): int32 table count, then per table an int32 row count followed by
+"""``row_frequencies.bin`` (REFERENCE): int32 table count, then per table an int32 row count followed by
 one float32 access count per row; and the global frequency order used for the hot/cold split.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def read_row_frequencies(path: Path | str) -> list[np.ndarray]:
 
 
 def frequency_order(counts: Sequence[np.ndarray]) -> np.ndarray:
-    """Global rows (``table_offset[t] + id``, int64), most frequent first (SPEC hot/cold rule).
+    """Global rows (``table_offset[t] + id``, int64), most frequent first (REFERENCE hot/cold rule).
 
     Counts are normalised per table (count / table total; an all-zero table stays zero) so that
     small, heavily hit tables compete fairly with huge ones. Ties keep the natural global order

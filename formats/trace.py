@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-# tools/dist_quantile.txt of the reference (SPEC): mean 270 pairs per sample.
+# tools/dist_quantile.txt of the reference (REFERENCE): mean 270 pairs per sample.
 REFERENCE_QUANTILES = np.array([100, 100] + [200] * 12 + [300, 300, 400, 500, 600, 700],
                                dtype=np.int64)
 

@@ -1,8 +1,8 @@
 """Fused int8 embedding gather: all 26 lookups of every pair in one launch, hot/cold tiers, dequantized.
 
 For pair b and table t the global row is g = table_offsets[t] + sparse[b, t]; the remap gives its row
-p = row_position[g] in the frequency-ordered file (SPEC "Quantization and placement"). Rows p < n_hot live
-in device memory (`hot`), the rest in pinned host memory (`cold`, read zero-copy over PCIe: SPEC measured a
+p = row_position[g] in the frequency-ordered file (REFERENCE "Quantization and placement"). Rows p < n_hot live
+in device memory (`hot`), the rest in pinned host memory (`cold`, read zero-copy over PCIe: REFERENCE measured a
 Triton kernel reading a `pin_memory()` tensor directly). Each 128-byte int8 row is read once (eight 16-byte
 loads), multiplied by its table's scale and stored as fp16/bf16 into out[b, t, :] (any strides, so the
 caller may point `out` at slots 1..26 of a [B, 27, 128] interaction buffer).

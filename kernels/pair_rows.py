@@ -17,7 +17,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Sizes are not specialized (Triton would compile a variant for n == 1 and for n % 16 == 0): these
+# kernels run outside the captured graphs with every batch size, and a compile inside a Server run
+# costs hundreds of ms (a freshly started GPU demo saw p99 678 ms from it).
+@triton.jit(do_not_specialize=["B"])
 def _remap_kernel(ids_ptr, stride_i, offsets_ptr, row_position_ptr, out_ptr, stride_o, bad_ptr, B,
                   T: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -69,7 +72,7 @@ def remap_ids_reference(ids: torch.Tensor, table_offsets: torch.Tensor,
     return pos.to(torch.int32), int((~ok).sum())
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _gather_rows_kernel(pairs_ptr, a_src, a_dst, b_src, b_dst, n,
                         WA: tl.constexpr, WAP: tl.constexpr, WB: tl.constexpr, WBP: tl.constexpr,
                         BLOCK: tl.constexpr):

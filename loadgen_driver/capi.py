@@ -1,7 +1,7 @@
 """Complete LoadGen samples without a Python object per sample: LoadGen's own C entry point.
 
 The Python binding's `QuerySamplesComplete` wants one `QuerySampleResponse` object per sample, built
-while holding the GIL (the SPEC's suspect for Server latency). LoadGen also contains its C API,
+while holding the GIL (the REFERENCE's suspect for Server latency). LoadGen also contains its C API,
 `mlperf::c::QuerySamplesComplete(QuerySampleResponse*, size_t)`, compiled into the same extension module
 but not exported. We find it in the module's ELF symbol table, check that the bytes at the computed
 address are that function's code, and call it through ctypes, which releases the GIL for the call. The

@@ -1,4 +1,4 @@
-"""LoadGen TestSettings for DLRM v1 (SPEC): MLPerf defaults set explicitly, then user.conf, then flags.
+"""LoadGen TestSettings for DLRM v1 (REFERENCE): MLPerf defaults set explicitly, then user.conf, then flags.
 
 LoadGen 6.x's built-in mlperf.conf carries DLRMv2 values (60 ms), so the v1 values are written into a
 generated user.conf that LoadGen reads after its mlperf.conf (keys of model `dlrm`); the user's own
@@ -40,7 +40,7 @@ class RunSettings:
 
 
 def v1_conf_lines(scenario: str, num_samples: int, target_qps: float | None) -> list[str]:
-    """The MLPerf DLRM v1 settings of SPEC, in user.conf syntax."""
+    """The MLPerf DLRM v1 settings of REFERENCE, in user.conf syntax."""
     lines = [
         f"{MODEL}.*.performance_sample_count_override = {min(PERFORMANCE_SAMPLE_COUNT, num_samples)}",
         f"{MODEL}.*.min_duration = {MIN_DURATION_MS}",

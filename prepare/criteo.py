@@ -6,7 +6,7 @@ Categorical ids come either from a modulus per table (``--model ARTIFACT`` or ``
 MLPerf model: ``v = int(hex, 16) % max_ind_range`` (40 M), then each distinct ``v`` of feature ``t``
 gets the next id in order of first appearance over the dictionary days (their ``convertDicts``
 insertion order). The sample partition uses the MLCommons rule (formats.trace, seed 123) or a
-given trace file. Optionally counts row accesses into ``row_frequencies.bin`` (SPEC).
+given trace file. Optionally counts row accesses into ``row_frequencies.bin`` (REFERENCE).
 """
 from __future__ import annotations
 

@@ -249,7 +249,7 @@ def count_lines(path: Path, block_bytes: int = 8 << 20) -> int:
 
 
 def dense_transform(ints: np.ndarray) -> np.ndarray:
-    """SPEC / reference: log(max(0, x) + 1), computed in float32 like the reference's torch.log."""
+    """REFERENCE / reference: log(max(0, x) + 1), computed in float32 like the reference's torch.log."""
     x = np.maximum(ints, 0).astype(np.float32)
     x += np.float32(1)
     return np.log(x, out=x)

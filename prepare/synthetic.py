@@ -3,7 +3,7 @@
 Default mode writes, under `--out`:
   * `day_0 .. day_{D-2}`: training days (only used to count row frequencies), `day_{D-1}`: the test
     day, as Criteo TSV (label, 13 ints, 26 hex values; some fields empty, as in Criteo);
-  * `model.pt`: a DLRM_Net-format checkpoint (bare state dict, torch.save) with the SPEC table sizes
+  * `model.pt`: a DLRM_Net-format checkpoint (bare state dict, torch.save) with the REFERENCE table sizes
     scaled by `--scale` and capped at `--max-rows` (default 20,000);
   * `manifest.json`: which file is what, the table sizes, and the planted AUC per day.
 
@@ -53,7 +53,7 @@ class SyntheticError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply the SPEC table sizes")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the REFERENCE table sizes")
     parser.add_argument("--max-rows", type=int, default=None,
                         help="cap on rows per table (default 20000; none with --full-size; 0 = none)")
     parser.add_argument("--days", type=int, default=3, help="day files; the last one is the test day")
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logit-std", type=float, default=1.3)
     parser.add_argument("--logit-mean", type=float, default=-1.1, help="-1.1: about 27%% positives")
     parser.add_argument("--full-size", action="store_true",
-                        help="write an int8 artifact + dataset directly (SPEC sizes: 24 GB + 9 GB)")
+                        help="write an int8 artifact + dataset directly (REFERENCE sizes: 24 GB + 9 GB)")
     parser.add_argument("--samples", type=int, default=204_800,
                         help="--full-size: LoadGen samples in the dataset")
 

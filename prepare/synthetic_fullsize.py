@@ -4,7 +4,7 @@ No fp32 checkpoint exists in between (it would be 96 GB). Under `--out`:
   * `artifact/` (formats.artifact): the 26 tables streamed in chunks of uniformly random int8 rows
     (-127..127) with a random scale per table, random MLP weights (the planted-core layout of
     synthetic_gen.planted_mlp), and rows placed in the frequency order of a synthetic Zipf law;
-  * `row_frequencies.bin`: that law's expected counts (SPEC format), the source of the order (hot
+  * `row_frequencies.bin`: that law's expected counts (REFERENCE format), the source of the order (hot
     rows are the low ids of each table, for write locality: see generate_full_size);
   * `dataset/` (formats.dataset): `--samples` LoadGen samples sized by the reference rule (seed 123),
     row ids drawn from the same per-table laws (so hot/cold placement matters), Criteo-like dense;

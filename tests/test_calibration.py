@@ -26,8 +26,6 @@ from prepare.convert import convert  # noqa: E402
 
 CONFIG = DLRMConfig.mlperf().scaled(1e-4, cap=500)
 N = 600
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "var" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -154,23 +152,23 @@ def test_kernel_chain_on_artifact_matches_eval_reference(setup: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEMO / "artifact" / "meta.json").exists() or not (DEMO / "synthetic" / "model.pt").exists(),
-                    reason="needs the demo data (make demo)")
-def test_demo_int8_mlp_keeps_999_of_fp32_auc(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Accuracy target (SPEC: 99.9% of fp32 AUC) on the demo data: calibrate on a training day, evaluate
-    the first 150 samples of the test day (full-day figures: engines/calibration.py)."""
-    manifest = json.loads((DEMO / "synthetic" / "manifest.json").read_text())
+def test_demo_int8_mlp_keeps_999_of_fp32_auc(demo_data, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                             capsys: pytest.CaptureFixture) -> None:
+    """Accuracy target (REFERENCE: 99.9% of fp32 AUC) on the demo's planted model: calibrate on a training
+    day, evaluate the first 150 samples of the test day (full-day figures: BENCHMARKS.md)."""
+    syn, artifact, dataset = demo_data.synthetic, demo_data.artifact, demo_data.dataset
+    manifest = json.loads((syn / "manifest.json").read_text())
     calib_ds = tmp_path / "calib_ds"
-    assert cli_main(["criteo", str(DEMO / "synthetic" / manifest["train_days"][-1]), "--model",
-                     str(DEMO / "artifact"), "--out", str(calib_ds)]) == 0
+    assert cli_main(["criteo", str(syn / manifest["train_days"][-1]), "--model",
+                     str(artifact), "--out", str(calib_ds)]) == 0
     art_dir = tmp_path / "art"
-    shutil.copytree(DEMO / "artifact", art_dir)
+    shutil.copytree(artifact, art_dir)
     assert cli_main(["calibrate", "--model", str(art_dir), "--dataset", str(calib_ds), "--pairs", "30000"]) == 0
     capsys.readouterr()
     aucs = {}
-    for precision, extra in (("fp32", ["--checkpoint", str(DEMO / "synthetic" / "model.pt")]),
+    for precision, extra in (("fp32", ["--checkpoint", str(syn / "model.pt")]),
                              ("int8", ["--model", str(art_dir)]), ("int8-mlp", ["--model", str(art_dir)])):
-        assert cli_main(["eval", "--dataset", str(DEMO / "dataset"), "--precision", precision,
+        assert cli_main(["eval", "--dataset", str(dataset), "--precision", precision,
                          "--samples", "150", *extra]) == 0
         aucs[precision] = float(capsys.readouterr().out.split("AUC ")[1].split()[0])
     print(aucs)

@@ -14,7 +14,7 @@ def test_layout_and_round_trip(tmp_path: Path) -> None:
     counts = [np.array([1, 2, 3], np.float32), np.zeros(0, np.float32), np.array([7.5], np.float32)]
     write_row_frequencies(tmp_path / "f.bin", counts)
     raw = (tmp_path / "f.bin").read_bytes()
-    # independent encoding of the SPEC layout
+    # independent encoding of the REFERENCE layout
     expect = struct.pack("<i", 3) + struct.pack("<i3f", 3, 1, 2, 3) + struct.pack("<i", 0) \
         + struct.pack("<if", 1, 7.5)
     assert raw == expect

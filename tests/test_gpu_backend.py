@@ -258,3 +258,53 @@ def test_gpu_int8_top_mlp(model_files: dict, tmp_path: Path) -> None:
     # fixture's random model with 3x sharper tables loses more to int8 activations: one of three H200
     # runs, each with a fresh model, fell just under 99.9%. 99% still catches a broken chain (~0.5 AUC).
     assert auc >= 0.99 * auc32, (auc, auc32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_nothing_compiles_after_warm_up(model_files: dict, tmp_path: Path, precision: str) -> None:
+    """The first Server run after a start must meet its bound: once warm_up() has run (before the engine
+    says it is ready), batches of any size, by value and by reference, compile no Triton kernel (a fresh
+    GPU demo had p99 678 ms from compiles inside the run; fixed: no size specialization, warm-up)."""
+    import shutil
+
+    import triton
+
+    from engines.gpu_backend import GpuBackend
+
+    art_dir = model_files["artifact"]
+    if precision == "int8":
+        from engines.calibration import calibrate
+        from formats.artifact import write_calibration
+        from formats.dataset import Dataset
+
+        art_dir = tmp_path / "art"
+        shutil.copytree(model_files["artifact"], art_dir)
+        write_calibration(art_dir, calibrate(Artifact.open(art_dir), Dataset.open(model_files["dataset"]),
+                                             pairs=4000))
+    eng = GpuBackend("cuda:0", art_dir, 1.0, max_batch_pairs=8192, mlp_precision=precision)
+    compiled: list[str] = []
+
+    def record(*args: object, **kwargs: object) -> None:
+        compiled.append(str(kwargs.get("key") or args))
+        return None
+
+    hooks = triton.knobs.runtime
+    old = hooks.jit_cache_hook
+    try:
+        eng.register_dataset("ds", model_files["dataset"])
+        eng.warm_up()
+        hooks.jit_cache_hook = record
+        rng = np.random.default_rng()
+        dense, sparse, offs = model_files["dense"], model_files["sparse"], model_files["offsets"]
+        for _ in range(40):
+            n = int(rng.integers(1, 8193))
+            eng.infer_by_value(dense[:n], sparse[:n], np.empty(n, np.float32))
+            k = int(rng.integers(1, 30))
+            pick = rng.choice(len(offs) - 1, k, replace=False)
+            starts, counts = offs[pick], offs[pick + 1] - offs[pick]
+            eng.infer_by_ref("ds", starts, counts, np.empty(int(counts.sum()), np.float32))
+        assert compiled == [], f"{len(compiled)} Triton compiles after warm_up: {compiled[:3]}"
+    finally:
+        hooks.jit_cache_hook = old
+        eng.close()

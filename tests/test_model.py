@@ -1,4 +1,4 @@
-"""DLRM module and checkpoint loading against an independent numpy implementation of SPEC's model."""
+"""DLRM module and checkpoint loading against an independent numpy implementation of REFERENCE's model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +14,7 @@ SMALL = DLRMConfig.mlperf().scaled(1e-4, cap=500)
 
 
 def numpy_dlrm(state: dict[str, torch.Tensor], dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-    """SPEC written out with explicit loops over the interaction pairs (independent of engines.model)."""
+    """REFERENCE written out with explicit loops over the interaction pairs (independent of engines.model)."""
     w = {k: v.double().numpy() for k, v in state.items()}
     x = dense.astype(np.float64)
     for i in (0, 2, 4):

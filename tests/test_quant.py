@@ -1,4 +1,4 @@
-"""SPEC quantization: scale = maxabs/127.5 (float32), q = clip(rint(w/scale), -127, 127)."""
+"""REFERENCE quantization: scale = maxabs/127.5 (float32), q = clip(rint(w/scale), -127, 127)."""
 from __future__ import annotations
 
 import numpy as np

@@ -80,7 +80,7 @@ def test_tsv_round_trip_and_planted_labels(small_run: Path) -> None:
     assert auc > 0.7, auc  # labels were drawn from these very probabilities
     logit = np.log(p / (1 - p))
     assert 1.0 < logit.std() < 1.8, logit.std()  # spread-out predictions, not all ~0.5
-    # int8 embeddings (SPEC quantization) move the predictions measurably but keep the ranking.
+    # int8 embeddings (REFERENCE quantization) move the predictions measurably but keep the ranking.
     from engines.quant import quantize_table, table_scale
 
     q_state = dict(torch.load(small_run / "model.pt", weights_only=True))

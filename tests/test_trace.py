@@ -30,7 +30,7 @@ def test_matches_reference_loop(n: int) -> None:
 
 def test_quantiles_and_mlperf_count() -> None:
     assert len(REFERENCE_QUANTILES) == 20 and REFERENCE_QUANTILES.mean() == 270
-    # SPEC: the first half of day_23, 89,137,319 pairs, gives 330,067 LoadGen samples.
+    # REFERENCE: the first half of day_23, 89,137,319 pairs, gives 330,067 LoadGen samples.
     off = reference_sample_sizes(89_137_319)
     assert len(off) - 1 == 330_067 and off[-1] == 89_137_319
     sizes = np.diff(off)

@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m prepare.demo --dir $(DEMO_DIR)
 
 test: $(STAMP) test-deps
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 # Tools the operations tests run (promtool, prometheus, systemd-analyze): Debian packages.

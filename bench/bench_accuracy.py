@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.cpu_backend import CpuBackend  # noqa: E402
 from formats.dataset import Dataset  # noqa: E402
-from prepare.auc import roc_auc  # noqa: E402
+from formats.auc import roc_auc  # noqa: E402
 
 
 def predict_all(backend: object, dataset: Path, pairs: int) -> np.ndarray:
@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--calibration-dataset", type=Path, required=True)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    from engines.calibration import calibrate
+    from prepare.calibrate import calibrate
     from engines.gpu_backend import GpuBackend
     from formats.artifact import Artifact, write_calibration
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare.auc import roc_auc  # noqa: E402
+from formats.auc import roc_auc  # noqa: E402
 
 
 def main() -> int:

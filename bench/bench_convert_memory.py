@@ -17,7 +17,8 @@ from pathlib import Path
 
 GEN = """
 import sys, numpy as np, torch
-from engines.model import DLRMConfig, random_state_dict
+from formats.model_config import DLRMConfig
+from engines.model import random_state_dict
 from formats.frequencies import write_row_frequencies
 c = DLRMConfig.mlperf().scaled(float(sys.argv[1]))
 torch.save({"state_dict": random_state_dict(c, seed=0)}, sys.argv[2])
@@ -37,7 +38,7 @@ def main() -> int:
     if not (args.reuse and ckpt.is_file() and freq.is_file()):
         subprocess.run([sys.executable, "-c", GEN, str(args.scale), str(ckpt), str(freq)], check=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from engines.model import DLRMConfig
+    from formats.model_config import DLRMConfig
 
     config = DLRMConfig.mlperf().scaled(args.scale)
     total, largest = config.total_rows, max(config.table_rows)

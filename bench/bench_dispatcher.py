@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.client import PipelinedClient, wait_until_serving  # noqa: E402
+from wire.client import PipelinedClient, wait_until_serving  # noqa: E402
 from formats.trace import reference_sample_sizes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,8 +24,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from formats.model_config import DLRMConfig
+from formats.artifact import write_model_description
 from loadgen_driver import capi  # noqa: E402
-from loadgen_driver.backend import Backend, NullBackend  # noqa: E402
+from loadgen_driver.backend import Backend, InProcessBackend  # noqa: E402
 from loadgen_driver.capi import CComplete  # noqa: E402
 from loadgen_driver.runner import run_test  # noqa: E402
 from loadgen_driver.settings import RunSettings, build_test_settings  # noqa: E402
@@ -82,12 +84,12 @@ def hollow_dataset(path: Path, offsets: np.ndarray) -> Path:
 
 def start_daemon(workdir: Path, engines: str, fill: bool, heartbeat_timeout_s: float) -> tuple[subprocess.Popen, str]:
     """`python -m daemon.cli` with null engines and a stand-in artifact; returns (process, endpoint)."""
-    from daemon.client import wait_until_serving
-    from daemon.errors import ConnectionFailed
+    from wire.client import wait_until_serving
+    from wire.errors import ConnectionFailed
 
     art = workdir / "art"
     art.mkdir(exist_ok=True)
-    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(art, DLRMConfig((50,) * 26))
     engine_list = ", ".join(f'"{e}"' for e in engines.split(","))
     conf = workdir / "daemon.toml"
     conf.write_text(f'runtime_dir = "{workdir}"\nmodel = "{art}"\nengines = [{engine_list}]\n'
@@ -135,7 +137,7 @@ def run_raw(scenario: str, qps: float, duration_s: float, n: int, chunk: int, in
 
 def make_backend(kind: str, offsets: np.ndarray, endpoint: str | None, dataset: str | None) -> Backend:
     if kind.startswith("driver"):
-        return NullBackend(offsets, scores=False)
+        return InProcessBackend(offsets, scores=False)
     from loadgen_driver.backend import DaemonBackend
 
     assert endpoint and dataset, "--daemon-endpoint and --dataset are needed for the daemon config"

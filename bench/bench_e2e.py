@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import wait_until_serving  # noqa: E402
-from daemon.errors import ConnectionFailed  # noqa: E402
+from wire.client import wait_until_serving  # noqa: E402
+from wire.errors import ConnectionFailed  # noqa: E402
 from loadgen_driver.summary import read_summary  # noqa: E402
 
 

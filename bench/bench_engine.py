@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_gather import bench_ms as cuda_ms, bounded_zipf  # noqa: E402
 from engines.gpu_backend import GpuBackend  # noqa: E402
 from kernels.pair_rows import remap_ids  # noqa: E402
-from engines.model import DLRM, DLRMConfig, random_state_dict  # noqa: E402
+from engines.model import DLRM, random_state_dict  # noqa: E402
+from formats.model_config import DLRMConfig  # noqa: E402
 from engines.reference import Int8Reference  # noqa: E402
 from formats.artifact import Artifact, table_offsets, write_artifact  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
@@ -150,7 +151,7 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
     def top() -> torch.Tensor:
         y = eng.top_in[:n]
         if eng.qtop is not None:
-            from kernels.quant_linear import top_mlp_int8
+            from engines.int8_top_mlp import top_mlp_int8
 
             return top_mlp_int8(eng.qtop, y, eng.pred[:n], eng.top_scratch, eng.top_configs)
         for i, (w, b) in enumerate(eng.top):
@@ -221,7 +222,7 @@ def main() -> int:
     ref_int8 = None
     if "int8" in mlps:
         # Static activation scales from the first pairs (a random model: accuracy is not the point here).
-        from engines.calibration import calibrate
+        from prepare.calibrate import calibrate
         from engines.reference import Int8MlpReference
         from formats.artifact import write_calibration
         from formats.dataset import Dataset

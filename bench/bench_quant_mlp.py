@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.repeats, args.warmup = 48, 1, 0
     import torch
 
-    from kernels.quant_linear import quant_linear, quantize_top_mlp, top_mlp_int8, alloc_scratch
+    from kernels.quant_linear import quant_linear
+    from engines.int8_top_mlp import quantize_top_mlp, top_mlp_int8, alloc_scratch
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engines.model import DLRMConfig  # noqa: E402
+from formats.model_config import DLRMConfig  # noqa: E402
 from formats.artifact import Artifact  # noqa: E402
 from formats.dataset import Dataset  # noqa: E402
 from prepare.synthetic_fullsize import generate_full_size  # noqa: E402

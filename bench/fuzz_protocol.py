@@ -28,9 +28,11 @@ import zmq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon import protocol as P  # noqa: E402
-from daemon.client import Client, wait_until_serving  # noqa: E402
-from daemon.errors import CODES  # noqa: E402
+from formats.model_config import DLRMConfig
+from formats.artifact import write_model_description
+from wire import messages as P  # noqa: E402
+from wire.client import Client, wait_until_serving  # noqa: E402
+from wire.errors import ErrorCode  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
 
 TAGS = ["InferByRef", "InferByValue", "LoadSamples", "UnloadSamples", "RegisterDataset", "GetStatus",
@@ -135,8 +137,7 @@ def main() -> int:
     n = int(offsets[-1])
     write_dataset(work / "ds", np.zeros(n, np.float32), np.zeros((n, 13), np.float32),
                   rng.integers(0, 50, size=(n, 26)).astype(np.int32), offsets, (50,) * 26, "fuzz")
-    (work / "art").mkdir()
-    (work / "art" / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(work / "art", DLRMConfig((50,) * 26))
     (work / "d.toml").write_text(
         f'runtime_dir = "{work}/rt"\nengines = ["null"]\nmodel = "{work}/art"\nmax_batch_pairs = 2000\n'
         f'max_message_bytes = 65536\nmax_pairs_per_query = 5000\nmax_queue_pairs = 20000\n'
@@ -172,7 +173,7 @@ def main() -> int:
                 bad.append(f"undecodable reply: {exc}")
                 continue
             if isinstance(reply, P.Error):
-                if reply.code not in CODES or not reply.message:
+                if reply.code not in tuple(ErrorCode) or not reply.message:
                     bad.append(f"bad error reply {reply}")
                 outcomes[reply.code] += 1
             elif isinstance(reply, P.InferResults):  # one message answers several requests

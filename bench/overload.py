@@ -29,8 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import Client, PipelinedClient, wait_until_serving  # noqa: E402
-from daemon.errors import Overloaded  # noqa: E402
+from wire.client import Client, PipelinedClient, wait_until_serving  # noqa: E402
+from wire.errors import Overloaded  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
 from formats.trace import reference_sample_sizes  # noqa: E402
 

@@ -31,9 +31,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import Client, PipelinedClient, wait_until_serving  # noqa: E402
-from daemon.errors import DaemonError  # noqa: E402
-from daemon.shm import list_regions  # noqa: E402
+from formats.model_config import DLRMConfig
+from formats.artifact import write_model_description
+from wire.client import Client, PipelinedClient, wait_until_serving  # noqa: E402
+from wire.errors import DaemonError  # noqa: E402
+from wire.shm import list_regions  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
 
 TABLE_ROWS = (50,) * 26
@@ -159,7 +161,7 @@ class Load:
 _CLIENT_CHILD = """
 import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
-from daemon.client import PipelinedClient
+from wire.client import PipelinedClient
 pc = PipelinedClient(sys.argv[1])
 rid = 0
 while True:  # floods by-reference work until it is SIGKILLed: its queued work is abandoned
@@ -186,8 +188,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dlrms-", dir="/tmp"))
     ds = _dataset(work / "ds")
     art = work / "art"
-    art.mkdir()
-    (art / "meta.json").write_text(json.dumps({"table_rows": list(TABLE_ROWS)}))
+    write_model_description(art, DLRMConfig(tuple(TABLE_ROWS)))
     rt = work / "rt"
     cfg = work / "daemon.toml"
     cfg.write_text(f'runtime_dir = "{rt}"\nengines = ["null", "null"]\nmodel = "{art}"\n'

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from daemon.errors import Overloaded
-from daemon.shm import SlotViews
+from wire.errors import Overloaded
+from wire.shm import SlotViews
 
 BY_VALUE_KEY = ""
 
@@ -46,6 +46,11 @@ class Query:
     @property
     def kind(self) -> str:
         return "by_value" if self.key == BY_VALUE_KEY else "by_ref"
+
+    def value_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """By value: (dense, sparse)."""
+        assert self.dense is not None and self.sparse is not None
+        return self.dense, self.sparse
 
     def ranges(self, off: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The pair ranges covering pairs [off, off+n) of this query (cut ranges at both ends)."""
@@ -85,8 +90,8 @@ def fill_slot(batch: Batch, slot: SlotViews) -> int:
     """Write the batch's inputs into a slot; returns the number of ranges (0 by value)."""
     n = batch.num_pairs
     if batch.key == BY_VALUE_KEY:
-        np.concatenate([q.dense[o:o + k] for q, o, k in batch.pieces], out=slot.dense[:n])
-        np.concatenate([q.sparse[o:o + k] for q, o, k in batch.pieces], out=slot.sparse[:n])
+        np.concatenate([q.value_rows()[0][o:o + k] for q, o, k in batch.pieces], out=slot.dense[:n])
+        np.concatenate([q.value_rows()[1][o:o + k] for q, o, k in batch.pieces], out=slot.sparse[:n])
         return 0
     parts = [q.ranges(o, k) for q, o, k in batch.pieces]
     r = sum(len(s) for s, _ in parts)

@@ -1,4 +1,4 @@
-"""`dlrm-daemon`: serve (default), `check-config FILE`, `status`. Exit codes: daemon/exitcodes.py."""
+"""`dlrm-daemon`: serve (default), `check-config FILE`, `status`. Exit codes: wire/exitcodes.py."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +6,9 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
-from daemon import exitcodes
+from wire.exitcodes import ExitCode
 from daemon.config import (ConfigError, DaemonConfig, add_config_flags, find_endpoint, load_config,
                            overrides_from_args)
 
@@ -36,7 +36,7 @@ def _config_or_exit(path: str | None, args: argparse.Namespace | None) -> Daemon
         return load_config(path, overrides_from_args(args) if args is not None else None)
     except ConfigError as exc:
         print(f"dlrm-daemon: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(exitcodes.CONFIG_ERROR) from None
+        raise SystemExit(ExitCode.CONFIG_ERROR) from None
 
 
 def serve(cfg: DaemonConfig) -> int:
@@ -56,7 +56,7 @@ def serve(cfg: DaemonConfig) -> int:
             exporter = start_exporter(registry, cfg.metrics_host, cfg.metrics_port)
         except OSError as exc:
             log.error("%s", exc)
-            return exitcodes.RUNTIME_FAILURE
+            return ExitCode.RUNTIME_FAILURE
     from daemon.sdnotify import Notifier
 
     try:
@@ -64,11 +64,12 @@ def serve(cfg: DaemonConfig) -> int:
     except ValueError as exc:
         log.error("systemd notify: %s", exc)
         notifier = None
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 
         runner = uvloop.run
-    except ImportError:
+    except ImportError:  # uvloop is a dependency; asyncio's loop is the same API, slower
         runner = asyncio.run
     try:
         code = runner(Dispatcher(cfg, metrics, notifier).run())
@@ -90,12 +91,12 @@ def check_config(argv: Sequence[str]) -> int:
     cfg = _config_or_exit(args.file, None)
     print(cfg.describe())
     print(f"# ok: {args.file}")
-    return exitcodes.OK
+    return ExitCode.OK
 
 
 def status(argv: Sequence[str]) -> int:
-    from daemon.client import Client
-    from daemon.errors import DaemonError
+    from wire.client import Client
+    from wire.errors import DaemonError
 
     p = argparse.ArgumentParser(prog="dlrm-daemon status", description="show a running daemon's state",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -111,17 +112,17 @@ def status(argv: Sequence[str]) -> int:
         endpoint = args.endpoint or find_endpoint(args.config)
     except ConfigError as exc:
         print(f"dlrm-daemon status: configuration error: {exc}", file=sys.stderr)
-        return exitcodes.CONFIG_ERROR
+        return ExitCode.CONFIG_ERROR
     if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
         print(f"dlrm-daemon status: no daemon at {endpoint} (no socket there); give --endpoint or --config",
               file=sys.stderr)
-        return exitcodes.RUNTIME_FAILURE
+        return ExitCode.RUNTIME_FAILURE
     try:
         with Client(endpoint, timeout_s=args.timeout) as c:
             st = c.status()
     except DaemonError as exc:
         print(f"dlrm-daemon status: {exc}", file=sys.stderr)
-        return exitcodes.RUNTIME_FAILURE
+        return ExitCode.RUNTIME_FAILURE
     print(f"daemon pid {st['pid']} {st['state']} on {st['endpoint']}, up {st['uptime_s']:.0f} s")
     print(f"{'engine':<10} {'device':<8} {'state':<9} {'pid':>7} {'gpu_part':>8} {'inflight':>8} "
           f"{'restarts':>8} {'batches':>9} {'hb_age_s':>8} {'dev_mem_MB':>10}")
@@ -146,11 +147,11 @@ def status(argv: Sequence[str]) -> int:
         print("recent errors:")
         for line in st["recent_errors"]:
             print(f"  {line}")
-    return exitcodes.OK
+    return ExitCode.OK
 
 
-def keygen(argv: Sequence[str]) -> int:
-    from daemon.security import keygen as make_keys
+def keygen_command(argv: Sequence[str]) -> int:
+    from wire.curve import keygen as make_keys
 
     p = argparse.ArgumentParser(prog="dlrm-daemon keygen", description="write a ZeroMQ CURVE key pair: "
                                 "NAME.key (public: give the daemon's to clients, put clients' in "
@@ -161,7 +162,7 @@ def keygen(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     pub, sec = make_keys(args.dir, args.name)
     print(f"public {pub}\nsecret {sec}")
-    return exitcodes.OK
+    return ExitCode.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `dlrm-daemon status | head`: the reader left; say nothing more (and not at exit either).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return exitcodes.OK
+        return ExitCode.OK
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -183,7 +184,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if argv and argv[0] == "status":
         return status(argv[1:])
     if argv and argv[0] == "keygen":
-        return keygen(argv[1:])
+        return keygen_command(argv[1:])
     args = _serve_parser().parse_args(argv)
     return serve(_config_or_exit(args.config, args))
 

@@ -1,22 +1,29 @@
 """The daemon's one frozen, typed configuration: TOML file < DLRM_* environment < command-line flags.
 
-Every key is a TOML key, a `--kebab-case` flag and a `DLRM_UPPER_CASE` environment variable.
-Unknown TOML keys are errors; every error names the key and where its value came from.
+Every key is a TOML key, a `--kebab-case` flag and a `DLRM_UPPER_CASE` environment variable. Values are
+converted to the key's type by msgspec (strings from flags and the environment with its lax rules).
+Unknown TOML keys are errors, and so is an unknown `DLRM_*` variable (a typo must not pass silently);
+every error names the key and where its value came from.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import os
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from daemon.datasets import artifact_meta_problem
-from daemon.endpoints import client_endpoint, default_runtime_dir, endpoint_in
+import msgspec
+
 from daemon.security import curve_problem, exposure_problem
+from formats.artifact import ArtifactError, read_model_config
+from wire.endpoints import client_endpoint, default_runtime_dir, endpoint_in
+from wire.messages import EngineKind, MlpPrecision
 
 ENV_PREFIX = "DLRM_"
 # max_batch_pairs = 0 picks by engine kind: a CPU engine does ~10k pairs/s on 2 cores, so a
@@ -24,6 +31,10 @@ ENV_PREFIX = "DLRM_"
 CPU_BATCH_PAIRS = 8192
 DEFAULT_BATCH_PAIRS = 65536
 _IPC_PATH_MAX = 107  # sun_path limit of a unix socket address
+# DLRM_* variables that are not config keys: read by clients (CURVE keys, the endpoint lookup) and by
+# the null engine's test and benchmark hooks (engines/null_backend.py).
+NON_CONFIG_ENV = frozenset(("DLRM_CURVE_SERVER_KEY", "DLRM_CURVE_CLIENT_KEY", "DLRM_NULL_DELAY_S",
+                            "DLRM_NULL_GIL_S", "DLRM_NULL_SPIN_S", "DLRM_NULL_FILL"))
 
 
 class ConfigError(ValueError):
@@ -57,7 +68,7 @@ class DaemonConfig:
         "flag/env comma-separated"))
     embedding_weights_on_gpu_part: float = field(default=1.0, metadata=_h(
         "share of embedding rows (most frequent first) kept in device memory, 0..1"))
-    gpu_mlp_precision: str = field(default="fp16", metadata=_h(
+    gpu_mlp_precision: MlpPrecision = field(default=MlpPrecision.FP16, metadata=_h(
         "GPU engines' MLP arithmetic: 'fp16' or 'bf16' (cuBLAS), or 'int8' (top MLP through the Triton "
         "int8 kernel with the artifact's calibration.json from `dlrm-prepare calibrate`; measured slower "
         "than fp16 on an H200, BENCHMARKS.md). The CPU engine always computes in fp32"))
@@ -79,6 +90,8 @@ class DaemonConfig:
         "retried once on another engine), even while it still heartbeats; a batch that is still "
         "computing is slow, not hung"))
     drain_timeout_s: float = field(default=10.0, metadata=_h("on SIGTERM, time allowed to finish accepted work"))
+    malloc_trim_interval_s: float = field(default=60.0, metadata=_h(
+        "when idle, give freed heap back to the OS at most this often (daemon/memory.py); 0 = never"))
     restart_backoff_s: float = field(default=1.0, metadata=_h(
         "first delay before restarting a failed engine; doubles per consecutive failure (max 60 s)"))
     metrics_host: str = field(default="127.0.0.1", metadata=_h("Prometheus exporter address"))
@@ -102,10 +115,6 @@ class DaemonConfig:
             names.append(base if base not in names else f"{base}-{len(names)}")
         return tuple(names)
 
-    @property
-    def runtime_path(self) -> Path:
-        return Path(self.runtime_dir)
-
     def describe(self) -> str:
         return "\n".join(f"{k} = {json.dumps(_jsonable(v))}" for k, v in dataclasses.asdict(self).items())
 
@@ -115,7 +124,9 @@ def _jsonable(v: Any) -> Any:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(DaemonConfig)}
-_TYPES = {f.name: f.type for f in dataclasses.fields(DaemonConfig)}
+_TYPES: dict[str, Any] = typing.get_type_hints(DaemonConfig)
+_WHAT = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+         tuple[str, ...]: "a list of strings", dict[str, str]: 'a table of name = "path" strings'}
 
 
 def env_name(key: str) -> str:
@@ -127,51 +138,25 @@ def flag_name(key: str) -> str:
 
 
 def _coerce(key: str, value: Any, source: str, from_text: bool) -> Any:
-    """Turn a TOML value (or a flag/env string when from_text) into the key's type."""
+    """A TOML value (or a flag/environment string when from_text) as the key's type, by msgspec."""
     t = _TYPES[key]
     try:
-        if t == "int":
-            if from_text:
-                value = int(value, 0)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"must be an integer, got {value!r}")
-            return value
-        if t == "float":
-            if from_text:
-                value = float(value)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"must be a number, got {value!r}")
-            return float(value)
-        if t == "bool":
-            if from_text:
-                text = str(value).strip().lower()
-                if text not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(f"must be true or false, got {value!r}")
-                value = text in ("1", "true", "yes")
-            if not isinstance(value, bool):
-                raise TypeError(f"must be true or false, got {value!r}")
-            return value
-        if t == "str":
-            if not isinstance(value, str):
-                raise TypeError(f"must be a string, got {value!r}")
-            return value
-        if t == "tuple[str, ...]":
-            if from_text:
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise TypeError(f"must be a list of strings, got {value!r}")
-            return tuple(value)
-        if t == "dict[str, str]":
-            if from_text:
-                value = _parse_pairs(value)
-            if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-            ):
-                raise TypeError(f"must be a table of name = \"path\" strings, got {value!r}")
-            return dict(value)
-    except (TypeError, ValueError) as exc:
+        if from_text and t == tuple[str, ...] and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif from_text and t == dict[str, str] and isinstance(value, (str, list)):
+            value = _parse_pairs(value)
+        if t is bool and from_text and isinstance(value, str):
+            value = value.strip().lower()
+            value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(value, value)
+        return msgspec.convert(value, type=t, strict=not from_text)
+    except msgspec.ValidationError:  # (a ValueError too: first)
+        if isinstance(t, type) and issubclass(t, enum.Enum):
+            what = "one of " + ", ".join(repr(m.value) for m in t)
+        else:
+            what = _WHAT.get(t, str(t))
+        raise ConfigError(key, f"must be {what}, got {value!r}", source) from None
+    except ValueError as exc:  # _parse_pairs
         raise ConfigError(key, str(exc), source) from None
-    raise AssertionError(f"unhandled config type {t}")
 
 
 def _parse_pairs(text: str | list[str]) -> dict[str, str]:
@@ -211,21 +196,25 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
         raise bad("metrics_port", f"must be a TCP port 0..65535, got {cfg.metrics_port}")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
-    if cfg.gpu_mlp_precision not in ("int8", "fp16", "bf16"):
-        raise bad("gpu_mlp_precision", f"must be fp16, bf16 or int8, got {cfg.gpu_mlp_precision!r}")
     if not cfg.engines:
         raise bad("engines", "at least one engine device is needed")
     for dev in cfg.engines:
-        if dev not in ("cpu", "null") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
-            raise bad("engines", f"unknown device {dev!r}: use 'cpu', 'cuda:N' or 'null'")
+        try:
+            EngineKind.of_device(dev)
+        except ValueError as exc:
+            raise bad("engines", str(exc)) from None
+    if cfg.malloc_trim_interval_s < 0:
+        raise bad("malloc_trim_interval_s", f"must be >= 0 seconds, got {cfg.malloc_trim_interval_s}")
     if any(d != "null" for d in cfg.engines):
         if not cfg.model:
             raise bad("model", "required (the model artifact directory) unless every engine is 'null'")
         if not (Path(cfg.model) / "meta.json").is_file():
             raise bad("model", f"{cfg.model!r} is not an artifact directory (no meta.json)")
-        problem = artifact_meta_problem(cfg.model)
-        if problem is not None:
-            raise bad("model", problem)
+    if cfg.model and (Path(cfg.model) / "meta.json").is_file():
+        try:
+            read_model_config(cfg.model)  # format, version and shape; engines check the data files
+        except ArtifactError as exc:
+            raise bad("model", str(exc)) from None
     for name, path in cfg.datasets.items():
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise bad("datasets", f"dataset name {name!r}: use letters, digits, '-', '_', '.'")
@@ -242,6 +231,15 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
             raise bad(*problem)
     if len(os.path.join(cfg.runtime_dir, "engine-00-000000.sock")) > _IPC_PATH_MAX:
         raise bad("runtime_dir", f"path too long for unix sockets inside it (limit {_IPC_PATH_MAX})")
+
+
+def check_environment(env: Mapping[str, str]) -> None:
+    """ConfigError naming the first DLRM_* variable that is neither a config key nor a known hook."""
+    known = {env_name(k) for k in FIELDS} | NON_CONFIG_ENV
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            raise ConfigError(name, f"unknown environment variable (config keys are DLRM_<KEY>: "
+                                    f"{', '.join(sorted(env_name(k) for k in FIELDS))})", "environment")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -288,6 +286,7 @@ def load_config(
                 raise ConfigError(key, f"unknown key (known keys: {known})", str(path))
             values[key] = _coerce(key, value, str(path), from_text=False)
             sources[key] = str(path)
+    check_environment(env)
     for key in FIELDS:
         name = env_name(key)
         if name in env:

@@ -1,13 +1,25 @@
-"""The dispatcher's view of registered datasets: sample -> pair-range mapping and the loaded set."""
+"""The dispatcher's view of registered datasets: sample -> pair-range mapping, the loaded set, and the
+registration of a dataset with every engine (pure bookkeeping: no sockets; the caller sends and acks).
+
+A dataset is opened with formats.dataset (the format's own checks) and checked against the model's
+table sizes from formats.artifact.read_model_config: the dispatcher reads no other meta.json.
+"""
 from __future__ import annotations
 
-import json
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from daemon.errors import BadRequest
+from formats.dataset import Dataset, DatasetError
+from formats.model_config import DLRMConfig
+from wire.errors import BadRequest
+
+
+class DatasetState(enum.Enum):
+    REGISTERING = "registering"  # sent to the engines, not every engine has added it yet
+    READY = "ready"
 
 
 @dataclass(eq=False)
@@ -19,10 +31,10 @@ class DatasetEntry:
     num_samples: int
     num_pairs: int
     has_empty: bool  # some sample has no pairs (such ranges are dropped before batching)
-    state: str = "ready"  # registering | ready
+    state: DatasetState = DatasetState.READY
     loaded: np.ndarray | None = None  # bool [num_samples]; None = every sample servable
     waiting: set[str] = field(default_factory=set)  # engines that have not added it yet
-    waiters: list[tuple[bytes, int]] = field(default_factory=list)  # (client, request_id) to Ack
+    waiters: list[tuple[bytes, int]] = field(default_factory=list)  # (client, request_id) to answer
 
     def pair_ranges(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """Validated sample ids -> (starts, counts) per sample in request order, total pairs."""
@@ -55,20 +67,18 @@ class DatasetEntry:
         self.loaded[ids] = value
 
 
-def open_dataset(name: str, path: str, model_table_rows: tuple[int, ...] | None) -> DatasetEntry:
+def open_dataset(name: str, path: str, model: DLRMConfig | None) -> DatasetEntry:
     """Open and validate a dataset directory; BadRequest names what is wrong."""
-    from formats.dataset import Dataset, DatasetError
-
     try:
         ds = Dataset.open(Path(path))
     except (DatasetError, OSError, ValueError) as exc:
         raise BadRequest(f"dataset {name!r} at {path}: {exc}") from None
-    if model_table_rows is not None:
-        too_big = [t for t, (d, m) in enumerate(zip(ds.table_rows, model_table_rows)) if d > m]
+    if model is not None:
+        too_big = [t for t, (d, m) in enumerate(zip(ds.table_rows, model.table_rows)) if d > m]
         if too_big:
             t = too_big[0]
             raise BadRequest(f"dataset {name!r}: table {t} has ids up to {ds.table_rows[t]} but the model "
-                             f"table has {model_table_rows[t]} rows")
+                             f"table has {model.table_rows[t]} rows")
     offsets = np.ascontiguousarray(ds.sample_offsets, dtype=np.int64)
     counts = np.diff(offsets)
     return DatasetEntry(name=name, path=str(path), starts=offsets[:-1].copy(), ends=offsets[1:].copy(),
@@ -76,26 +86,57 @@ def open_dataset(name: str, path: str, model_table_rows: tuple[int, ...] | None)
                         has_empty=bool(ds.num_samples and counts.min() == 0))
 
 
-def model_table_rows(artifact: str) -> tuple[int, ...] | None:
-    """The model's table sizes from the artifact's meta.json (None without an artifact)."""
-    if not artifact:
-        return None
-    meta = Path(artifact) / "meta.json"
-    if not meta.is_file():
-        return None
-    return tuple(int(r) for r in json.loads(meta.read_text())["table_rows"])
+def valid_name(name: str) -> bool:
+    return bool(name) and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
 
 
-def artifact_meta_problem(artifact: str) -> str | None:
-    """What is wrong with an artifact's meta.json, naming the file (None when it is readable and has
-    a table_rows list); the full checks run when an engine opens the artifact."""
-    meta = Path(artifact) / "meta.json"
-    try:
-        raw = json.loads(meta.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"{meta}: unreadable ({exc})"
-    rows = raw.get("table_rows") if isinstance(raw, dict) else None
-    if not (isinstance(rows, list) and rows and all(
-            isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in rows)):
-        return f"{meta}: no valid 'table_rows' list of positive integers"
-    return None
+class DatasetRegistry:
+    """Registered datasets by name, and the registrations still waiting for engines."""
+
+    def __init__(self, model: DLRMConfig | None) -> None:
+        self.model = model
+        self.entries: dict[str, DatasetEntry] = {}
+
+    def get_ready(self, name: str) -> DatasetEntry:
+        ds = self.entries.get(name)
+        if ds is None:
+            raise BadRequest(f"unknown dataset {name!r} (registered: {', '.join(self.entries) or 'none'})")
+        if ds.state is not DatasetState.READY:
+            raise BadRequest(f"dataset {name!r} is still being registered")
+        return ds
+
+    def add_configured(self, name: str, path: str) -> None:
+        """A dataset of the config: registered before the engines start (they load it at start)."""
+        self.entries[name] = open_dataset(name, path, self.model)
+
+    def begin(self, name: str, path: str, engines: set[str]) -> DatasetEntry | None:
+        """Start registering `name` with the engines in `engines`; None when the same dataset is
+        already registered (ready or under way: the caller answers or queues the request)."""
+        old = self.entries.get(name)
+        if old is not None:
+            if Path(old.path).resolve() != Path(path).resolve():
+                raise BadRequest(f"dataset {name!r} is already registered with path {old.path}")
+            return None
+        if not valid_name(name):
+            raise BadRequest(f"dataset name {name!r}: use letters, digits, '-', '_', '.'")
+        ds = open_dataset(name, path, self.model)
+        ds.state = DatasetState.REGISTERING
+        ds.waiting = set(engines)
+        self.entries[name] = ds
+        return ds
+
+    def engine_done(self, ds: DatasetEntry, engine: str, error: str) -> bool:
+        """An engine added the dataset (error "" = success) or is gone; True once the registration is
+        settled: ready, or dropped on an error. The caller then answers `ds.waiters`."""
+        ds.waiting.discard(engine)
+        if error:
+            self.entries.pop(ds.name, None)
+            return True
+        if not ds.waiting and ds.state is not DatasetState.READY:
+            ds.state = DatasetState.READY
+            return True
+        return False
+
+    def paths(self) -> dict[str, str]:
+        """name -> path of every dataset, for an engine that starts now."""
+        return {name: ds.path for name, ds in self.entries.items()}

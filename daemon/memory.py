@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import time
 from typing import Callable
 
@@ -32,11 +31,9 @@ def _libc_trim() -> Callable[[int], int] | None:
 
 
 class IdleTrimmer:
-    """`DLRM_MALLOC_TRIM_INTERVAL_S` (default 60; 0 turns it off) sets the minimum interval."""
+    """`min_interval_s` (config key malloc_trim_interval_s, default 60; 0 turns it off)."""
 
-    def __init__(self, min_interval_s: float | None = None) -> None:
-        if min_interval_s is None:
-            min_interval_s = float(os.environ.get("DLRM_MALLOC_TRIM_INTERVAL_S", "60") or 60)
+    def __init__(self, min_interval_s: float) -> None:
         self.min_interval_s = min_interval_s
         self._trim = _libc_trim() if min_interval_s > 0 else None
         self._last = time.monotonic()

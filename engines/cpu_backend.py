@@ -9,17 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.backend import BatchStats, check_ranges, pair_index
+from engines.backend import BatchStats, SynchronousBackend
+from formats.pairs import check_ranges, pair_index
 from engines.reference import Int8Reference
 from formats.artifact import Artifact
 from formats.dataset import Dataset
 
 
-class BackendError(ValueError):
+class CpuBackendError(ValueError):
     """A request the backend cannot serve (unknown dataset, ranges out of bounds, bad shapes)."""
 
 
-class CpuBackend:
+class CpuBackend(SynchronousBackend):
     def __init__(self, artifact_path: Path | str, gpu_part: float = 1.0, device: str = "cpu") -> None:
         self.device = device
         self.artifact = Artifact.open(Path(artifact_path))
@@ -32,7 +33,7 @@ class CpuBackend:
         model_rows = self.artifact.config.table_rows
         too_big = [t for t, r in enumerate(ds.table_rows) if r > model_rows[t]]
         if too_big:
-            raise BackendError(
+            raise CpuBackendError(
                 f"dataset {name} ({path}): tables {too_big} have more ids "
                 f"({[ds.table_rows[t] for t in too_big]}) than the model's rows ({[model_rows[t] for t in too_big]})"
             )
@@ -42,29 +43,29 @@ class CpuBackend:
                      out: np.ndarray) -> BatchStats:
         ds = self.datasets.get(dataset)
         if ds is None:
-            raise BackendError(f"dataset {dataset!r} is not registered")
+            raise CpuBackendError(f"dataset {dataset!r} is not registered")
         try:
             starts, counts = check_ranges(dataset, pair_starts, pair_counts, ds.num_pairs)
         except ValueError as exc:
-            raise BackendError(str(exc)) from exc
+            raise CpuBackendError(str(exc)) from exc
         idx = pair_index(starts, counts)
         return self._run(np.asarray(ds.dense[idx]), np.asarray(ds.sparse[idx]), out)
 
     def infer_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:
         n = len(dense)
         if dense.shape != (n, self.artifact.config.dense_features) or len(sparse) != n:
-            raise BackendError(f"dense must be [n, {self.artifact.config.dense_features}] and sparse [n, 26], "
+            raise CpuBackendError(f"dense must be [n, {self.artifact.config.dense_features}] and sparse [n, 26], "
                                f"got {list(dense.shape)} and {list(sparse.shape)}")
         try:
             self.placement.check_sparse(np.asarray(sparse))
         except ValueError as exc:
-            raise BackendError(str(exc)) from exc
+            raise CpuBackendError(str(exc)) from exc
         return self._run(dense, sparse, out)
 
     def _run(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> BatchStats:
         n = len(dense)
         if out.dtype != np.float32 or out.shape[0] < n:
-            raise BackendError(f"out must be float32 with at least {n} entries, got {out.dtype}{list(out.shape)}")
+            raise CpuBackendError(f"out must be float32 with at least {n} entries, got {out.dtype}{list(out.shape)}")
         if n == 0:
             return BatchStats(0, 0)
         positions = self.placement.positions(sparse)
@@ -77,9 +78,6 @@ class CpuBackend:
         n = 64
         self.infer_by_value(np.zeros((n, self.artifact.config.dense_features), np.float32),
                             np.zeros((n, self.artifact.config.num_tables), np.int32), np.empty(n, np.float32))
-
-    def device_memory_bytes(self) -> int:
-        return 0
 
     def close(self) -> None:
         self.datasets.clear()

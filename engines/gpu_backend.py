@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.backend import BatchStats, check_ranges, pair_index
+from engines.backend import BatchStats
+from formats.pairs import check_ranges, pair_index
 from engines.gpu_staging import GpuPending, HostRegistry, InFlight, StagingSet, Ticket
 from engines.placement import Placement
 from formats.artifact import Artifact
@@ -43,7 +44,7 @@ from kernels.dot_interaction import dot_interaction
 from kernels.embedding_gather import embedding_gather
 from kernels.gather_interaction import gather_interaction, new_counts
 from kernels.pair_rows import gather_pair_rows, remap_ids
-from kernels.quant_linear import QuantTopMlp, alloc_scratch, quantize_top_mlp, top_mlp_int8
+from engines.int8_top_mlp import QuantTopMlp, alloc_scratch, quantize_top_mlp, top_mlp_int8
 
 _CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
 
@@ -240,6 +241,7 @@ class GpuBackend:
             y = gather_interaction(x, self.sparse_in[:n], self.table_offsets, None, self.scales,
                                    self.hot, self.cold, self.top_in[:n], self.counts, **self.kernel_config)
         else:
+            assert self.emb_buf is not None  # allocated whenever fused_gather is off
             emb = self.emb_buf[:n]
             embedding_gather(self.sparse_in[:n], self.table_offsets, None, self.scales, self.hot,
                              self.cold, emb, self.counts[2:3], count_limit=self.counts[:1])
@@ -388,7 +390,8 @@ class GpuBackend:
         m = self.max_batch_pairs
         # The daemon's batches fit one device batch: their ranges are expanded on the device. A larger
         # request (direct API use) is cut into device batches of pair indices made on the host.
-        pieces = [(starts, counts, None)] if total <= m else [
+        pieces: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]] = [
+            (starts, counts, None)] if total <= m else [
             (None, None, idx) for idx in np.split(pair_index(starts, counts), range(m, total, m))]
         at = 0
         for st, ct, idx in pieces:
@@ -400,6 +403,7 @@ class GpuBackend:
                 # starts then counts (or the pair indices), one contiguous run: a single DMA
                 host = s.ranges_host.numpy()
                 if idx is None:
+                    assert st is not None and ct is not None
                     r = st.size
                     host[:r] = st
                     host[r : 2 * r] = ct

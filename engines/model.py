@@ -8,86 +8,16 @@ from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-NUM_TABLES = 26
-
-# REFERENCE: Criteo Terabyte table sizes with the 40M index limit, in feature order.
-MLPERF_TABLE_ROWS: tuple[int, ...] = (
-    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10, 2208,
-    11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
-)
-
+from formats.model_config import NUM_TABLES, DLRMConfig
 
 class CheckpointError(ValueError):
     """A checkpoint that is not a DLRM v1 state dict (names missing/unexpected keys and bad shapes)."""
-
-
-@dataclass(frozen=True)
-class DLRMConfig:
-    table_rows: tuple[int, ...]
-    embedding_dim: int = 128
-    dense_features: int = 13
-    bottom_mlp: tuple[int, ...] = (512, 256, 128)
-    top_mlp: tuple[int, ...] = (1024, 1024, 512, 256, 1)
-
-    def __post_init__(self) -> None:
-        if len(self.table_rows) == 0 or any(int(r) < 1 for r in self.table_rows):
-            raise ValueError(f"table_rows must be positive, got {self.table_rows}")
-        if self.bottom_mlp[-1] != self.embedding_dim:
-            # The interaction stacks the bottom output with the embeddings: widths must agree.
-            raise ValueError(
-                f"bottom_mlp must end at embedding_dim {self.embedding_dim}, got {self.bottom_mlp}"
-            )
-        if self.top_mlp[-1] != 1:
-            raise ValueError(f"top_mlp must end with 1 output, got {self.top_mlp}")
-
-    @classmethod
-    def mlperf(cls) -> "DLRMConfig":
-        return cls(table_rows=MLPERF_TABLE_ROWS)
-
-    def scaled(self, scale: float, cap: int | None = None) -> "DLRMConfig":
-        """Same dims, each table's rows multiplied by `scale` (at least 1) and capped at `cap`."""
-        rows = [max(1, int(math.ceil(r * scale))) for r in self.table_rows]
-        if cap is not None:
-            rows = [min(r, int(cap)) for r in rows]
-        return replace(self, table_rows=tuple(rows))
-
-    @property
-    def num_tables(self) -> int:
-        return len(self.table_rows)
-
-    @property
-    def total_rows(self) -> int:
-        return int(sum(self.table_rows))
-
-    @property
-    def interaction_width(self) -> int:
-        n = self.num_tables + 1
-        return self.embedding_dim + n * (n - 1) // 2
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every state-dict key of DLRM_Net with its shape."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        for t, rows in enumerate(self.table_rows):
-            shapes[f"emb_l.{t}.weight"] = (int(rows), self.embedding_dim)
-        for prefix, widths, fan_in in (
-            ("bot_l", self.bottom_mlp, self.dense_features),
-            ("top_l", self.top_mlp, self.interaction_width),
-        ):
-            for i, out in enumerate(widths):
-                shapes[f"{prefix}.{2 * i}.weight"] = (out, fan_in)
-                shapes[f"{prefix}.{2 * i}.bias"] = (out,)
-                fan_in = out
-        return shapes
-
-    def mlp_keys(self) -> list[str]:
-        return [k for k in self.expected_shapes() if not k.startswith("emb_l.")]
 
 
 def interaction(bottom: Tensor, emb: Tensor) -> Tensor:
@@ -133,7 +63,8 @@ class DLRM(torch.nn.Module):
         """[N, 13] float32, [N, 26] int -> [N] click probabilities."""
         # One index per table per pair: an EmbeddingBag sum over one row is that row.
         sparse = sparse.long()
-        emb = torch.stack([bag.weight[sparse[:, t]] for t, bag in enumerate(self.emb_l)], dim=1)
+        tables = [bag.weight for bag in self.emb_l if isinstance(bag, torch.nn.EmbeddingBag)]
+        emb = torch.stack([w[sparse[:, t]] for t, w in enumerate(tables)], dim=1)
         weights = {k: v for k, v in self.named_parameters() if not k.startswith("emb_l.")}
         return mlp_forward(weights, self.config, dense, emb)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.backend import BatchStats
+from engines.backend import BatchStats, SynchronousBackend
 
 _SCALE = np.float32(1.0 / (1 << 20))
 
@@ -38,7 +38,7 @@ def null_ref_prediction(pairs: np.ndarray) -> np.ndarray:
     return (np.asarray(pairs) & _MASK).astype(np.float32) * _SCALE
 
 
-class NullBackend:
+class NullBackend(SynchronousBackend):
     def __init__(self, device: str = "null", artifact: str | Path = "") -> None:
         if artifact and not Path(artifact).exists():
             raise FileNotFoundError(f"model artifact {artifact} does not exist")
@@ -104,9 +104,6 @@ class NullBackend:
     def warm_up(self) -> None:
         """Nothing to warm; the first batch after it is the first served one (the stall hooks skip it)."""
         self._stall()
-
-    def device_memory_bytes(self) -> int:
-        return 0
 
     def close(self) -> None:
         self._datasets.clear()

@@ -1,13 +1,14 @@
 """The engine process shell: control socket, heartbeats, shared-memory slots around any backend.
 
-Started by the supervisor with the multiprocessing *spawn* method (never fork: CUDA). The only
-argument is a msgspec-encoded `EngineSpec` (bytes). Two threads:
+Started by the supervisor as `python -m engines.process` (a fresh interpreter: never a fork of the
+dispatcher, which CUDA would not survive); its msgspec-encoded `EngineSpec` arrives on stdin. Threads:
   main thread  owns the PAIR control socket to the dispatcher, relays messages and sends heartbeats
                every `heartbeat_interval_s`, even while a batch computes or the model loads;
   work thread  loads the backend, then submits batches and runs dataset registrations in arrival order;
   done thread  waits for each submitted batch in order (a GPU backend keeps several in flight) and
                hands results back to the main thread over an inproc PAIR socket.
-Exit codes: 0 after Shutdown, 70 if the backend cannot be created, 1 on a lost dispatcher.
+Exit codes (wire/exitcodes.py): OK after Shutdown, ENGINE_LOAD_FAILURE if the backend cannot be
+created, RUNTIME_FAILURE when its dispatcher is gone.
 """
 from __future__ import annotations
 
@@ -25,26 +26,13 @@ from typing import Any
 
 import zmq
 
-from daemon import protocol as P
-from daemon.shm import Region
-from engines.backend import EngineBackend, PendingBatch, pin_host_memory, submit_by_ref, submit_by_value
+from engines.backend import EngineBackend, PendingBatch
+from engines.factory import create_backend
+from wire import messages as P
+from wire.exitcodes import ExitCode
+from wire.shm import Region
 
 log = logging.getLogger("dlrm.engine")
-EXIT_LOAD_FAILED = 70
-EXIT_ORPHANED = 1
-
-
-def create_backend(device: str, artifact: str, gpu_part: float, max_batch_pairs: int | None = None,
-                   inflight: int | None = None, mlp_precision: str | None = None) -> EngineBackend:
-    """'null' selects the null backend here; every real device goes through engines.factory."""
-    if device == "null":
-        from engines.null_backend import NullBackend
-
-        return NullBackend(device, artifact)
-    from engines.factory import create_backend as factory_create
-
-    return factory_create(device, Path(artifact), gpu_part, max_batch_pairs=max_batch_pairs, inflight=inflight,
-                          mlp_precision=mlp_precision)
 
 
 @dataclass
@@ -116,9 +104,10 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         try:
-            backend = create_backend(self.spec.device, self.spec.artifact, self.spec.gpu_part,
-                                     self.spec.max_batch_pairs, self.spec.slots, self.spec.gpu_mlp_precision)
-            if pin_host_memory(backend, self.region.whole()):
+            backend = create_backend(self.spec.device, self.spec.artifact, gpu_part=self.spec.gpu_part,
+                                     max_batch_pairs=self.spec.max_batch_pairs, inflight=self.spec.slots,
+                                     mlp_precision=self.spec.gpu_mlp_precision)
+            if backend.pin_host_memory(self.region.whole()):
                 log.info("engine %s: shared-memory region page-locked (%d bytes)", self.spec.name,
                          self.region.size)
             for name, path in self.spec.datasets.items():
@@ -126,7 +115,7 @@ class _Worker(threading.Thread):
             backend.warm_up()  # before EngineReady: nothing compiles inside a measured run
         except BaseException as exc:  # any load failure must reach the dispatcher as text
             log.exception("engine %s: backend failed to load", self.spec.name)
-            self._send(P.EngineFailed(message=f"{type(exc).__name__}: {exc}"))
+            self._send(P.EngineLoadFailed(message=f"{type(exc).__name__}: {exc}"))
             return
         self.backend = backend
         completer = threading.Thread(target=self._complete, name=f"engine-{self.spec.name}-done", daemon=True)
@@ -157,11 +146,11 @@ class _Worker(threading.Thread):
         try:
             v = self.region.slots[msg.slot]
             n = msg.num_pairs
-            if msg.kind == "ref":
+            if msg.kind is P.BatchKind.REF:
                 r = msg.num_ranges
-                item.pending = submit_by_ref(backend, msg.dataset, v.starts[:r], v.counts[:r], v.out[:n])
+                item.pending = backend.submit_by_ref(msg.dataset, v.starts[:r], v.counts[:r], v.out[:n])
             else:
-                item.pending = submit_by_value(backend, v.dense[:n], v.sparse[:n], v.out[:n])
+                item.pending = backend.submit_by_value(v.dense[:n], v.sparse[:n], v.out[:n])
         except Exception as exc:
             log.exception("engine %s: batch %d failed", self.spec.name, msg.batch_id)
             item.msg = P.BatchFailed(batch_id=msg.batch_id, slot=msg.slot, message=f"{type(exc).__name__}: {exc}")
@@ -205,7 +194,7 @@ def run_engine(spec: P.EngineSpec) -> int:
     interval_ms = max(1, int(spec.heartbeat_interval_s * 1000))
     next_hb = 0.0
     seq = 0
-    code = 0
+    code = ExitCode.OK
 
     def heartbeat(now: float) -> None:
         nonlocal seq, next_hb
@@ -222,7 +211,7 @@ def run_engine(spec: P.EngineSpec) -> int:
                 heartbeat(now)
                 if os.getppid() != spec.parent_pid:
                     log.error("engine %s: dispatcher is gone, exiting", spec.name)
-                    code = EXIT_ORPHANED
+                    code = ExitCode.RUNTIME_FAILURE
                     break
             events = dict(poller.poll(min(interval_ms, max(0, int((next_hb - now) * 1000)) + 1)))
             if relay in events:
@@ -236,8 +225,8 @@ def run_engine(spec: P.EngineSpec) -> int:
                     # a busy work thread): keep the heartbeat due time inside this loop too.
                     if (now := time.monotonic()) >= next_hb:
                         heartbeat(now)
-                    if isinstance(P.control_decoder.decode(data), P.EngineFailed):
-                        code = EXIT_LOAD_FAILED
+                    if isinstance(P.control_decoder.decode(data), P.EngineLoadFailed):
+                        code = ExitCode.ENGINE_LOAD_FAILURE
                 if code:
                     break
             if ctrl in events:
@@ -261,9 +250,9 @@ def run_engine(spec: P.EngineSpec) -> int:
     return code
 
 
-def engine_main(spec_bytes: bytes) -> None:
-    """multiprocessing target (spawn): decode the spec, serve, exit with run_engine's code."""
-    spec = P.spec_decoder.decode(spec_bytes)
+def main() -> int:
+    """`python -m engines.process`: the EngineSpec on stdin (msgpack), serve, return the exit code."""
+    spec = P.spec_decoder.decode(sys.stdin.buffer.read())
     # The dispatcher owns our lifecycle (Shutdown, or we notice it is gone): a Ctrl-C or SIGTERM
     # sent to the whole process group must not kill batches that the dispatcher is draining.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -277,4 +266,8 @@ def engine_main(spec_bytes: bytes) -> None:
     # 2-core CPU engine beside two busy processes, one 270-pair query: p99 209 ms spinning by default,
     # 32 ms at 30k; idle p50 9.2 ms either way (BENCHMARKS.md "CPU engine on a loaded host").
     os.environ.setdefault("GOMP_SPINCOUNT", "30000")
-    sys.exit(run_engine(spec))
+    return int(run_engine(spec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,7 +67,7 @@ class Int8MlpReference(Int8Reference):
 
     def __init__(self, artifact: Artifact, gpu_part: float = 1.0, calibration: Any = None) -> None:
         super().__init__(artifact, gpu_part)
-        from kernels.quant_linear import quantize_top_mlp
+        from engines.int8_top_mlp import quantize_top_mlp
 
         cal = artifact.calibration if calibration is None else calibration
         if cal is None:
@@ -76,7 +76,7 @@ class Int8MlpReference(Int8Reference):
         self.quant = quantize_top_mlp(artifact.mlp, cal)
 
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        from kernels.quant_linear import top_mlp_int8_reference
+        from engines.int8_top_mlp import top_mlp_int8_reference
 
         x = self.top_input(dense, sparse)
         x = torch.nn.functional.pad(x, (0, self.quant.in_width_padded - x.shape[1])).to(torch.float16)
@@ -95,8 +95,3 @@ class Fp32Reference:
             out = self.model(torch.tensor(np.asarray(dense, dtype=np.float32)),
                              torch.tensor(np.asarray(sparse, dtype=np.int64)))
         return out.numpy()
-
-
-def fp32_forward_from_checkpoint(checkpoint: str | Path | Mapping[str, Any], dense: np.ndarray,
-                                 sparse: np.ndarray) -> np.ndarray:
-    return Fp32Reference(checkpoint).predict(dense, sparse)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from engines.model import DLRMConfig
+from formats.model_config import DLRMConfig
 
 FORMAT = "dlrm-artifact"
 VERSION = 1
@@ -130,6 +130,24 @@ class Artifact:
         return int(sum(self.meta["files"][n]["bytes"] for n in DATA_FILES))
 
 
+def read_model_config(path: Path | str) -> DLRMConfig:
+    """The model described by an artifact's meta.json (format, version and shape checked; the data
+    files are not opened): what the dispatcher needs to check ids, without torch or the 24 GB tables."""
+    path = Path(path)
+    return _config_of(read_meta(path), path)
+
+
+def write_model_description(path: Path | str, config: DLRMConfig) -> Path:
+    """A meta.json describing a model with no weights: for daemons whose engines are all 'null'
+    (benchmarks, tests), which need the table sizes and nothing else. Artifact.open refuses it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "version": VERSION, **_config_meta(config), "total_rows": config.total_rows,
+            "description_only": True}
+    (path / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / META
     if not path.is_dir():
@@ -145,6 +163,12 @@ def read_meta(path: Path) -> dict[str, Any]:
     if meta.get("version") != VERSION:
         raise ArtifactError(f"{meta_path}: wrong version {meta.get('version')!r}, this build reads version {VERSION}")
     return meta
+
+
+def _config_meta(config: DLRMConfig) -> dict[str, Any]:
+    return {"table_rows": list(config.table_rows), "embedding_dim": config.embedding_dim,
+            "dense_features": config.dense_features, "bottom_mlp": list(config.bottom_mlp),
+            "top_mlp": list(config.top_mlp)}
 
 
 def _config_of(meta: dict[str, Any], path: Path) -> DLRMConfig:
@@ -202,7 +226,7 @@ def _load_mlp(path: Path, config: DLRMConfig) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Static activation ranges for the int8 top MLP (engines/calibration.py writes it).
+    """Static activation ranges for the int8 top MLP (prepare/calibrate.py writes it).
 
     amax: {layer name: max of that layer's input} for the int8 inputs ("top_l.2", "top_l.4", ...);
     observed: every statistic measured ({"max": {...}, "p99.99": {...}}) so a method can be switched
@@ -303,7 +327,7 @@ def write_artifact(
         try:
             emb = np.frombuffer(mm, dtype=np.int8).reshape(total, dim) if mm is not None else None
             for item in tables:
-                t, start, rows = (item[0], 0, item[1]) if len(item) == 2 else item  # type: ignore[misc]
+                t, start, rows = (item[0], 0, item[1]) if len(item) == 2 else item
                 rows = np.asarray(rows)
                 if rows.dtype != np.int8 or rows.ndim != 2 or rows.shape[1] != dim:
                     raise ValueError(f"table {t}: rows must be int8 [n, {dim}], got {rows.dtype}{list(rows.shape)}")
@@ -335,7 +359,8 @@ def write_artifact(
     expected = {k: s for k, s in config.expected_shapes().items() if not k.startswith("emb_l.")}
     if set(mlp) != set(expected):
         raise ValueError(f"mlp keys {sorted(mlp)} differ from {sorted(expected)}")
-    np.savez(path / MLP, **{k: np.ascontiguousarray(mlp[k], dtype=np.float32) for k in sorted(expected)})
+    arrays = {k: np.ascontiguousarray(mlp[k], dtype=np.float32) for k in sorted(expected)}
+    np.savez(path / MLP, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
 
     files = {}
     for name in DATA_FILES:
@@ -344,11 +369,7 @@ def write_artifact(
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "table_rows": list(config.table_rows),
-        "embedding_dim": dim,
-        "dense_features": config.dense_features,
-        "bottom_mlp": list(config.bottom_mlp),
-        "top_mlp": list(config.top_mlp),
+        **_config_meta(config),
         "total_rows": total,
         "frequency_ordered": row_order is not None,
         "files": files,

@@ -91,9 +91,9 @@ def embedding_gather(
         raise ValueError(f"out must be [{B}, {T}, {D}] with a contiguous last dim, got {tuple(out.shape)} "
                          f"strides {out.stride()}")
     remapped = row_position is None
-    if sparse.dtype != torch.int32 or (not remapped and row_position.dtype != torch.int32):
-        raise TypeError(f"sparse and row_position must be int32, got {sparse.dtype}, "
-                        f"{None if remapped else row_position.dtype}")
+    rp_dtype = None if row_position is None else row_position.dtype
+    if sparse.dtype != torch.int32 or (rp_dtype is not None and rp_dtype != torch.int32):
+        raise TypeError(f"sparse and row_position must be int32, got {sparse.dtype}, {rp_dtype}")
     if table_offsets.dtype != torch.int64 or table_offsets.numel() < T:
         raise TypeError("table_offsets must be int64 with at least one entry per table")
     if hot.dtype != torch.int8 or (cold is not None and (cold.dtype != torch.int8 or cold.shape[1] != D)):

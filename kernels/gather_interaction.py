@@ -197,7 +197,7 @@ def gather_interaction(
     if bottom.stride(1) != 1 or out.stride(1) != 1 or sparse.stride(1) != 1:
         raise ValueError("bottom, sparse and out need a contiguous last dim")
     remapped = row_position is None
-    if sparse.dtype != torch.int32 or (not remapped and row_position.dtype != torch.int32) \
+    if sparse.dtype != torch.int32 or (row_position is not None and row_position.dtype != torch.int32) \
             or table_offsets.dtype != torch.int64:
         raise TypeError("sparse and row_position must be int32, table_offsets int64")
     if table_offsets.numel() < T + 1:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from formats.auc import roc_auc
+
 ACCURACY_TARGETS = (0.99, 0.999)
 
 
@@ -53,16 +55,6 @@ def read_accuracy_log(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     both = np.concatenate(chunks)
     return both[:, 0].copy(), both[:, 1].copy(), np.asarray(order, dtype=np.int64)
 
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """prepare/auc.py's exact AUC; scikit-learn when that module is not there."""
-    try:
-        from prepare.auc import roc_auc as exact
-    except ImportError:
-        from sklearn.metrics import roc_auc_score
-
-        return float(roc_auc_score(labels, scores))
-    return float(exact(labels, scores))
 
 
 def score_accuracy_log(path: Path) -> AccuracyResult:

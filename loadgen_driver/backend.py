@@ -2,8 +2,8 @@
 
 A backend takes batches of LoadGen sample indices (`send`) and hands back replies (`poll`). `send` is
 called from LoadGen's issue thread and `poll` from the driver's completion thread, so each backend makes
-those two safe to call concurrently. Two backends exist: `NullBackend` (in process, answers at once:
-LoadGen's own ceiling and tests) and `DaemonBackend` (dlrm-daemon over ZeroMQ, daemon/client.py).
+those two safe to call concurrently. Two backends exist: `InProcessBackend` (in process, answers at once:
+LoadGen's own ceiling and tests) and `DaemonBackend` (dlrm-daemon over ZeroMQ, wire/client.py).
 """
 from __future__ import annotations
 
@@ -14,14 +14,19 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
+import zmq
+
+from formats.pairs import pair_index
+from wire.client import Client, PipelinedClient, PipelinedReply
+from wire.errors import DaemonError
 
 
-class BackendError(RuntimeError):
+class DriverBackendError(RuntimeError):
     """The backend cannot be used (daemon unreachable, dataset rejected, ...); message says why."""
 
 
 @dataclass(frozen=True)
-class Reply:
+class BackendReply:
     """One answer to one `send`: predictions of the pairs of each sample in order, or an error."""
 
     request_id: int
@@ -48,7 +53,7 @@ class Backend(Protocol):
     def send(self, request_id: int, sample_ids: np.ndarray) -> None:
         """Ask for predictions of the pairs of the samples (int64 sample indices); never blocks long."""
 
-    def poll(self, timeout_ms: int) -> list[Reply]:
+    def poll(self, timeout_ms: int) -> list[BackendReply]:
         """Replies that arrived, waiting up to `timeout_ms` for the first one."""
 
     def liveness(self, timeout_s: float) -> Liveness:
@@ -58,7 +63,7 @@ class Backend(Protocol):
         """Release sockets and threads."""
 
 
-class NullBackend:
+class InProcessBackend:
     """Answers every request at once, in process.
 
     With `sample_offsets` the reply holds one prediction per pair (with `scores`, a fixed value derived
@@ -68,7 +73,7 @@ class NullBackend:
     def __init__(self, sample_offsets: np.ndarray | None = None, scores: bool = True) -> None:
         self._offsets = None if sample_offsets is None else np.asarray(sample_offsets, dtype=np.int64)
         self._scores = scores  # False: zeros of the right length (cheap, for ceilings)
-        self._replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue[BackendReply] = queue.SimpleQueue()
         self._empty = np.empty(0, dtype=np.float32)
         self.loaded = 0
 
@@ -80,20 +85,18 @@ class NullBackend:
 
     def send(self, request_id: int, sample_ids: np.ndarray) -> None:
         if self._offsets is None:
-            self._replies.put(Reply(request_id, self._empty))
+            self._replies.put(BackendReply(request_id, self._empty))
             return
-        from engines.backend import pair_index
-
         starts = self._offsets[sample_ids]
         counts = self._offsets[sample_ids + 1] - starts
         if not self._scores:
-            self._replies.put(Reply(request_id, np.zeros(int(counts.sum()), dtype=np.float32)))
+            self._replies.put(BackendReply(request_id, np.zeros(int(counts.sum()), dtype=np.float32)))
             return
         pairs = pair_index(starts, counts)
         # A deterministic stand-in score in [0, 1): distinct per pair, so misplaced data shows.
-        self._replies.put(Reply(request_id, ((pairs * 2654435761) % 1000003 / 1000003.0).astype(np.float32)))
+        self._replies.put(BackendReply(request_id, ((pairs * 2654435761) % 1000003 / 1000003.0).astype(np.float32)))
 
-    def poll(self, timeout_ms: int) -> list[Reply]:
+    def poll(self, timeout_ms: int) -> list[BackendReply]:
         try:
             first = self._replies.get(timeout=timeout_ms / 1000.0)
         except queue.Empty:
@@ -113,7 +116,7 @@ class NullBackend:
 
 
 class DaemonBackend:
-    """dlrm-daemon through daemon.client.PipelinedClient (many requests in flight on one socket).
+    """dlrm-daemon through wire.client.PipelinedClient (many requests in flight on one socket).
 
     The client's socket is single-threaded, so only the completion thread touches it: `send` (issue
     thread) queues the request and wakes that thread through an inproc socket; `poll` waits on both
@@ -122,15 +125,6 @@ class DaemonBackend:
     """
 
     def __init__(self, endpoint: str, dataset_name: str, dataset_path: str, timeout_s: float = 10.0) -> None:
-        try:
-            import zmq
-
-            from daemon.client import Client, PipelinedClient
-            from daemon.errors import DaemonError
-        except ImportError as exc:  # the daemon package is part of this project; say what is missing
-            raise BackendError(f"daemon client library unavailable: {exc}") from exc
-        self._zmq = zmq
-        self._daemon_error = DaemonError
         self.dataset = dataset_name
         self.endpoint = endpoint
         self._control = Client(endpoint, timeout_s=timeout_s)
@@ -138,12 +132,12 @@ class DaemonBackend:
             self._control.status()
         except DaemonError as exc:
             self._control.close()
-            raise BackendError(f"daemon at {endpoint} is not answering ({exc}); is dlrm-daemon "
-                               f"running there?") from exc
+            raise DriverBackendError(f"daemon at {endpoint} is not answering ({exc}); is dlrm-daemon "
+                                     f"running there?") from exc
         self._call("RegisterDataset", self._control.register_dataset, dataset_name, dataset_path)
         self._client = PipelinedClient(endpoint)
         self._probe: Client | None = None
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         addr = f"inproc://loadgen-driver-wake-{id(self)}"
         self._wake_rx = ctx.socket(zmq.PAIR)
         self._wake_rx.bind(addr)
@@ -155,11 +149,12 @@ class DaemonBackend:
         self._poller.register(self._client.socket, zmq.POLLIN)
         self._poller.register(self._wake_rx, zmq.POLLIN)
 
-    def _call(self, what: str, fn: Callable[..., object], *args: object) -> None:
+    @staticmethod
+    def _call(what: str, fn: Callable[..., object], *args: object) -> None:
         try:
             fn(*args)
-        except self._daemon_error as exc:
-            raise BackendError(f"daemon {what} failed: {exc}") from exc
+        except DaemonError as exc:
+            raise DriverBackendError(f"daemon {what} failed: {exc}") from exc
 
     def load_samples(self, sample_ids: np.ndarray) -> None:
         self._call("LoadSamples", self._control.load_samples, self.dataset, sample_ids)
@@ -170,34 +165,32 @@ class DaemonBackend:
     def send(self, request_id: int, sample_ids: np.ndarray) -> None:
         self._outbox.append((request_id, np.ascontiguousarray(sample_ids, dtype=np.int64)))
         with self._tx_lock:
-            self._wake_tx.send(b"", self._zmq.NOBLOCK)
+            self._wake_tx.send(b"", zmq.NOBLOCK)
 
-    def poll(self, timeout_ms: int) -> list[Reply]:
+    def poll(self, timeout_ms: int) -> list[BackendReply]:
         ready = dict(self._poller.poll(timeout_ms))
         if self._wake_rx in ready:
             try:
                 while True:
-                    self._wake_rx.recv(self._zmq.NOBLOCK)
-            except self._zmq.Again:
+                    self._wake_rx.recv(zmq.NOBLOCK)
+            except zmq.Again:
                 pass
         while self._outbox:
             rid, ids = self._outbox.popleft()
             try:
                 self._client.send_by_ref(rid, self.dataset, ids)
-            except self._zmq.ZMQError as exc:
-                return [Reply(rid, None, f"send failed: {exc}")]
+            except zmq.ZMQError as exc:
+                return [BackendReply(rid, None, f"send failed: {exc}")]
         return [_convert(r) for r in self._client.poll(0)]
 
     def liveness(self, timeout_s: float) -> Liveness:
         """The daemon's status over a socket of its own (the completion thread's; the control client
         belongs to LoadGen's thread)."""
         if self._probe is None:
-            from daemon.client import Client
-
             self._probe = Client(self.endpoint, timeout_s=timeout_s)
         try:
             st = self._probe.status()
-        except self._daemon_error as exc:
+        except DaemonError as exc:
             self._probe.close()
             self._probe = None
             return Liveness(False, False, str(exc))
@@ -214,8 +207,6 @@ class DaemonBackend:
         self._wake_rx.close(0)
 
 
-def _convert(reply) -> Reply:  # type: ignore[no-untyped-def]
-    error = getattr(reply, "error", None)
-    if error is not None and not isinstance(error, str):
-        error = f"{type(error).__name__}: {error}"
-    return Reply(int(reply.request_id), getattr(reply, "predictions", None), error)
+def _convert(reply: PipelinedReply) -> BackendReply:
+    error = None if reply.error is None else f"{type(reply.error).__name__}: {reply.error}"
+    return BackendReply(int(reply.request_id), reply.predictions, error)

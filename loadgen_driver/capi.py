@@ -89,7 +89,7 @@ class CComplete:
 def _addresses(names: list[bytes]) -> dict[bytes, int] | None:
     """In-memory addresses of the named functions of the loaded module, each checked against the
     function's code bytes in the file; None if any is missing or does not match."""
-    so = Path(lg.__file__)  # type: ignore[arg-type]
+    so = Path(lg.__file__)
     blob = so.read_bytes()
     found = _symbols(blob, [*names, ANCHOR])
     if any(n not in found for n in (*names, ANCHOR)):
@@ -97,6 +97,8 @@ def _addresses(names: list[bytes]) -> dict[bytes, int] | None:
         return None
     lib = ctypes.CDLL(str(so))  # the module is loaded already: same mapping
     anchor_addr = ctypes.cast(getattr(lib, ANCHOR.decode()), ctypes.c_void_p).value
+    if anchor_addr is None:
+        return None
     base = int(anchor_addr) - found[ANCHOR][0]
     out = {}
     for name in names:
@@ -116,7 +118,7 @@ class CSut:
     def __init__(self, issue: "Callable[[np.ndarray, np.ndarray], None]", flush: "Callable[[], None]",
                  addrs: dict[bytes, int]) -> None:
         def on_issue(_client: int, samples: int, n: int) -> None:
-            pairs = np.frombuffer((ctypes.c_uint64 * (2 * n)).from_address(samples), np.uint64).reshape(n, 2)
+            pairs = np.ctypeslib.as_array((ctypes.c_uint64 * (2 * n)).from_address(samples)).reshape(n, 2)
             issue(pairs[:, 0].copy(), pairs[:, 1].astype(np.int64))
 
         self._issue_cb = ISSUE_CB(on_issue)  # referenced for the SUT's lifetime

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.endpoints import client_endpoint
+from wire.endpoints import client_endpoint
+from formats.dataset import Dataset, DatasetError
 from loadgen_driver.accuracy import AccuracyLogError, auc_report, score_accuracy_log
-from loadgen_driver.backend import Backend, BackendError, DaemonBackend, NullBackend
+from loadgen_driver.backend import Backend, DriverBackendError, DaemonBackend, InProcessBackend
 from loadgen_driver.runner import run_test
 from loadgen_driver.settings import RunSettings, SettingsError, build_test_settings
 from loadgen_driver.summary import format_summary, read_summary
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _make_backend(args: argparse.Namespace, offsets: np.ndarray) -> Backend:
     if args.backend == "null":
-        return NullBackend(offsets)
+        return InProcessBackend(offsets)
     name = args.dataset_name or args.dataset.resolve().name
     return DaemonBackend(args.endpoint or client_endpoint(), name, str(args.dataset.resolve()), timeout_s=min(args.timeout_s, 10.0))
 
@@ -92,11 +93,6 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="loadgen_driver: %(message)s", stream=sys.stderr)
     try:
-        from formats.dataset import Dataset, DatasetError
-    except ImportError as exc:
-        print(f"loadgen_driver: formats.dataset unavailable: {exc}", file=sys.stderr)
-        return 2
-    try:
         dataset = Dataset.open(args.dataset)
     except (DatasetError, OSError) as exc:
         print(f"loadgen_driver: cannot open dataset {args.dataset}: {exc}", file=sys.stderr)
@@ -109,7 +105,7 @@ def _main(argv: list[str] | None) -> int:
             None if args.min_duration_s is None else int(args.min_duration_s * 1000),
             args.min_query_count, args.latency_ms))
         backend = _make_backend(args, offsets)
-    except (SettingsError, BackendError) as exc:
+    except (SettingsError, DriverBackendError) as exc:
         print(f"loadgen_driver: {exc}", file=sys.stderr)
         return 2
     if args.backend == "null":
@@ -122,7 +118,7 @@ def _main(argv: list[str] | None) -> int:
             reply_timeout_s=args.timeout_s, issue=args.issue,
             progress=sys.stderr.isatty() and not args.quiet, completion=args.completion,
         )
-    except BackendError as exc:
+    except DriverBackendError as exc:
         print(f"loadgen_driver: {exc}", file=sys.stderr)
         return 2
     finally:

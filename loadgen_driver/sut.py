@@ -23,11 +23,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlperf_loadgen as lg
 import numpy as np
 
-from engines.backend import pair_index
+from formats.pairs import pair_index
 from loadgen_driver.backend import Backend
 from loadgen_driver.capi import CComplete
 
@@ -106,7 +107,7 @@ class DriverSUT:
         for start in range(0, len(ids), step):
             self._send(ids[start:start + step], idx[start:start + step])
 
-    def issue(self, query_samples: list) -> None:  # type: ignore[type-arg]
+    def issue(self, query_samples: list[Any]) -> None:
         """ConstructSUT's IssueQuery (QuerySample objects), for comparison with the fast path."""
         self.issue_fast([q.id for q in query_samples], [q.index for q in query_samples])
 

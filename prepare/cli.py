@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "criteo": ("prepare.criteo", "preprocess Criteo day files into a dataset"),
     "synthetic": ("prepare.synthetic", "generate a synthetic model and dataset"),
     "eval": ("prepare.evaluate", "offline evaluation and AUC of a model on a dataset"),
-    "calibrate": ("engines.calibration", "int8 top-MLP activation scales from a calibration dataset"),
+    "calibrate": ("prepare.calibrate", "int8 top-MLP activation scales from a calibration dataset"),
 }
 
 

@@ -18,7 +18,8 @@ from typing import Iterator
 import numpy as np
 from torch import Tensor
 
-from engines.model import DLRMConfig, load_dlrm_checkpoint
+from formats.model_config import DLRMConfig
+from engines.model import load_dlrm_checkpoint
 from engines.quant import CHUNK_ROWS, quantize_chunk, table_scale
 from formats.artifact import write_artifact
 from formats.frequencies import frequency_order, read_row_frequencies

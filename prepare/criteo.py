@@ -25,6 +25,8 @@ import numpy as np
 from formats.dataset import DatasetError, DatasetWriter
 from formats.frequencies import write_row_frequencies
 from formats.trace import TraceError, read_trace, reference_sample_sizes
+from prepare.progress import progress
+from tqdm import tqdm
 from prepare.criteo_parse import (N_CAT, Block, CriteoFormatError, count_lines, dense_transform,
                                   iter_line_blocks, parse_block)
 
@@ -93,13 +95,8 @@ class DictionaryMap:
         return out
 
 
-def _bar(total: int, desc: str):  # type: ignore[no-untyped-def]
-    try:
-        from prepare.progress import progress
-        return progress(total, desc, unit="B")
-    except ImportError:  # pragma: no cover - progress.py is another module's; tqdm is the fallback
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not sys.stderr.isatty())
+def _bar(total: int, desc: str) -> tqdm:
+    return progress(total, desc, unit="B")
 
 
 @dataclass

@@ -205,7 +205,8 @@ class _Reader:
         self.raw: BinaryIO = open(path, "rb")
         magic = self.raw.read(2)
         self.raw.seek(0)
-        self.stream: BinaryIO = gzip.GzipFile(fileobj=self.raw) if magic == b"\x1f\x8b" else self.raw
+        self.stream: BinaryIO = (gzip.GzipFile(fileobj=self.raw) if magic == b"\x1f\x8b"  # type: ignore[assignment]
+                                 else self.raw)
 
     def close(self) -> None:
         self.stream.close()

@@ -136,8 +136,8 @@ def _start_daemon(art: Path, ds: Path, runtime: Path, engines: list[str]) -> sub
                "--datasets", f"demo={ds}", "--engines", ",".join(engines))
     print(f"\n== start dlrm-daemon ({', '.join(engines)})\n$ {' '.join(args)}", flush=True)
     proc = subprocess.Popen(args, cwd=REPO, env=_env())
-    from daemon.client import wait_until_serving
-    from daemon.errors import ConnectionFailed
+    from wire.client import wait_until_serving
+    from wire.errors import ConnectionFailed
 
     try:
         wait_until_serving(f"ipc://{runtime}/dlrm.sock", timeout_s=300, proc=proc)
@@ -172,7 +172,7 @@ class Capacity:
 def measure_capacity(endpoint: str, dataset: str, num_samples: int, seconds: float = 3.0) -> Capacity:
     """Sequential one-sample queries (the latency of a Server query on an idle daemon), then a burst of
     several-sample queries kept 4 deep for `seconds` (the rate the engines sustain here and now)."""
-    from daemon.client import Client, PipelinedClient
+    from wire.client import Client, PipelinedClient
 
     rng = np.random.default_rng(0)
     lat = []

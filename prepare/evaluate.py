@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from formats.dataset import Dataset
-from prepare.auc import AUCError, roc_auc
+from formats.auc import AUCError, roc_auc
 
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -62,7 +62,7 @@ def make_predictor(precision: str, model: Path | None, checkpoint: Path | None,
             raise EvalError(f"{model}: no calibration.json: run dlrm-prepare calibrate --model {model} "
                             "--dataset CALIBRATION_DATASET (a training day, not the test day)")
         if calibration_method is not None:
-            from engines.calibration import with_method
+            from prepare.calibrate import with_method
             cal = with_method(cal, calibration_method)
         mref = Int8MlpReference(art, gpu_part, cal)
         return mref.predict, tuple(mref.config.table_rows)
@@ -103,6 +103,7 @@ def evaluate(dataset: Dataset, predict: Predict, model_rows: Sequence[int], out:
     if n_samples < 0:
         raise EvalError("--samples must be >= 0")
     n = int(dataset.sample_offsets[n_samples])
+    preds: np.ndarray
     if out is not None:
         preds = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(n,))
     else:

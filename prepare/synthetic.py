@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.model import DLRMConfig, load_dlrm_state_dict
+from formats.model_config import DLRMConfig
+from engines.model import load_dlrm_state_dict
+from formats.auc import roc_auc
 from prepare import synthetic_gen as gen
 
 MANIFEST_FORMAT = "dlrm-synthetic"
@@ -102,10 +104,6 @@ def _config(scale: float, cap: int | None) -> DLRMConfig:
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    try:
-        from prepare.auc import roc_auc
-    except ImportError:
-        return None
     if labels.min() == labels.max():
         return None
     return float(roc_auc(labels, scores))

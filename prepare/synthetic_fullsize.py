@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from engines.model import DLRMConfig
+from formats.model_config import DLRMConfig
 from formats.artifact import write_artifact
 from formats.dataset import DatasetWriter
 from formats.frequencies import frequency_order, write_row_frequencies

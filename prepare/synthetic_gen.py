@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.model import DLRMConfig
+from formats.model_config import DLRMConfig
 
 DENSE = 13
 TABLES = 26

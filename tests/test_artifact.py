@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.model import DLRMConfig
+from formats.model_config import DLRMConfig
 from formats.artifact import Artifact, ArtifactError, sampled_sha256, write_artifact
 
 CONFIG = DLRMConfig(table_rows=(5, 3, 7) + (2,) * 23, embedding_dim=16, bottom_mlp=(32, 16),

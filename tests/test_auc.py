@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from prepare.auc import AUCError, roc_auc
+from formats.auc import AUCError, roc_auc
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -1,4 +1,4 @@
-"""int8 top-MLP calibration (engines/calibration.py), its artifact file, and `eval --precision int8-mlp`."""
+"""int8 top-MLP calibration (prepare/calibrate.py), its artifact file, and `eval --precision int8-mlp`."""
 from __future__ import annotations
 
 import json
@@ -13,14 +13,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from engines.calibration import METHODS, CalibrationError, TailStats, calibrate, with_method  # noqa: E402
-from engines.model import DLRMConfig, random_state_dict  # noqa: E402
+from prepare.calibrate import METHODS, CalibrationError, TailStats, calibrate, with_method  # noqa: E402
+from formats.model_config import DLRMConfig  # noqa: E402
+from engines.model import random_state_dict  # noqa: E402
 from engines.reference import Int8MlpReference, Int8Reference  # noqa: E402
 from formats.artifact import CALIBRATION, Artifact, ArtifactError, read_calibration, write_calibration  # noqa: E402
 from formats.dataset import Dataset, write_dataset  # noqa: E402
 from formats.trace import reference_sample_sizes  # noqa: E402
-from kernels.quant_linear import alloc_scratch, top_mlp_int8, top_mlp_int8_reference  # noqa: E402
-from prepare.auc import roc_auc  # noqa: E402
+from engines.int8_top_mlp import alloc_scratch, top_mlp_int8, top_mlp_int8_reference  # noqa: E402
+from formats.auc import roc_auc  # noqa: E402
 from prepare.cli import main as cli_main  # noqa: E402
 from prepare.convert import convert  # noqa: E402
 

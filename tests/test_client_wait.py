@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.client import wait_until_serving
-from daemon.errors import ConnectionFailed
+from wire.client import wait_until_serving
+from wire.errors import ConnectionFailed
 
 
 def test_daemon_that_exits_fails_at_once_with_its_code(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.model import DLRMConfig, random_state_dict
+from formats.model_config import DLRMConfig
+from engines.model import random_state_dict
 from engines.reference import Fp32Reference, Int8Reference
 from formats.artifact import Artifact
 from formats.frequencies import write_row_frequencies

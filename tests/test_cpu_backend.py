@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from engines.backend import EngineBackend
-from engines.cpu_backend import BackendError, CpuBackend
+from engines.cpu_backend import CpuBackendError, CpuBackend
 from engines.factory import create_backend
-from engines.model import DLRMConfig, random_state_dict
+from formats.model_config import DLRMConfig
+from engines.model import random_state_dict
 from engines.reference import Int8Reference
 from formats.artifact import Artifact
 from formats.dataset import write_dataset
@@ -38,7 +39,7 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_by_ref_equals_reference(paths: tuple[Path, Path]) -> None:
     art, ds = paths
-    backend: EngineBackend = create_backend("cpu", art, 0.3)
+    backend: EngineBackend = create_backend("cpu", art, gpu_part=0.3)
     assert isinstance(backend, CpuBackend) and backend.device_memory_bytes() == 0
     backend.register_dataset("test", ds)
     starts, counts = np.array([150, 10, 0]), np.array([5, 90, 0])
@@ -64,22 +65,22 @@ def test_by_value_and_errors(paths: tuple[Path, Path]) -> None:
     ref = np.empty(7, dtype=np.float32)
     backend.infer_by_ref("test", np.array([0]), np.array([7]), ref)
     np.testing.assert_array_equal(out, ref)
-    with pytest.raises(BackendError, match="not registered"):
+    with pytest.raises(CpuBackendError, match="not registered"):
         backend.infer_by_ref("nope", np.array([0]), np.array([1]), out)
-    with pytest.raises(BackendError, match="outside dataset"):
+    with pytest.raises(CpuBackendError, match="outside dataset"):
         backend.infer_by_ref("test", np.array([399]), np.array([2]), out)
     bad = np.asarray(data.sparse[:2]).copy()
     bad[1, 0] = -1
-    with pytest.raises(BackendError, match="outside table 0"):
+    with pytest.raises(CpuBackendError, match="outside table 0"):
         backend.infer_by_value(np.asarray(data.dense[:2]), bad, out)
-    with pytest.raises(BackendError, match="at least 7"):
+    with pytest.raises(CpuBackendError, match="at least 7"):
         backend.infer_by_value(np.asarray(data.dense[:7]), np.asarray(data.sparse[:7]), out[:3])
     with pytest.raises(ValueError, match="unknown device"):
-        create_backend("tpu", art, 1.0)
+        create_backend("tpu", art, gpu_part=1.0)
 
 
 def test_check_ranges_refuses_bad_ranges() -> None:
-    from engines.backend import check_ranges
+    from formats.pairs import check_ranges
 
     starts, counts = check_ranges("d", [0, 5], [5, 5], 10)
     assert starts.dtype == counts.dtype == np.int64

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.batcher import BY_VALUE_KEY, Batcher, Query, fill_slot
-from daemon.errors import Overloaded
-from daemon.shm import Region, list_regions, run_prefix
-from engines.backend import pair_index
+from wire.errors import Overloaded
+from wire.shm import Region, list_regions, run_prefix
+from formats.pairs import pair_index
 
 
 def ref_query(rid: int, starts: list[int], counts: list[int], t: float = 0.0, deadline: float | None = None) -> Query:
@@ -113,7 +113,7 @@ def test_overload_deadlines_and_retry() -> None:
 def test_stale_region_cleanup(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
 
-    from daemon.shm import remove_stale
+    from wire.shm import remove_stale
 
     dead = tmp_path / f"dlrmd-{os.getuid()}-999999999-{'cd' * 8}-1"
     live = tmp_path / f"dlrmd-{os.getuid()}-{os.getpid()}-{'ef' * 8}-1"

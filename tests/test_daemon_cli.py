@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from formats.model_config import DLRMConfig
+from formats.artifact import write_model_description
 from daemon.config import ConfigError, find_endpoint, load_config
-from daemon.endpoints import client_endpoint, default_endpoint
+from wire.endpoints import client_endpoint, default_endpoint
 from test_daemon_support import REPO, DaemonProc, make_dataset
 
 
@@ -19,8 +21,7 @@ def default_daemon(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     """A null-engine daemon on its default endpoint (no endpoint, no runtime_dir configured)."""
     d = tmp_path_factory.mktemp("cli")
     art = d / "art"
-    art.mkdir()
-    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(art, DLRMConfig((50,) * 26))
     ds = make_dataset(d / "ds", np.full(40, 3))
     daemon = DaemonProc({"engines": ["null"], "model": str(art)}, default_runtime_dir=True)
     try:
@@ -76,7 +77,7 @@ def test_one_default_endpoint_for_daemon_and_clients(tmp_path: Path, monkeypatch
     # the unit's socket where it exists.
     import socket
 
-    import daemon.endpoints as endpoints
+    import wire.endpoints as endpoints
 
     unit_dir = tmp_path / "run-dlrm-daemon"
     unit_dir.mkdir()

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import exitcodes
+from formats.model_config import DLRMConfig
+from formats.artifact import write_model_description
+from wire.exitcodes import ExitCode
 from daemon.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,8 +60,8 @@ def test_env_error_names_variable(tmp_path: Path) -> None:
         load_config(write(tmp_path, 'engines = ["null"]\n'), env={"DLRM_INFLIGHT_BATCHES": "x"})
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=60)
 
@@ -68,20 +70,19 @@ def test_cli_check_config_and_help(tmp_path: Path) -> None:
     ok = _cli("check-config", str(write(tmp_path, f'engines = ["null"]\nruntime_dir = "{tmp_path}"\n')))
     assert ok.returncode == 0 and 'engines = ["null"]' in ok.stdout
     bad = _cli("check-config", str(write(tmp_path, 'engines = ["null"]\nmax_queue_pairs = 0\n')))
-    assert bad.returncode == exitcodes.CONFIG_ERROR and "'max_queue_pairs'" in bad.stderr
+    assert bad.returncode == ExitCode.CONFIG_ERROR and "'max_queue_pairs'" in bad.stderr
     serve_bad = _cli("--config", str(tmp_path / "d.toml"))
-    assert serve_bad.returncode == exitcodes.CONFIG_ERROR and "max_queue_pairs" in serve_bad.stderr
+    assert serve_bad.returncode == ExitCode.CONFIG_ERROR and "max_queue_pairs" in serve_bad.stderr
     h = _cli("--help")
     assert h.returncode == 0 and "--max-batch-pairs" in h.stdout and "DLRM_MAX_BATCH_PAIRS" in h.stdout
-    assert _cli("--no-such-flag").returncode == exitcodes.USAGE
+    assert _cli("--no-such-flag").returncode == ExitCode.USAGE
 
 
 def test_max_batch_pairs_default_fits_the_engine_kind(tmp_path: Path) -> None:
     """A CPU engine does ~10k pairs/s on 2 cores: its default batch must not hold it for seconds
     (make demo lost a healthy engine under a 65,536-pair batch on a loaded host)."""
     art = tmp_path / "art"
-    art.mkdir()
-    (art / "meta.json").write_text('{"table_rows": [5, 5]}')
+    write_model_description(art, DLRMConfig((5, 5)))
     cpu = load_config(write(tmp_path, f'engines = ["cpu"]\nmodel = "{art}"\n'), env={})
     assert cpu.max_batch_pairs == 8192
     assert load_config(write(tmp_path, 'engines = ["null"]\n'), env={}).max_batch_pairs == 65536
@@ -89,3 +90,27 @@ def test_max_batch_pairs_default_fits_the_engine_kind(tmp_path: Path) -> None:
     assert mixed.max_batch_pairs == 65536
     assert load_config(write(tmp_path, f'engines = ["cpu"]\nmodel = "{art}"\nmax_batch_pairs = 300\n'),
                        env={}).max_batch_pairs == 300
+
+
+def test_unknown_dlrm_variable_is_an_error(tmp_path: Path) -> None:
+    """DLRM_ENGINE (for DLRM_ENGINES) used to pass check-config silently."""
+    cfg = write(tmp_path, 'engines = ["null"]\n')
+    with pytest.raises(ConfigError, match="DLRM_ENGINE") as err:
+        load_config(cfg, env={"DLRM_ENGINE": "cuda:7"})
+    assert "unknown environment variable" in str(err.value) and "DLRM_ENGINES" in str(err.value)
+    # the null engine's hooks and the clients' CURVE keys are known, not config keys
+    load_config(cfg, env={"DLRM_NULL_DELAY_S": "0.1", "DLRM_CURVE_CLIENT_KEY": "x"})
+    bad = _cli("check-config", str(cfg), env_extra={"DLRM_ENGINE": "cuda:7"})
+    assert bad.returncode == ExitCode.CONFIG_ERROR and "DLRM_ENGINE" in bad.stderr
+
+
+def test_values_are_converted_by_type(tmp_path: Path) -> None:
+    cfg = write(tmp_path, 'engines = ["null"]\n')
+    c = load_config(cfg, {"allow_remote": "yes", "gpu_mlp_precision": "int8"},
+                    env={"DLRM_HEARTBEAT_TIMEOUT_S": "2", "DLRM_ENGINES": "null, null"})
+    assert c.allow_remote is True and c.gpu_mlp_precision == "int8" and c.heartbeat_timeout_s == 2.0
+    assert c.engines == ("null", "null")
+    with pytest.raises(ConfigError, match="one of 'fp16', 'bf16', 'int8'"):
+        load_config(cfg, {"gpu_mlp_precision": "fp8"}, env={})
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(cfg, {"allow_remote": "maybe"}, env={})

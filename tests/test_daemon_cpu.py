@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.client import PipelinedClient
-from daemon.errors import BadRequest
-from engines.model import DLRMConfig, random_state_dict
+from wire.client import PipelinedClient
+from wire.errors import BadRequest
+from formats.model_config import DLRMConfig
+from engines.model import random_state_dict
 from engines.reference import Int8Reference
 from formats.artifact import Artifact
 from formats.dataset import Dataset

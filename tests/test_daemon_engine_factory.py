@@ -14,7 +14,8 @@ pytest.importorskip("torch")
 
 def test_factory_passes_max_batch_pairs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import engines.gpu_backend as gb
-    from engines import process
+    from engines.factory import create_backend
+    from wire.messages import MlpPrecision
 
     seen: list[tuple[Any, ...]] = []
 
@@ -24,7 +25,8 @@ def test_factory_passes_max_batch_pairs(monkeypatch: pytest.MonkeyPatch, tmp_pat
             seen.append((device, artifact, gpu_part, max_batch_pairs, inflight, mlp_precision))
 
     monkeypatch.setattr(gb, "GpuBackend", Recorder)
-    process.create_backend("cuda:1", str(tmp_path), 0.3, 262144, 3, "int8")
+    create_backend("cuda:1", tmp_path, gpu_part=0.3, max_batch_pairs=262144, inflight=3,
+                   mlp_precision=MlpPrecision.INT8)
     assert seen == [("cuda:1", tmp_path, 0.3, 262144, 3, "int8")]
-    process.create_backend("cuda:0", str(tmp_path), 1.0)  # no value: the backend's own defaults
+    create_backend("cuda:0", tmp_path, gpu_part=1.0)  # no value: the backend's own defaults
     assert seen[-1] == ("cuda:0", tmp_path, 1.0, 65536, 4, "default")

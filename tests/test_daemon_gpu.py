@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.client import PipelinedClient
-from engines.model import DLRMConfig, random_state_dict
+from wire.client import PipelinedClient
+from formats.model_config import DLRMConfig
+from engines.model import random_state_dict
 from engines.reference import Int8Reference
 from formats.artifact import Artifact
 from formats.dataset import Dataset

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.errors import EngineFailed
+from formats.model_config import DLRMConfig
+from formats.artifact import write_model_description
+from wire.errors import EngineFailed
 from test_daemon_support import DaemonProc, expected_null_by_ref, make_dataset
 
 
@@ -28,8 +30,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, Pa
     sizes = np.random.default_rng(5).integers(1, 300, size=40)
     ds = make_dataset(d / "ds", sizes)
     art = d / "art"
-    art.mkdir()
-    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(art, DLRMConfig((50,) * 26))
     return ds, np.concatenate([[0], np.cumsum(sizes)]), art
 
 

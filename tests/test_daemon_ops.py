@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.shm import list_regions, remove_stale
+from wire.shm import list_regions, remove_stale
 from test_daemon_support import REPO, DaemonProc, make_dataset
 
 

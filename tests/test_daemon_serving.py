@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import zmq
 
-from daemon import protocol as P
-from daemon.client import PipelinedClient
-from daemon.errors import BadRequest, EngineFailed, Overloaded, Timeout
-from daemon.shm import list_regions
+from formats.model_config import DLRMConfig
+from formats.artifact import write_model_description
+from wire import messages as P
+from wire.client import PipelinedClient
+from wire.errors import BadRequest, EngineFailed, Overloaded, Timeout
+from wire.shm import list_regions
 from test_daemon_support import DaemonProc, expected_null_by_ref, make_dataset
 
 
@@ -31,8 +33,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, Pa
     sizes = np.random.default_rng(1).integers(1, 700, size=300)
     ds = make_dataset(d / "ds", sizes)
     art = d / "art"  # a stand-in artifact: the dispatcher reads table_rows, the null engine nothing
-    art.mkdir()
-    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(art, DLRMConfig((50,) * 26))
     return ds, np.concatenate([[0], np.cumsum(sizes)]), art
 
 
@@ -298,7 +299,7 @@ def test_engine_load_failure_exits_70(tmp_path: Path) -> None:
 def test_async_client_concurrent(daemon: DaemonProc, data: tuple[Path, np.ndarray, Path]) -> None:
     import asyncio
 
-    from daemon.client import AsyncClient
+    from wire.client import AsyncClient
 
     _, offsets, _ = data
 

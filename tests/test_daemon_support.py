@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from daemon.client import Client
-from daemon.errors import DaemonError
+from wire.client import Client
+from wire.errors import DaemonError
 from engines.null_backend import null_ref_prediction
 from formats.dataset import write_dataset
 

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from engines.model import DLRMConfig, random_state_dict
+from formats.artifact import write_model_description
+from formats.model_config import DLRMConfig
+from engines.model import random_state_dict
 from engines.null_backend import null_ref_prediction
 from engines.reference import Int8Reference
 from formats.artifact import Artifact
@@ -31,8 +33,7 @@ def null_setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     d = tmp_path_factory.mktemp("drvnull")
     ds = make_dataset(d / "ds", np.random.default_rng(3).integers(1, 20, size=400))
     art = d / "art"  # the null engine reads no model; the dispatcher wants table_rows
-    art.mkdir()
-    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(art, DLRMConfig((50,) * 26))
     daemon = DaemonProc({"engines": ["null"], "model": str(art), "max_batch_pairs": 4096,
                          "max_pairs_per_query": 600})
     try:
@@ -131,8 +132,7 @@ def test_accuracy_auc_equals_reference_on_cpu_engine(tmp_path: Path,
 def test_daemon_killed_mid_run_fails_not_hangs(tmp_path: Path) -> None:
     ds = make_dataset(tmp_path / "ds", np.full(200, 3))
     art = tmp_path / "art"
-    art.mkdir()
-    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(art, DLRMConfig((50,) * 26))
     daemon = DaemonProc({"engines": ["null"], "model": str(art)})
     try:
         daemon.wait_serving()
@@ -160,8 +160,7 @@ def test_slow_daemon_is_not_a_failed_run(tmp_path: Path, capsys: pytest.CaptureF
     the driver asks the daemon, sees it working, and the run completes with every sample."""
     ds = make_dataset(tmp_path / "ds", np.full(60, 10))
     art = tmp_path / "art"
-    art.mkdir()
-    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(art, DLRMConfig((50,) * 26))
     daemon = DaemonProc({"engines": ["null"], "model": str(art), "max_batch_pairs": 100,
                          "inflight_batches": 1}, env={"DLRM_NULL_DELAY_S": "0.25"})
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from formats.dataset import Dataset, DatasetWriter
 from loadgen_driver.accuracy import read_accuracy_log, score_accuracy_log
-from loadgen_driver.backend import NullBackend
+from loadgen_driver.backend import InProcessBackend
 from loadgen_driver.cli import main
 from loadgen_driver.settings import RunSettings, build_test_settings
 from loadgen_driver.summary import read_summary
@@ -111,19 +111,19 @@ def test_accuracy_log_holds_prediction_label_pairs(dataset: Path, tmp_path: Path
         roc_auc_score(ds.labels[pairs], expected), abs=1e-12)
 
 
-class _FailingBackend(NullBackend):
+class _FailingBackend(InProcessBackend):
     """Answers request 3 with an error (as the daemon would with ENGINE_FAILED)."""
 
     def send(self, request_id: int, sample_ids: np.ndarray) -> None:
         if request_id == 3:
-            from loadgen_driver.backend import Reply
+            from loadgen_driver.backend import BackendReply
 
-            self._replies.put(Reply(request_id, None, "ENGINE_FAILED: boom"))
+            self._replies.put(BackendReply(request_id, None, "ENGINE_FAILED: boom"))
         else:
             super().send(request_id, sample_ids)
 
 
-class _SilentBackend(NullBackend):
+class _SilentBackend(InProcessBackend):
     def send(self, request_id: int, sample_ids: np.ndarray) -> None:
         pass  # never answers: the driver must time out, not hang
 
@@ -189,7 +189,7 @@ def test_progress_line_reports_samples_rate_errors(monkeypatch: pytest.MonkeyPat
 def test_load_samples_failure_fails_the_run(dataset: Path, tmp_path: Path) -> None:
     from loadgen_driver.runner import run_test
 
-    class _NoLoad(NullBackend):
+    class _NoLoad(InProcessBackend):
         def load_samples(self, sample_ids: np.ndarray) -> None:
             raise RuntimeError("dataset not registered")
 
@@ -227,7 +227,7 @@ def test_summary_of_a_run_with_failures_says_invalid() -> None:
     assert "result: VALID" in ok and "270,000 pairs/s" in ok
 
 
-class _SlowBackend(NullBackend):
+class _SlowBackend(InProcessBackend):
     """Answers each request 0.8 s after it is sent, and says it is busy meanwhile (a slow daemon)."""
 
     def __init__(self, offsets: np.ndarray) -> None:
@@ -245,7 +245,7 @@ class _SlowBackend(NullBackend):
             self._busy += 1
 
         def answer() -> None:
-            NullBackend.send(self, request_id, sample_ids)
+            InProcessBackend.send(self, request_id, sample_ids)
             with self._lock:
                 self._busy -= 1
 
@@ -277,7 +277,7 @@ def test_slow_but_working_backend_is_waited_for(dataset: Path, tmp_path: Path) -
 def test_unload_failure_after_the_run_is_a_warning(dataset: Path, tmp_path: Path) -> None:
     from loadgen_driver.runner import run_test
 
-    class _NoUnload(NullBackend):
+    class _NoUnload(InProcessBackend):
         def unload_samples(self, sample_ids: np.ndarray) -> None:
             raise RuntimeError("daemon restarted meanwhile")
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from engines.model import DLRM, DLRMConfig, random_state_dict
+from engines.model import DLRM, random_state_dict
+from formats.model_config import DLRMConfig
 from engines.reference import Int8Reference
 from formats.artifact import Artifact
 from formats.dataset import Dataset, write_dataset

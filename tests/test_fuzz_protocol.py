@@ -13,8 +13,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon import protocol as P
-from daemon.errors import CODES
+from formats.model_config import DLRMConfig
+from formats.artifact import write_model_description
+from wire import messages as P
+from wire.errors import ErrorCode
 from test_daemon_support import DaemonProc, expected_null_by_ref, make_dataset
 
 _TAGS = ["InferByRef", "InferByValue", "LoadSamples", "UnloadSamples", "RegisterDataset", "GetStatus",
@@ -60,8 +62,7 @@ def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     sizes = np.random.default_rng(5).integers(1, 30, size=300)
     ds = make_dataset(d / "ds", sizes)
     art = d / "art"
-    art.mkdir()
-    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(art, DLRMConfig((50,) * 26))
     daemon = DaemonProc({"engines": ["null"], "model": str(art), "datasets": {"ds": str(ds)},
                          "max_batch_pairs": 2000, "max_message_bytes": 1 << 16, "max_pairs_per_query": 5000,
                          "max_queue_pairs": 20000})
@@ -80,7 +81,7 @@ def check_reply(frames: list[bytes]) -> str:
     """The reply must decode as a Reply; errors must carry a known code. Returns the outcome."""
     reply = P.reply_decoder.decode(frames[0])
     if isinstance(reply, P.Error):
-        assert reply.code in CODES, reply
+        assert reply.code in tuple(ErrorCode), reply
         assert reply.message
         return reply.code
     return type(reply).__name__

@@ -16,7 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from engines.model import DLRM, DLRMConfig, random_state_dict  # noqa: E402
+from engines.model import DLRM, random_state_dict  # noqa: E402
+from formats.model_config import DLRMConfig  # noqa: E402
 from engines.quant import quantize_table, table_scale  # noqa: E402
 from formats.artifact import Artifact, write_artifact  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
@@ -222,7 +223,7 @@ def test_gpu_int8_top_mlp(model_files: dict, tmp_path: Path) -> None:
     placement changing no prediction (bit for bit)."""
     import shutil
 
-    from engines.calibration import calibrate
+    from prepare.calibrate import calibrate
     from engines.gpu_backend import GpuBackend
     from engines.reference import Int8MlpReference
     from formats.artifact import write_calibration
@@ -274,7 +275,7 @@ def test_nothing_compiles_after_warm_up(model_files: dict, tmp_path: Path, preci
 
     art_dir = model_files["artifact"]
     if precision == "int8":
-        from engines.calibration import calibrate
+        from prepare.calibrate import calibrate
         from formats.artifact import write_calibration
         from formats.dataset import Dataset
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.model import (CheckpointError, DLRM, DLRMConfig, MLPERF_TABLE_ROWS, load_dlrm_checkpoint,
-                           load_dlrm_state_dict, random_state_dict)
+from engines.model import CheckpointError, DLRM, load_dlrm_checkpoint, load_dlrm_state_dict, random_state_dict
+from formats.model_config import DLRMConfig, MLPERF_TABLE_ROWS
 
 SMALL = DLRMConfig.mlperf().scaled(1e-4, cap=500)
 

@@ -168,7 +168,7 @@ def _write_dataset(path: Path, num_samples: int = 64) -> None:
 
 
 def test_dashboard_queries_return_data_from_live_daemon(tmp_short: Path) -> None:
-    from daemon.client import Client
+    from wire.client import Client
 
     ds = tmp_short / "ds"
     _write_dataset(ds)
@@ -231,8 +231,8 @@ def test_dashboard_queries_return_data_from_live_daemon(tmp_short: Path) -> None
 
 
 def _connect(endpoint: str, daemon: subprocess.Popen, log: Path) -> "Client":  # noqa: F821
-    from daemon.client import Client
-    from daemon.errors import ConnectionFailed
+    from wire.client import Client
+    from wire.errors import ConnectionFailed
 
     deadline = time.monotonic() + 60
     while True:

@@ -15,10 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.quant_linear import (  # noqa: E402
-    QuantLinearError, alloc_scratch, quant_linear, quant_linear_reference, quantize_top_mlp, quantize_weight,
-    top_mlp_int8, top_mlp_int8_reference,
-)
+from kernels.quant_linear import QuantLinearError, quant_linear, quant_linear_reference, quantize_weight  # noqa: E402
+from engines.int8_top_mlp import alloc_scratch, quantize_top_mlp, top_mlp_int8, top_mlp_int8_reference  # noqa: E402
 
 SMALL = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
 

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.shm import list_regions
-from engines.model import DLRMConfig, random_state_dict
+from formats.artifact import write_model_description
+from wire.shm import list_regions
+from formats.model_config import DLRMConfig
+from engines.model import random_state_dict
 from loadgen_driver.summary import read_summary
 from prepare.convert import convert
 from test_daemon_support import REPO, DaemonProc, expected_null_by_ref, make_dataset
@@ -27,8 +29,7 @@ from test_daemon_support import REPO, DaemonProc, expected_null_by_ref, make_dat
 
 def _null_art(d: Path) -> Path:
     art = d / "art"
-    art.mkdir()
-    (art / "meta.json").write_text(json.dumps({"table_rows": [50] * 26}))
+    write_model_description(art, DLRMConfig((50,) * 26))
     return art
 
 
@@ -91,7 +92,7 @@ def test_loadgen_server_run_survives_engine_kill_and_hang(tmp_path: Path) -> Non
 
 _FLOOD = """
 import sys, time, numpy as np
-from daemon.client import PipelinedClient
+from wire.client import PipelinedClient
 pc = PipelinedClient(sys.argv[1])
 for rid in range(3000):
     pc.send_by_ref(rid, "ds", np.array([rid % 200, (rid + 1) % 200]))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import exitcodes
+from wire.exitcodes import ExitCode
 from daemon.sdnotify import Notifier, NotifyError
 
 
@@ -125,7 +125,7 @@ def test_live_daemon_speaks_the_protocol(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         while "STOPPING" not in seen[-1]:
             seen.append(_recv(sock))
-        assert proc.wait(timeout=30) == exitcodes.OK
+        assert proc.wait(timeout=30) == ExitCode.OK
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import zmq
 
-from daemon.client import Client
+from wire.client import Client
 from daemon.config import ConfigError, load_config
-from daemon.errors import ConnectionFailed
-from daemon.security import ClientCurve, endpoint_is_local, host_is_loopback
-from daemon.shm import list_regions
+from wire.errors import ConnectionFailed
+from wire.curve import ClientCurve
+from daemon.security import endpoint_is_local, host_is_loopback
+from wire.shm import list_regions
 from test_daemon_support import REPO, DaemonProc, make_dataset
 
 ENV: dict[str, str] = {}

@@ -12,7 +12,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from engines.model import DLRMConfig, load_dlrm_checkpoint, load_dlrm_state_dict
+from formats.model_config import DLRMConfig
+from engines.model import load_dlrm_checkpoint, load_dlrm_state_dict
 from prepare import synthetic
 from prepare import synthetic_gen as gen
 

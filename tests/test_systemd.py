@@ -1,4 +1,4 @@
-"""systemd/dlrm-daemon.service passes `systemd-analyze verify` and matches daemon/exitcodes.py."""
+"""systemd/dlrm-daemon.service passes `systemd-analyze verify` and matches wire/exitcodes.py."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import exitcodes
+from formats.model_config import DLRMConfig
+from formats.artifact import write_model_description
+from wire.exitcodes import ExitCode
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD / "dlrm-daemon.service"
@@ -59,8 +61,8 @@ def test_restart_policy_matches_exit_codes() -> None:
     assert d["Type"] == ["notify"]
     assert d["Restart"] == ["on-failure"]
     prevent = {int(x) for x in d["RestartPreventExitStatus"][0].split()}
-    assert exitcodes.CONFIG_ERROR in prevent and exitcodes.USAGE in prevent
-    assert exitcodes.RUNTIME_FAILURE not in prevent and exitcodes.ENGINE_LOAD_FAILURE not in prevent
+    assert ExitCode.CONFIG_ERROR in prevent and ExitCode.USAGE in prevent
+    assert ExitCode.RUNTIME_FAILURE not in prevent and ExitCode.ENGINE_LOAD_FAILURE not in prevent
 
 
 def test_stop_timeout_exceeds_drain_timeout() -> None:
@@ -104,8 +106,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
     for name in ("model", "day23"):
         (tmp_path / name).mkdir()
         # the daemon checks an artifact's meta for its table sizes at config time
-        (tmp_path / name / "meta.json").write_text('{"format": "dlrm-artifact", "version": 1, '
-                                                   '"table_rows": [' + ", ".join(["10"] * 26) + "]}")
+        write_model_description(tmp_path / name, DLRMConfig((10,) * 26))
     text = text.replace(raw["model"], str(tmp_path / "model"))
     text = text.replace(raw["datasets"]["day23"], str(tmp_path / "day23"))
     path = tmp_path / "config.toml"

@@ -1,4 +1,5 @@
-"""Exact ROC AUC (Mann-Whitney U with tied scores sharing their average rank).
+"""Exact ROC AUC (Mann-Whitney U with tied scores sharing their average rank): the accuracy metric of
+the MLPerf DLRM benchmark, shared by every tool that scores predictions (numpy only).
 
 Memory-light for the MLPerf test set (89 M pairs): one argsort of float32 scores (int64 order,
 8 B/pair), the sorted scores and labels (5 B/pair) and a few boolean/int64 temporaries over the

@@ -20,7 +20,6 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -154,9 +153,3 @@ def run(args: argparse.Namespace) -> int:
         print(f" {mark} {method:<8} " + "  ".join(f"{k} {v:.4g}" for k, v in amax.items()))
     print(f"wrote {Path(args.model) / 'calibration.json'} (method {cal.method})")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from prepare.cli import main as cli_main
-
-    return cli_main(["calibrate", *(argv or [])])

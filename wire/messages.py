@@ -3,14 +3,20 @@
 Client <-> dispatcher (DEALER <-> ROUTER): frame 0 is a msgpack header (`Request` / `Reply`
 union), frames 1.. are raw little-endian array bytes whose dtype and shape the header states.
 Dispatcher <-> engine (PAIR over ipc://): one msgpack frame per `Control` message; batch data
-travels through the engine's shared-memory slots, never through the socket.
+travels through the engine's shared-memory slots, never through the socket. The engine's start
+parameters (`EngineSpec`) reach it as msgpack bytes on its stdin. Nothing is pickled.
+Fixed sets of values are enums; they travel as their string values.
 """
 from __future__ import annotations
 
+import enum
+import re
 from typing import Any, Union
 
 import msgspec
 import numpy as np
+
+from wire.errors import ErrorCode
 
 SAMPLE_ID_DTYPE = "<i8"
 DENSE_DTYPE = "<f4"
@@ -20,12 +26,61 @@ DENSE_FEATURES = 13
 SPARSE_FEATURES = 26
 
 
+class EngineKind(enum.StrEnum):
+    """What an engine process computes on; its device string says it ('cpu', 'cuda:N', 'null')."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    NULL = "null"  # answers at once with a function of the inputs (benchmarks, tests)
+
+    @classmethod
+    def of_device(cls, device: str) -> "EngineKind":
+        """ValueError for anything but 'cpu', 'cuda:N' or 'null'."""
+        if device in ("cpu", "null"):
+            return cls(device)
+        if re.fullmatch(r"cuda:\d+", device):
+            return cls.CUDA
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda:N' or 'null'")
+
+
+class EngineState(enum.StrEnum):
+    """An engine's lifecycle (daemon/engine_state.py holds the transitions)."""
+
+    STOPPED = "stopped"  # no process (before the first start, after shutdown)
+    STARTING = "starting"  # process started, loading the model
+    READY = "ready"  # serving, nothing in flight
+    BUSY = "busy"  # serving, batches in flight
+    STARVED = "starved"  # serving, but silent while its process progresses (short of the GIL or cores)
+    HUNG = "hung"  # declared hung (no progress): being killed
+    RESTARTING = "restarting"  # lost after it served; restart scheduled
+    FAILED = "failed"  # could not start or load; restart scheduled with backoff
+
+
+class DaemonState(enum.StrEnum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+
+
+class BatchKind(enum.StrEnum):
+    REF = "ref"  # pair ranges of a registered dataset
+    VALUE = "value"  # dense and sparse rows in the slot
+
+
+class MlpPrecision(enum.StrEnum):
+    """A GPU engine's MLP arithmetic."""
+
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"  # the top MLP through kernels.quant_linear, with the artifact's calibration.json
+
+
 class _Msg(msgspec.Struct, tag=True, array_like=True, frozen=True):
     pass
 
 
 # ---- requests (client -> dispatcher) ----
-class InferByRef(_Msg):
+class InferByRef(_Msg, frozen=True):
     """+ one frame: sample ids (`ids_dtype`, num_samples values) of a registered dataset."""
 
     request_id: int
@@ -35,7 +90,7 @@ class InferByRef(_Msg):
     ids_dtype: str = SAMPLE_ID_DTYPE
 
 
-class InferByValue(_Msg):
+class InferByValue(_Msg, frozen=True):
     """+ two frames: dense [num_pairs, 13] and sparse [num_pairs, 26]."""
 
     request_id: int
@@ -45,7 +100,7 @@ class InferByValue(_Msg):
     sparse_dtype: str = SPARSE_DTYPE
 
 
-class LoadSamples(_Msg):
+class LoadSamples(_Msg, frozen=True):
     """+ one frame: sample ids. Marks them servable (the LoadGen working set)."""
 
     request_id: int
@@ -54,20 +109,20 @@ class LoadSamples(_Msg):
     ids_dtype: str = SAMPLE_ID_DTYPE
 
 
-class UnloadSamples(_Msg):
+class UnloadSamples(_Msg, frozen=True):
     request_id: int
     dataset: str
     num_samples: int
     ids_dtype: str = SAMPLE_ID_DTYPE
 
 
-class RegisterDataset(_Msg):
+class RegisterDataset(_Msg, frozen=True):
     request_id: int
     name: str
     path: str
 
 
-class GetStatus(_Msg):
+class GetStatus(_Msg, frozen=True):
     request_id: int
 
 
@@ -75,14 +130,14 @@ Request = Union[InferByRef, InferByValue, LoadSamples, UnloadSamples, RegisterDa
 
 
 # ---- replies (dispatcher -> client) ----
-class InferResult(_Msg):
+class InferResult(_Msg, frozen=True):
     """+ one frame: float32 predictions, request order."""
 
     request_id: int
     num_pairs: int
 
 
-class InferResults(_Msg):
+class InferResults(_Msg, frozen=True):
     """Several results for one client at once (queries answered by the same batch) + one frame:
     their float32 predictions concatenated in this order. Saves a message per query."""
 
@@ -90,14 +145,14 @@ class InferResults(_Msg):
     num_pairs: list[int]
 
 
-class Ack(_Msg):
+class Ack(_Msg, frozen=True):
     request_id: int
 
 
 class EngineStatus(msgspec.Struct, frozen=True):
     name: str
     device: str
-    state: str  # starting | ready | dead | stopped
+    state: EngineState
     pid: int
     gpu_part: float
     inflight: int
@@ -115,11 +170,11 @@ class EngineStatus(msgspec.Struct, frozen=True):
     oldest_batch_s: float | None = None
 
 
-class Status(_Msg):
+class Status(_Msg, frozen=True):
     request_id: int
     pid: int
     uptime_s: float
-    state: str  # starting | serving | draining
+    state: DaemonState
     endpoint: str
     engines: list[EngineStatus]
     queue_queries: int
@@ -131,9 +186,9 @@ class Status(_Msg):
     recent_errors: list[str]
 
 
-class Error(_Msg):
+class Error(_Msg, frozen=True):
     request_id: int
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -141,19 +196,19 @@ Reply = Union[InferResult, InferResults, Ack, Status, Error]
 
 
 # ---- control (dispatcher <-> engine process) ----
-class BatchReady(_Msg):
-    """Slot `slot` holds a batch: kind "ref" = int64 starts/counts of `num_ranges` pair ranges of
-    `dataset`; kind "value" = dense f32 / sparse i32 rows of `num_pairs` pairs."""
+class BatchReady(_Msg, frozen=True):
+    """Slot `slot` holds a batch: kind REF = int64 starts/counts of `num_ranges` pair ranges of
+    `dataset`; kind VALUE = dense f32 / sparse i32 rows of `num_pairs` pairs."""
 
     batch_id: int
     slot: int
-    kind: str
+    kind: BatchKind
     dataset: str
     num_ranges: int
     num_pairs: int
 
 
-class BatchDone(_Msg):
+class BatchDone(_Msg, frozen=True):
     batch_id: int
     slot: int
     num_pairs: int
@@ -162,13 +217,13 @@ class BatchDone(_Msg):
     compute_s: float
 
 
-class BatchFailed(_Msg):
+class BatchFailed(_Msg, frozen=True):
     batch_id: int
     slot: int
     message: str
 
 
-class Heartbeat(_Msg):
+class Heartbeat(_Msg, frozen=True):
     seq: int
     busy_s: float  # how long the current batch has been running (0 when idle)
     batches_done: int
@@ -177,7 +232,7 @@ class Heartbeat(_Msg):
     sent_at: float = 0.0
 
 
-class EngineReady(_Msg):
+class EngineReady(_Msg, frozen=True):
     device: str
     pid: int
     device_memory_bytes: int
@@ -186,28 +241,29 @@ class EngineReady(_Msg):
     work_tids: list[int] = []
 
 
-class EngineFailed(_Msg):
-    """The engine cannot work (model failed to load, backend broken); it exits after sending."""
+class EngineLoadFailed(_Msg, frozen=True, tag="EngineFailed"):
+    """The engine cannot work (model failed to load, backend broken); it exits after sending.
+    (Tagged "EngineFailed" on the wire, as before; the class name is unique beside wire.errors.)"""
 
     message: str
 
 
-class AddDataset(_Msg):
+class AddDataset(_Msg, frozen=True):
     name: str
     path: str
 
 
-class DatasetAdded(_Msg):
+class DatasetAdded(_Msg, frozen=True):
     name: str
     error: str  # "" on success
 
 
-class Shutdown(_Msg):
+class Shutdown(_Msg, frozen=True):
     pass
 
 
 Control = Union[
-    BatchReady, BatchDone, BatchFailed, Heartbeat, EngineReady, EngineFailed, AddDataset,
+    BatchReady, BatchDone, BatchFailed, Heartbeat, EngineReady, EngineLoadFailed, AddDataset,
     DatasetAdded, Shutdown,
 ]
 
@@ -226,7 +282,11 @@ class EngineSpec(msgspec.Struct, frozen=True):
     heartbeat_interval_s: float
     datasets: dict[str, str]
     parent_pid: int
-    gpu_mlp_precision: str = "fp16"  # GPU engines: fp16, bf16 or int8 (daemon.config)
+    gpu_mlp_precision: MlpPrecision = MlpPrecision.FP16  # GPU engines (daemon.config)
+
+    @property
+    def kind(self) -> EngineKind:
+        return EngineKind.of_device(self.device)
 
 
 _ENC = msgspec.msgpack.Encoder()

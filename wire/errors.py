@@ -1,12 +1,17 @@
-"""Typed errors shared by the daemon and its clients; `code` is what travels on the wire."""
+"""Error codes (what travels on the wire) and the typed errors clients raise for them."""
 from __future__ import annotations
 
-BAD_REQUEST = "BAD_REQUEST"
-OVERLOADED = "OVERLOADED"
-ENGINE_FAILED = "ENGINE_FAILED"
-TIMEOUT = "TIMEOUT"
-SHUTTING_DOWN = "SHUTTING_DOWN"
-CODES = (BAD_REQUEST, OVERLOADED, ENGINE_FAILED, TIMEOUT, SHUTTING_DOWN)
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """The `code` of an Error reply."""
+
+    BAD_REQUEST = "BAD_REQUEST"  # the request is malformed or names something unknown
+    OVERLOADED = "OVERLOADED"  # the queue bound would be passed: retry later
+    ENGINE_FAILED = "ENGINE_FAILED"  # no engine could compute it
+    TIMEOUT = "TIMEOUT"  # its deadline passed
+    SHUTTING_DOWN = "SHUTTING_DOWN"  # the daemon is draining
 
 
 class DaemonError(Exception):
@@ -20,23 +25,23 @@ class DaemonError(Exception):
 
 
 class BadRequest(DaemonError):
-    code = BAD_REQUEST
+    code = ErrorCode.BAD_REQUEST
 
 
 class Overloaded(DaemonError):
-    code = OVERLOADED
+    code = ErrorCode.OVERLOADED
 
 
 class EngineFailed(DaemonError):
-    code = ENGINE_FAILED
+    code = ErrorCode.ENGINE_FAILED
 
 
 class Timeout(DaemonError):
-    code = TIMEOUT
+    code = ErrorCode.TIMEOUT
 
 
 class ShuttingDown(DaemonError):
-    code = SHUTTING_DOWN
+    code = ErrorCode.SHUTTING_DOWN
 
 
 class ConnectionFailed(DaemonError):
@@ -51,7 +56,7 @@ _BY_CODE: dict[str, type[DaemonError]] = {
 
 
 def error_for(code: str, message: str) -> DaemonError:
-    """The exception class for a wire error code (unknown codes keep their text)."""
+    """The exception for a wire error code (an unknown code keeps its text)."""
     cls = _BY_CODE.get(code)
     if cls is None:
         return DaemonError(f"[{code}] {message}")

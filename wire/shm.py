@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.protocol import DENSE_FEATURES, SPARSE_FEATURES
+from wire.messages import DENSE_FEATURES, SPARSE_FEATURES
 
 SHM_DIR = Path("/dev/shm")
 _ALIGN = 4096

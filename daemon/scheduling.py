@@ -1,0 +1,151 @@
+"""Batches to engines and results back: the dispatcher's part between the batcher and the supervisor.
+
+`pump` hands batches to free engine slots (the engine with the fewest batches in flight first) and arms
+the one timer the batcher asks for (a partial batch's delay or the first deadline); a batch's result is
+split per query and answered at once (copied straight out of the shared-memory slot into the reply);
+the batches of a lost engine are retried once on another serving engine, else failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+import numpy as np
+
+from daemon.batcher import Batch, Batcher, Query, fill_slot
+from daemon.metrics import DaemonMetrics
+from daemon.replies import ReplySender
+from daemon.supervisor import Engine, InFlightBatch, Supervisor
+from wire import messages as M
+from wire.errors import EngineFailed, ErrorCode
+
+
+class Scheduler:
+    def __init__(self, batcher: Batcher, supervisor: Supervisor, replies: ReplySender,
+                 metrics: DaemonMetrics | None, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
+        self.batcher = batcher
+        self.sup = supervisor
+        self.replies = replies
+        self.metrics = metrics
+        self.loop = loop
+        self._wake = wake  # schedules an I/O pass of the dispatcher
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    # ---- intake ----
+    def submit(self, q: Query, starting: bool) -> None:
+        """Queue a query; EngineFailed at once when no engine serves (unless the daemon is still
+        starting: its engines are loading), Overloaded past the queue bound."""
+        if q.num_pairs == 0:
+            q.finished = True
+            self.replies.result(q, np.empty(0, np.float32), time.monotonic())
+            return
+        if not starting and not self.sup.any_serving():
+            raise EngineFailed("no engine is running (restarting); "
+                               + "; ".join(f"{e.name}: {e.last_error}" for e in self.sup.engines))
+        self.batcher.submit(q)
+
+    def busy(self) -> bool:
+        return self.batcher.pending() or any(e.inflight for e in self.sup.engines)
+
+    # ---- batches out ----
+    def pump(self) -> None:
+        now = time.monotonic()
+        for q in self.batcher.expire(now):
+            self.replies.error(q.client, q.request_id, ErrorCode.TIMEOUT, "deadline passed while queued", q=q)
+        while self.batcher.pending():
+            best = self.sup.best_engine()
+            if best is None or not self.batcher.should_close(now, engine_idle=not best.inflight):
+                break
+            b = self.batcher.take(now)
+            if b is None:
+                break
+            self._dispatch(best, b, now)
+        self._arm_timer(now)
+
+    def _dispatch(self, e: Engine, b: Batch, now: float) -> None:
+        slot = self.sup.take_slot(e)
+        t0 = time.perf_counter()
+        ranges = fill_slot(b, e.region.slots[slot])
+        entry = InFlightBatch(b, slot, now, time.perf_counter() - t0)
+        self.sup.send_batch(e, entry, M.BatchReady(
+            batch_id=b.batch_id, slot=slot, kind=M.BatchKind.REF if b.key else M.BatchKind.VALUE,
+            dataset=b.key, num_ranges=ranges, num_pairs=b.num_pairs))
+        if self.metrics is not None:
+            self.metrics.set_inflight(e.name, len(e.inflight))
+
+    def _arm_timer(self, now: float) -> None:
+        t = self.batcher.next_wakeup()
+        if t is None:
+            return
+        if self._timer is not None and self._timer_at <= t + 1e-4:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = t
+        # uvloop timers have millisecond resolution and may fire early: aim 1 ms late, never spin.
+        self._timer = self.loop.call_later(max(0.0, t - now) + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake()
+
+    # ---- results back ----
+    def on_batch_done(self, e: Engine, entry: InFlightBatch, msg: M.BatchDone) -> None:
+        b = entry.batch
+        now = time.monotonic()
+        self.replies.totals.counts["batches"] += 1
+        preds = e.region.slots[entry.slot].out[:b.num_pairs]
+        by_client: dict[bytes, list[tuple[Query, np.ndarray, int]]] = {}
+        for item in Batcher.complete(b, preds):
+            q = item[0]
+            if q.deadline is not None and now > q.deadline:
+                self.replies.error(q.client, q.request_id, ErrorCode.TIMEOUT,
+                                   "deadline passed before the result was ready", q=q)
+            else:
+                by_client.setdefault(q.client, []).append(item)
+        t0 = time.perf_counter()
+        for client, items in by_client.items():
+            if len(items) == 1:
+                self.replies.result(items[0][0], items[0][1], now)
+            else:
+                self.replies.results(client, items, preds, now)
+        if self.metrics is not None:
+            self.metrics.observe_reply(time.perf_counter() - t0)
+            self.metrics.observe_batch(e.name, b.num_pairs, entry.sent_at - b.oldest_arrival, entry.assembly_s,
+                                       msg.compute_s, msg.hot_lookups, msg.cold_lookups)
+            self.metrics.set_inflight(e.name, len(e.inflight))
+
+    def on_batch_failed(self, e: Engine, entry: InFlightBatch, msg: M.BatchFailed) -> None:
+        self.fail_batch(entry.batch, ErrorCode.ENGINE_FAILED, f"engine {e.name} failed the batch: {msg.message}")
+        if self.metrics is not None:
+            self.metrics.set_inflight(e.name, len(e.inflight))
+
+    def on_engine_lost(self, e: Engine, reason: str, batches: list[InFlightBatch], serving: bool) -> None:
+        """Retry the lost engine's batches once on another serving engine, else fail them; with no
+        engine left, fail what is queued too (`serving`: the daemon was serving, not starting)."""
+        others = self.sup.any_serving(exclude=e)
+        for entry in batches:
+            b = entry.batch
+            if b.attempts < 2 and others and not self.sup.stopping:
+                self.batcher.retry(b)
+            else:
+                self.fail_batch(b, ErrorCode.ENGINE_FAILED, f"engine {e.name} was lost while computing: {reason}")
+        if not others and serving:
+            self.fail_queued(ErrorCode.ENGINE_FAILED, f"every engine is down (last: {e.name}: {reason})")
+
+    def fail_batch(self, b: Batch, code: ErrorCode, message: str) -> None:
+        for q in self.batcher.fail(b):
+            self.replies.error(q.client, q.request_id, code, message, q=q)
+
+    def fail_queued(self, code: ErrorCode, message: str) -> None:
+        for q in self.batcher.drain_all():
+            self.replies.error(q.client, q.request_id, code, message, q=q)
+
+    def fail_inflight(self, code: ErrorCode, message: str) -> None:
+        """At the end of a drain: what engines still hold gets an error (nothing is left unanswered)."""
+        for e in self.sup.engines:
+            for entry in list(e.inflight.values()):
+                self.fail_batch(entry.batch, code, message)
+            e.inflight.clear()

@@ -169,9 +169,11 @@ class Capacity:
     samples_per_s: float
 
 
-def measure_capacity(endpoint: str, dataset: str, num_samples: int, seconds: float = 3.0) -> Capacity:
+def measure_capacity(endpoint: str, dataset: str, num_samples: int, seconds: float = 3.0,
+                     per_query: int = 8, depth: int = 4) -> Capacity:
     """Sequential one-sample queries (the latency of a Server query on an idle daemon), then a burst of
-    several-sample queries kept 4 deep for `seconds` (the rate the engines sustain here and now)."""
+    `per_query`-sample queries kept `depth` deep for `seconds` (the rate the engines sustain here and
+    now; a GPU needs more in flight than a CPU engine to show it)."""
     from wire.client import Client, PipelinedClient
 
     rng = np.random.default_rng(0)
@@ -184,7 +186,6 @@ def measure_capacity(endpoint: str, dataset: str, num_samples: int, seconds: flo
     lat = lat[2:]  # the first queries may meet cold caches
     pipe = PipelinedClient(endpoint)
     try:
-        per_query, depth = 8, 4
         sent = done = 0
         t0 = time.monotonic()
         while done < sent or sent == 0 or time.monotonic() - t0 < seconds:
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n== measure what the engines do here and now (by-reference queries for a few seconds)",
                   flush=True)
-            cap = measure_capacity(endpoint, "demo", Dataset.open(ds).num_samples)
+            cap = measure_capacity(endpoint, "demo", Dataset.open(ds).num_samples,
+                                   **({"per_query": 64, "depth": 32} if on_gpu else {}))
             plan = server_plan(cap, on_gpu)
             if args.server_qps:
                 plan = ServerPlan(args.server_qps, plan.bound_ms, "rate given by --server-qps")

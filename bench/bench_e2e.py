@@ -39,7 +39,7 @@ def start_daemon(args: argparse.Namespace, gpu_part: float, runtime: Path,
            "--embedding-weights-on-gpu-part", str(gpu_part), "--max-batch-pairs", str(args.max_batch_pairs),
            "--inflight-batches", str(args.inflight_batches), "--max-pairs-per-query", "2000000",
            "--max-queue-pairs", str(args.max_queue_pairs), "--heartbeat-timeout-s", "10",
-           "--metrics-port", str(metrics_port)]
+           "--metrics-port", str(metrics_port), "--gpu-mlp-precision", args.mlp]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.monotonic()
     log = open(runtime / "daemon.log", "wb")
@@ -69,37 +69,49 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_one(args: argparse.Namespace, gpu_part: float) -> dict[str, object]:
+def run_one(args: argparse.Namespace, gpu_part: float) -> list[dict[str, object]]:
+    """One daemon; one driver run per target rate (Offline: its expected rate; Server: its offered rate)."""
     runtime = Path(tempfile.mkdtemp(prefix="dlrm-e2e-", dir="/tmp"))
     port = free_port()
     proc, ready_s = start_daemon(args, gpu_part, runtime, port)
     endpoint = f"ipc://{runtime}/dlrm.sock"
-    out_dir = Path(args.logs) / f"part_{gpu_part}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
     try:
-        before = lookup_counts(port)
-        cmd = [sys.executable, "-m", "loadgen_driver.cli", "--scenario", "Offline", "--mode", "PerformanceOnly",
-               "--dataset", str(args.dataset), "--dataset-name", "bench", "--endpoint", endpoint,
-               "--target-qps", str(args.target_qps), "--min-duration-s", str(args.duration_s),
-               "--min-query-count", "1", "--samples-per-request", str(args.samples_per_request),
-               "--max-inflight", str(args.max_inflight), "--output-dir", str(out_dir), "--quiet"]
-        t0 = time.monotonic()
-        driver = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True,
-                                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
-        wall = time.monotonic() - t0
-        print(driver.stdout[-2500:], driver.stderr[-1500:], sep="\n", flush=True)
-        after = lookup_counts(port)
+        for qps in [float(q) for q in str(args.target_qps).split(",")]:
+            out_dir = Path(args.logs) / f"part_{gpu_part}_{args.scenario}_{qps:g}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            before = lookup_counts(port)
+            cmd = [sys.executable, "-m", "loadgen_driver.cli", "--scenario", args.scenario, "--mode",
+                   "PerformanceOnly", "--dataset", str(args.dataset), "--dataset-name", "bench", "--endpoint",
+                   endpoint, "--target-qps", f"{qps:g}", "--min-duration-s", str(args.duration_s),
+                   "--min-query-count", "1", "--samples-per-request", str(args.samples_per_request),
+                   "--max-inflight", str(args.max_inflight), "--output-dir", str(out_dir), "--quiet"]
+            if args.scenario == "Server":
+                cmd += ["--latency-ms", f"{args.latency_ms:g}"]
+            t0 = time.monotonic()
+            driver = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True,
+                                    env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                        [str(ROOT), os.environ.get("PYTHONPATH", "")])})
+            wall = time.monotonic() - t0
+            print(driver.stdout[-2500:], driver.stderr[-1500:], sep="\n", flush=True)
+            after = lookup_counts(port)
+            summary = read_summary(out_dir)
+            key = "Samples per second" if args.scenario == "Offline" else "Completed samples per second"
+            pairs = re.search(r"([0-9,.]+) pairs/s", driver.stdout)
+            hot, cold = after["hot"] - before["hot"], after["cold"] - before["cold"]
+            p99 = summary.number("99.00 percentile latency (ns)")
+            rows.append({"gpu_part": gpu_part, "mlp": args.mlp, "scenario": args.scenario, "target_qps": qps,
+                         "ready_s": round(ready_s, 1), "samples_per_s": float(summary.values.get(key, "nan")),
+                         "pairs_per_s": pairs.group(1) if pairs else None, "result": summary.result,
+                         "p99_ms": None if p99 is None else round(p99 / 1e6, 2),
+                         "hbm_share": hot / (hot + cold) if hot + cold else None,
+                         "driver_rc": driver.returncode, "wall_s": round(wall, 1)})
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
-    summary = read_summary(out_dir)
-    samples_s = float(summary.values.get("Samples per second", "nan"))
-    pairs = re.search(r"([0-9,.]+) pairs/s", driver.stdout)
-    hot, cold = after["hot"] - before["hot"], after["cold"] - before["cold"]
-    return {"gpu_part": gpu_part, "ready_s": round(ready_s, 1), "samples_per_s": samples_s,
-            "pairs_per_s": pairs.group(1) if pairs else None, "result": summary.result,
-            "hbm_share": hot / (hot + cold) if hot + cold else None, "driver_rc": driver.returncode,
-            "daemon_exit": code, "wall_s": round(wall, 1)}
+    for r in rows:
+        r["daemon_exit"] = code
+    return rows
 
 
 def main() -> int:
@@ -108,7 +120,7 @@ def main() -> int:
     p.add_argument("--dataset", type=Path, required=True)
     p.add_argument("--engines", default="cuda:0")
     p.add_argument("--gpu-parts", default="1.0")
-    p.add_argument("--target-qps", type=float, default=300000)
+    p.add_argument("--target-qps", default="300000", help="one rate or a comma list (Server: a sweep)")
     p.add_argument("--duration-s", type=float, default=20)
     p.add_argument("--samples-per-request", type=int, default=512)
     p.add_argument("--max-inflight", type=int, default=24)
@@ -117,24 +129,31 @@ def main() -> int:
     p.add_argument("--inflight-batches", type=int, default=4)
     p.add_argument("--start-timeout-s", type=float, default=240)
     p.add_argument("--logs", default=str(Path(tempfile.gettempdir()) / "e2e-logs"))
+    p.add_argument("--mlp", default="fp16", help="gpu_mlp_precision of the engines (fp16, bf16, int8, fp8)")
+    p.add_argument("--scenario", default="Offline", choices=("Offline", "Server"))
+    p.add_argument("--latency-ms", type=float, default=30.0, help="Server: the p99 bound")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    rows = []
+    rows: list[dict[str, object]] = []
     for part in (float(x) for x in args.gpu_parts.split(",")):
         try:
-            rows.append(run_one(args, part))
+            got = run_one(args, part)
         except Exception as exc:  # a failed configuration is reported, the others still run
-            rows.append({"gpu_part": part, "error": str(exc)[-2000:]})
-        print(json.dumps(rows[-1]), flush=True)
+            got = [{"gpu_part": part, "error": str(exc)[-2000:]}]
+        rows += got
+        for r in got:
+            print(json.dumps(r), flush=True)
         if args.out:
             args.out.write_text(json.dumps(rows, indent=1))
-    print("\ngpu_part  ready_s  samples/s   pairs/s        HBM share  result")
+    print("\ngpu_part  mlp   scenario target     ready_s  samples/s   pairs/s        p99_ms  HBM share  result")
     for r in rows:
         if "error" in r:
-            print(f"{r['gpu_part']:<9} ERROR {r['error'][:200]}")
+            print(f"{r['gpu_part']!s:<9} ERROR {str(r['error'])[:200]}")
             continue
         share = f"{r['hbm_share']:.3f}" if r["hbm_share"] is not None else "-"
-        print(f"{r['gpu_part']:<9} {r['ready_s']:<8} {r['samples_per_s']:<11,.0f} {r['pairs_per_s']!s:<14} {share:<10} {r['result']}")
+        print(f"{r['gpu_part']!s:<9} {r['mlp']!s:<5} {r['scenario']!s:<8} {r['target_qps']!s:<10} {r['ready_s']!s:<8} "
+              f"{float(str(r['samples_per_s'])):<11,.0f} {r['pairs_per_s']!s:<14} {r['p99_ms']!s:<7} {share:<10} "
+              f"{r['result']}")
     return 0
 
 

@@ -150,6 +150,9 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
            torch.empty((n, eng.config.num_tables, eng.config.embedding_dim), dtype=eng.dtype, device=eng.pred.device))
     def top() -> torch.Tensor:
         y = eng.top_in[:n]
+        if eng.fp8 is not None:
+            eng.fp8.forward(y, eng.pred, torch.cuda.current_stream())
+            return eng.pred
         if eng.qtop is not None:
             from engines.int8_top_mlp import top_mlp_int8
 
@@ -165,7 +168,8 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
         "interaction": cuda_ms(lambda: dot_interaction(bo, emb, eng.top_in[:n])),
         "fused_gather_interaction": cuda_ms(lambda: gather_interaction(
             bo, eng.sparse_in[:n], eng.table_offsets, None, eng.scales, eng.hot, eng.cold,
-            eng.top_in[:n], **(eng.kernel_config or {}))),
+            eng.top_in[:n], **(eng.kernel_config or {}),
+            out_scale=eng._top_in_inv_scale if eng.fp8 is not None else None)),
         "top_mlp": cuda_ms(top),
         "graph_forward": cuda_ms(lambda: eng._run(n)),
     }
@@ -219,16 +223,19 @@ def main() -> int:
 
     ref = Int8Reference(art, 1.0).predict(dense[:2000], sparse[:2000])
     mlps = args.mlp.split(",")
-    ref_int8 = None
-    if "int8" in mlps:
+    ref_int8 = ref_fp8 = None
+    if "int8" in mlps or "fp8" in mlps:
         # Static activation scales from the first pairs (a random model: accuracy is not the point here).
         from prepare.calibrate import calibrate
         from engines.reference import Int8MlpReference
         from formats.artifact import write_calibration
         from formats.dataset import Dataset
 
+        from engines.reference import Fp8MlpReference
+
         write_calibration(art_path, calibrate(art, Dataset.open(ds_path), 16384))
         ref_int8 = Int8MlpReference(Artifact.open(art_path), 1.0).predict(dense[:2000], sparse[:2000])
+        ref_fp8 = Fp8MlpReference(Artifact.open(art_path), 1.0).predict(dense[:2000], sparse[:2000])
     parts = [float(p) for p in args.parts.split(",")]
     # (gpu_part, fused ReLU epilogue, fused gather+interaction, MLP precision)
     configs = ([(parts[0], True, True, m) for m in mlps]
@@ -246,7 +253,7 @@ def main() -> int:
         reg_s = time.perf_counter() - t0
         out = np.full(args.pairs, np.nan, dtype=np.float32)
         st = eng.infer_by_value(dense[:2000], sparse[:2000], out)
-        want = ref_int8 if mlp == "int8" else ref
+        want = ref_int8 if mlp == "int8" else ref_fp8 if mlp == "fp8" else ref
         err = float(np.abs(out[:2000] - want).max())
         err_base = float(np.abs(p_base - ref).max())
         entry = {"gpu_part": part, "fused_relu": fused, "fused_gather": fgather, "mlp": mlp, "load_s": load_s,

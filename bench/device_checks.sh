@@ -2,6 +2,8 @@
 # The GPU-machine checks behind BENCHMARKS.md, run through the device tool from the repository root:
 #   bash bench/device_checks.sh validate   # fresh-machine demo, first Server run after a start, GPU tests
 #   bash bench/device_checks.sh e2e        # full-size Offline end to end: .before/ (an older tree) vs now
+#   bash bench/device_checks.sh fp8        # the fp8 top MLP: its GPU tests, the engine bench (fp16 vs fp8)
+#   bash bench/device_checks.sh perf       # full-size Offline and a Server sweep, fp16 vs fp8
 # Needs .whl/ (../shared/bin/gpu-wheels) carried; results and logs go to $OUT (the device tool's folder).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -47,6 +49,26 @@ e2e)
       2>&1 | tail -3
   done
   ;;
+fp8)
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_top_mlp.py tests/test_kernels.py \
+    -k "fp8 or fused" 2>&1 | tee "$OUT/fp8_tests.log" | tail -25
+  timeout 300 python3 bench/bench_engine.py --scale 0.05 --pairs 1000000 --parts 1.0 --mlp fp16,fp8 \
+    --out "$OUT/bench_engine_fp8.json" 2>&1 | tail -25
+  ;;
+perf)
+  for _ in $(seq 120); do grep -q '^}\|error' /tmp/fs.log 2>/dev/null && break; sleep 5; done
+  tail -3 /tmp/fs.log
+  timeout 200 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 2>&1 | tail -3
+  for mlp in fp16 fp8 fp16 fp8; do
+    python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp $mlp --target-qps 450000 \
+      --duration-s 10 --out "$OUT/e2e_offline_${mlp}_$RANDOM.json" 2>&1 | tail -2
+  done
+  python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp16 --scenario Server \
+    --target-qps 280000,320000,350000 --duration-s 8 --out "$OUT/server_fp16.json" 2>&1 | tail -5
+  python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 --scenario Server \
+    --target-qps 320000,360000,400000 --duration-s 8 --out "$OUT/server_fp8.json" 2>&1 | tail -5
+  ;;
 *)
-  echo "usage: $0 validate|e2e" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf" >&2; exit 2 ;;
 esac

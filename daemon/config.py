@@ -69,9 +69,11 @@ class DaemonConfig:
     embedding_weights_on_gpu_part: float = field(default=1.0, metadata=_h(
         "share of embedding rows (most frequent first) kept in device memory, 0..1"))
     gpu_mlp_precision: MlpPrecision = field(default=MlpPrecision.FP16, metadata=_h(
-        "GPU engines' MLP arithmetic: 'fp16' or 'bf16' (cuBLAS), or 'int8' (top MLP through the Triton "
-        "int8 kernel with the artifact's calibration.json from `dlrm-prepare calibrate`; measured slower "
-        "than fp16 on an H200, BENCHMARKS.md). The CPU engine always computes in fp32"))
+        "GPU engines' MLP arithmetic: 'fp16' or 'bf16' (cuBLAS), 'int8' (top MLP through the Triton int8 "
+        "kernel; measured slower than fp16 on an H200) or 'fp8' (top MLP in fp8 e4m3 through cuBLASLt, "
+        "needs nvmath-python; about 99.6% of the fp32 AUC: the 99% profile only, BENCHMARKS.md); int8 and "
+        "fp8 use the artifact's calibration.json from `dlrm-prepare calibrate`. The CPU engine always "
+        "computes in fp32"))
     max_batch_pairs: int = field(default=0, metadata=_h(
         "largest batch sent to an engine, in pairs; 0 (default) = 8192 when every engine is 'cpu' (about "
         "1 s of a 2-core CPU engine), else 65536 (a GPU runs 262144 faster: see config.example.toml)"))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from kernels.dot_interaction import dot_interaction
 from kernels.embedding_gather import embedding_gather
 from kernels.gather_interaction import gather_interaction, new_counts
 from kernels.pair_rows import gather_pair_rows, remap_ids
+from engines.fp8_top_mlp import Fp8MlpError, Fp8TopMlpRunner, quantize_fp8_top_mlp
 from engines.int8_top_mlp import QuantTopMlp, alloc_scratch, quantize_top_mlp, top_mlp_int8
 
 _CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
@@ -105,8 +106,8 @@ class GpuBackend:
             raise GpuBackendError(f"dtype must be float16 or bfloat16, got {dtype}")
         if mlp_precision is None:
             mlp_precision = "fp16" if dtype == torch.float16 else "bf16"
-        if mlp_precision not in ("int8", "fp16", "bf16"):
-            raise GpuBackendError(f"mlp_precision must be int8, fp16 or bf16, got {mlp_precision!r}")
+        if mlp_precision not in ("int8", "fp16", "bf16", "fp8"):
+            raise GpuBackendError(f"mlp_precision must be fp16, bf16, int8 or fp8, got {mlp_precision!r}")
         if mlp_precision in ("fp16", "bf16"):
             dtype = torch.float16 if mlp_precision == "fp16" else torch.bfloat16
         if max_batch_pairs < 1:
@@ -116,6 +117,10 @@ class GpuBackend:
         self.fused_gather = fused_gather
         # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps)
         self.kernel_config = dict(kernel_config or {})
+        unknown = set(self.kernel_config) - {"pairs_per_program", "pairs_per_tile", "num_warps"}
+        if unknown:
+            raise GpuBackendError(f"kernel_config: unknown gather_interaction parameters {sorted(unknown)}")
+        self._launch_config: dict[str, Any] = dict(self.kernel_config)
         self.max_batch_pairs = int(max_batch_pairs)
         if inflight < 1:
             raise GpuBackendError(f"inflight must be positive, got {inflight}")
@@ -125,12 +130,16 @@ class GpuBackend:
         art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
         self.config = art.config
         self.calibration = art.calibration
-        if mlp_precision == "int8":
+        if mlp_precision == "fp8" and max_batch_pairs % 16:
+            raise GpuBackendError(f"mlp_precision fp8 needs max_batch_pairs divisible by 16 (fp8 GEMM rows), got "
+                                  f"{max_batch_pairs}")
+        if mlp_precision in ("int8", "fp8"):
             if self.calibration is None:
-                raise GpuBackendError(f"mlp_precision int8 needs {art.path}/calibration.json: run `dlrm-prepare "
-                                      "calibrate --model ARTIFACT --dataset CALIBRATION_DATASET`")
+                raise GpuBackendError(f"mlp_precision {mlp_precision} needs {art.path}/calibration.json: run "
+                                      "`dlrm-prepare calibrate --model ARTIFACT --dataset CALIBRATION_DATASET`")
             if dtype != torch.float16:
-                raise GpuBackendError("mlp_precision int8 runs the rest of the model in fp16; dtype must be float16")
+                raise GpuBackendError(f"mlp_precision {mlp_precision} runs the rest of the model in fp16; dtype "
+                                      "must be float16")
         self.mlp_precision = mlp_precision
         self.top_configs = list(top_configs) if top_configs is not None else None
         self.placement = Placement.from_artifact(art, gpu_part)
@@ -204,6 +213,20 @@ class GpuBackend:
                 weight = F.pad(weight, (0, self.top_in_width - width))  # zero columns meet zero inputs
             self.top.append((weight.to(self._dev, self.dtype), w[f"top_l.{2 * i}.bias"].to(self._dev, self.dtype)))
         self.qtop: QuantTopMlp | None = None
+        self.fp8: Fp8TopMlpRunner | None = None
+        if self.mlp_precision == "fp8":
+            # The interaction writes the fp8 top input (scaled by 1 / s_0); cuBLASLt fp8 GEMMs with the bias,
+            # ReLU and the next scale fused (engines/fp8_top_mlp.py).
+            try:
+                q8 = quantize_fp8_top_mlp(art.mlp, self.calibration)
+                if q8.in_width_padded > self.top_in_width:
+                    raise GpuBackendError(f"fp8 top MLP input width {q8.in_width_padded} > {self.top_in_width}")
+                q8.weights[0] = F.pad(q8.weights[0].float(), (0, self.top_in_width - q8.in_width_padded)).to(
+                    q8.weights[0].dtype)
+                self.fp8 = Fp8TopMlpRunner(q8, self.max_batch_pairs, self._dev)
+            except Fp8MlpError as exc:
+                raise GpuBackendError(str(exc)) from exc
+            self._top_in_inv_scale = torch.tensor([1.0 / q8.x_scales[0]], dtype=torch.float32, device=self._dev)
         if self.mlp_precision == "int8":
             # Layer 1 fp16 -> int8 activations (calibrated static scales) -> int8 layers, the last with
             # the 1-wide output and sigmoid fused (kernels/quant_linear.py).
@@ -221,7 +244,8 @@ class GpuBackend:
         self.sparse_in = torch.zeros((m, cfg.num_tables), dtype=torch.int32, device=dev)
         self.emb_buf = (torch.empty((m, cfg.num_tables, cfg.embedding_dim), dtype=self.dtype, device=dev)
                         if not self.fused_gather else None)
-        self.top_in = torch.zeros((m, self.top_in_width), dtype=self.dtype, device=dev)
+        self.top_in = torch.zeros((m, self.top_in_width), dtype=torch.float8_e4m3fn if self.fp8 is not None
+                                  else self.dtype, device=dev)
         self.pred = torch.empty(m, dtype=torch.float32, device=dev)
         self.top_scratch = alloc_scratch(self.qtop, m, dev) if self.qtop is not None else None
         self.counts = new_counts(dev)  # [limit, bad ids, hot-count slots]
@@ -237,9 +261,14 @@ class GpuBackend:
         for weight, bias in self.bottom:
             x = self._linear_relu(x, weight, bias)
         # sparse_in holds file positions (remapped and checked before the graph): no remap loads here.
+        if self.fp8 is not None:
+            gather_interaction(x, self.sparse_in[:n], self.table_offsets, None, self.scales, self.hot, self.cold,
+                               self.top_in[:n], self.counts, out_scale=self._top_in_inv_scale, **self._launch_config)
+            self.fp8.forward(self.top_in[:n], self.pred, self.stream)
+            return
         if self.fused_gather:
             y = gather_interaction(x, self.sparse_in[:n], self.table_offsets, None, self.scales,
-                                   self.hot, self.cold, self.top_in[:n], self.counts, **self.kernel_config)
+                                   self.hot, self.cold, self.top_in[:n], self.counts, **self._launch_config)
         else:
             assert self.emb_buf is not None  # allocated whenever fused_gather is off
             emb = self.emb_buf[:n]
@@ -495,6 +524,8 @@ class GpuBackend:
         torch.cuda.synchronize(self._dev)
         self.host.unregister_all()
         self._graphs.clear()
+        if self.fp8 is not None:
+            self.fp8.close()
         self._datasets.clear()
         for name in ("hot", "cold", "row_position", "emb_buf", "top_in", "dense_in", "sparse_in", "pred"):
             if hasattr(self, name):

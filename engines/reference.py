@@ -83,6 +83,27 @@ class Int8MlpReference(Int8Reference):
         return top_mlp_int8_reference(self.quant, x).numpy()
 
 
+class Fp8MlpReference(Int8Reference):
+    """int8 tables (as Int8Reference) + the fp8 e4m3 top MLP of engines.fp8_top_mlp, through its plain
+    PyTorch reference (the top input quantized with the calibrated scale, fp32 sums, bf16 last GEMM)."""
+
+    def __init__(self, artifact: Artifact, gpu_part: float = 1.0, calibration: Any = None) -> None:
+        super().__init__(artifact, gpu_part)
+        from engines.fp8_top_mlp import quantize_fp8_top_mlp
+
+        cal = artifact.calibration if calibration is None else calibration
+        if cal is None:
+            raise ValueError(f"{artifact.path}: no calibration.json: run `dlrm-prepare calibrate --model "
+                             f"{artifact.path} --dataset CALIBRATION_DATASET` first")
+        self.fp8 = quantize_fp8_top_mlp(artifact.mlp, cal)
+
+    def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        from engines.fp8_top_mlp import fp8_top_mlp_reference, quantize_top_input
+
+        x0 = quantize_top_input(self.fp8, self.top_input(dense, sparse))
+        return fp8_top_mlp_reference(self.fp8, x0).numpy()
+
+
 class Fp32Reference:
     """The fp32 model of a checkpoint (path, memory-mapped; or a loaded state dict)."""
 

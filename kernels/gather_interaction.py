@@ -44,10 +44,11 @@ def _add_counts(counts_ptr, pid, hot, bad, SLOTS: tl.constexpr):
 def _gather_interaction_pair_kernel(
     bottom_ptr, stride_bb, sparse_ptr, stride_sb,
     offsets_ptr, row_position_ptr, scales_ptr, hot_ptr, cold_ptr,
-    out_ptr, stride_ob, counts_ptr,
+    out_ptr, stride_ob, counts_ptr, out_scale_ptr,
     B, n_hot,
     T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr,
     COUNT: tl.constexpr, UPCAST: tl.constexpr, SLOTS: tl.constexpr, REMAPPED: tl.constexpr,
+    SCALED: tl.constexpr, OUT_MAX: tl.constexpr,
 ):
     # One pair per loop step on plain 2-D tiles: measured faster than the [PB, NP, D] kernel below at
     # PB = 1 (whose reshapes cost layout conversions); same arguments and semantics.
@@ -67,6 +68,8 @@ def _gather_interaction_pair_kernel(
     bad_total = tl.zeros((NP,), dtype=tl.int64)
     if COUNT:
         limit = tl.load(counts_ptr)
+    if SCALED:
+        inv_scale = tl.load(out_scale_ptr)
     for k in range(PAIRS):
         b = pid.to(tl.int64) * PAIRS + k
         if b < B:
@@ -89,8 +92,14 @@ def _gather_interaction_pair_kernel(
                 x = x.to(tl.float32)
             z = tl.dot(x, tl.trans(x))
             out_row = out_ptr + b * stride_ob
-            tl.store(out_row + c, x_b)
-            tl.store(out_row + tri_col, z.to(out_ptr.dtype.element_ty), mask=tri_mask)
+            if SCALED:  # a narrow output type (fp8): scaled into its range, saturated, then rounded
+                xb_s = tl.minimum(tl.maximum(x_b.to(tl.float32) * inv_scale, -OUT_MAX), OUT_MAX)
+                z_s = tl.minimum(tl.maximum(z.to(tl.float32) * inv_scale, -OUT_MAX), OUT_MAX)
+                tl.store(out_row + c, xb_s.to(out_ptr.dtype.element_ty))
+                tl.store(out_row + tri_col, z_s.to(out_ptr.dtype.element_ty), mask=tri_mask)
+            else:
+                tl.store(out_row + c, x_b)
+                tl.store(out_row + tri_col, z.to(out_ptr.dtype.element_ty), mask=tri_mask)
             if COUNT:
                 hot_total += (hot & (b * T < limit)).to(tl.int64)
     if COUNT:
@@ -163,6 +172,9 @@ def _gather_interaction_kernel(
                     tl.sum(tl.sum(bad_total, axis=1), axis=0), SLOTS)
 
 
+E4M3_MAX = 448.0  # largest finite float8 e4m3 (fn) value
+
+
 def gather_interaction(
     bottom: torch.Tensor,
     sparse: torch.Tensor,
@@ -176,6 +188,7 @@ def gather_interaction(
     pairs_per_program: int = 2,
     pairs_per_tile: int = 1,
     num_warps: int = 1,
+    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[:, :D + T(T+1)/2] = interaction(bottom, dequantized rows of sparse); returns out.
 
@@ -187,6 +200,8 @@ def gather_interaction(
     With row_position None, `sparse` already holds file positions (kernels.pair_rows.remap_ids, which
     checked them): the kernel skips the remap load and the table bounds check (counts[1] stays as is).
     Defaults: the fastest variant measured on an H200 (docs/GPU_NOTES.md).
+    `out_scale` (fp32 [1] on the device, 1 / the output's scale) writes `out` in float8 e4m3 (the fp8 top
+    MLP's input): every value is multiplied by it and saturated at +-448 before rounding.
     """
     B, T = sparse.shape
     D = hot.shape[1]
@@ -202,7 +217,14 @@ def gather_interaction(
         raise TypeError("sparse and row_position must be int32, table_offsets int64")
     if table_offsets.numel() < T + 1:
         raise ValueError(f"table_offsets needs {T + 1} entries (exclusive prefix sum and total)")
-    if bottom.dtype != out.dtype or out.dtype not in (torch.float16, torch.bfloat16):
+    scaled = out_scale is not None
+    if out_scale is not None:
+        if out.dtype != torch.float8_e4m3fn or bottom.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"with out_scale, out must be float8_e4m3fn and bottom fp16 or bf16, got {out.dtype}, "
+                            f"{bottom.dtype}")
+        if out_scale.dtype != torch.float32 or out_scale.numel() != 1 or pairs_per_tile != 1:
+            raise TypeError("out_scale must be fp32 [1]; the scaled output has the one-pair kernel only")
+    elif bottom.dtype != out.dtype or out.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"bottom/out must share fp16 or bf16, got {bottom.dtype}, {out.dtype}")
     if hot.dtype != torch.int8 or not hot.is_contiguous() or (cold is not None and not cold.is_contiguous()):
         raise TypeError("hot and cold rows must be contiguous int8 [rows, D]")
@@ -218,9 +240,10 @@ def gather_interaction(
     # Triton's CPU interpreter multiplies bf16 as raw integers: see kernels/dot_interaction.py.
     upcast = out.device.type == "cpu" and out.dtype == torch.bfloat16
     if pairs_per_tile == 1:
-        _gather_interaction_pair_kernel[grid](*args, T=T, D=D, NP=np_, PAIRS=pairs_per_program,
-                                              COUNT=counts is not None, UPCAST=upcast, SLOTS=COUNT_SLOTS,
-                                              REMAPPED=remapped, num_warps=num_warps)
+        _gather_interaction_pair_kernel[grid](*args[:-2], out_scale if scaled else scales, *args[-2:], T=T, D=D,
+                                              NP=np_, PAIRS=pairs_per_program, COUNT=counts is not None,
+                                              UPCAST=upcast, SLOTS=COUNT_SLOTS, REMAPPED=remapped, SCALED=scaled,
+                                              OUT_MAX=E4M3_MAX, num_warps=num_warps)
     else:
         _gather_interaction_kernel[grid](*args, T=T, D=D, NP=np_, PAIRS=pairs_per_program, PB=pairs_per_tile,
                                          COUNT=counts is not None, UPCAST=upcast, SLOTS=COUNT_SLOTS,

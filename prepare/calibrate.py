@@ -80,9 +80,12 @@ def observe(artifact: Artifact, dataset: Dataset, pairs: int, batch_pairs: int =
     ref = Int8Reference(artifact)
     weights = ref.weights
     n_top = len(cfg.top_mlp)
-    names = [f"top_l.{2 * (i + 1)}" for i in range(n_top - 2)]  # layers whose input is int8
+    # The inputs of the top layers: top_l.0's (the interaction output, signed: its magnitude; the fp8
+    # MLP quantizes it) and the ReLU outputs that feed top_l.2 .. (the int8 and fp8 MLPs quantize them).
+    names = ["top_l.0"] + [f"top_l.{2 * (i + 1)}" for i in range(n_top - 2)]
+    widths = [cfg.interaction_width] + list(cfg.top_mlp[:n_top - 2])
     # Keep enough of the tail for the lowest percentile: (100 - 99.9)% of every activation.
-    keep = [math.ceil(n * cfg.top_mlp[i] * (100.0 - min(PERCENTILES)) / 100.0) + 1 for i in range(n_top - 2)]
+    keep = [math.ceil(n * w * (100.0 - min(PERCENTILES)) / 100.0) + 1 for w in widths]
     stats = [TailStats(k) for k in keep]
     for start in range(0, n, batch_pairs):
         stop = min(n, start + batch_pairs)
@@ -93,7 +96,8 @@ def observe(artifact: Artifact, dataset: Dataset, pairs: int, batch_pairs: int =
                                    f"table {int(t)}, the model's table has {int(rows[t])} rows")
         with torch.no_grad():
             x = ref.top_input(np.asarray(dataset.dense[start:stop]), sparse)
-            for i, st in enumerate(stats):
+            stats[0].update(x.abs())
+            for i, st in enumerate(stats[1:]):
                 x = torch.relu(torch.nn.functional.linear(x, weights[f"top_l.{2 * i}.weight"],
                                                           weights[f"top_l.{2 * i}.bias"]))
                 st.update(x)

@@ -33,11 +33,13 @@ class EvalError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.add_argument("--dataset", type=Path, required=True, help="dataset directory (dlrm-prepare criteo/synthetic)")
-    parser.add_argument("--precision", choices=("fp32", "int8", "int8-mlp"), default="int8",
-                        help="int8: the artifact's tables (needs --model); int8-mlp: int8 tables and int8 top "
-                             "MLP (needs a calibrated --model); fp32: the checkpoint's (needs --checkpoint)")
-    parser.add_argument("--calibration-method", help="int8-mlp: use this recorded amax statistic instead of "
-                                                     "calibration.json's method (max, p99.9, p99.99, p99.999)")
+    parser.add_argument("--precision", choices=("fp32", "int8", "int8-mlp", "fp8-mlp"), default="int8",
+                        help="int8: the artifact's tables (needs --model); int8-mlp / fp8-mlp: int8 tables and "
+                             "an int8 / fp8 e4m3 top MLP (needs a calibrated --model); fp32: the checkpoint's "
+                             "(needs --checkpoint)")
+    parser.add_argument("--calibration-method", help="int8-mlp / fp8-mlp: use this recorded amax statistic "
+                                                     "instead of calibration.json's method (max, p99.9, p99.99, "
+                                                     "p99.999)")
     parser.add_argument("--model", type=Path, metavar="ARTIFACT", help="served model artifact directory")
     parser.add_argument("--checkpoint", type=Path,
                         help="fp32 DLRM checkpoint (bare state dict or {'state_dict': ...}), memory-mapped")
@@ -51,10 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def make_predictor(precision: str, model: Path | None, checkpoint: Path | None,
                    gpu_part: float = 1.0, calibration_method: str | None = None) -> tuple[Predict, tuple[int, ...]]:
     """(predict function, model table rows) for the chosen precision."""
-    if precision == "int8-mlp":
+    if precision in ("int8-mlp", "fp8-mlp"):
         if model is None:
-            raise EvalError("--precision int8-mlp needs --model ARTIFACT (calibrated)")
-        from engines.reference import Int8MlpReference
+            raise EvalError(f"--precision {precision} needs --model ARTIFACT (calibrated)")
+        from engines.reference import Fp8MlpReference, Int8MlpReference
         from formats.artifact import Artifact
         art = Artifact.open(model)
         cal = art.calibration
@@ -64,10 +66,10 @@ def make_predictor(precision: str, model: Path | None, checkpoint: Path | None,
         if calibration_method is not None:
             from prepare.calibrate import with_method
             cal = with_method(cal, calibration_method)
-        mref = Int8MlpReference(art, gpu_part, cal)
+        mref = (Int8MlpReference if precision == "int8-mlp" else Fp8MlpReference)(art, gpu_part, cal)
         return mref.predict, tuple(mref.config.table_rows)
     if calibration_method is not None:
-        raise EvalError("--calibration-method applies to --precision int8-mlp only")
+        raise EvalError("--calibration-method applies to --precision int8-mlp and fp8-mlp only")
     if precision == "int8":
         if model is None:
             raise EvalError("--precision int8 needs --model ARTIFACT")

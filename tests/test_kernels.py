@@ -222,3 +222,51 @@ def test_fused_gather_interaction_gpu(share: float, tile: int) -> None:
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     _check_fused(rows, int(sum(rows) * share), 30_001, torch.float16, "cuda", seed, tile)
     _check_fused(rows, int(sum(rows) * share), 513, torch.bfloat16, "cuda", seed + 1, tile, 2)
+
+
+def _check_fused_fp8(rows: list[int], n_hot: int, batch: int, device: str, seed: int) -> None:
+    """The fp8 top-MLP input: the same values scaled by 1/s, saturated at +-448, rounded to e4m3 once."""
+    from kernels.gather_interaction import gather_interaction, gather_interaction_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    tb = _tables(rows, n_hot, gen, device)
+    if tb["cold"] is not None and device != "cpu":
+        tb["cold"] = tb["cold"].pin_memory()
+    T = len(rows)
+    offsets = torch.cat([tb["offsets"].cpu(), torch.tensor([sum(rows)])]).to(device)
+    sparse = _ids(rows, batch, gen).to(device)
+    bottom = torch.randn(batch, D, generator=gen).half().to(device)
+    width = D + (T + 1) * T // 2
+    ref, _ = gather_interaction_reference(bottom, sparse, tb["offsets"], tb["row_position"], tb["scales"],
+                                          tb["hot"], tb["cold"])
+    inv = 300.0 / float(ref.abs().max())  # some values saturate: 300 / amax * amax > 448 is not reached...
+    inv *= 2.0  # ...so double it: the largest values pass 448 and must saturate, not wrap or turn NaN
+    out = torch.full((batch, width + 16), float("nan"), device=device).to(torch.float8_e4m3fn)
+    gather_interaction(bottom, sparse, offsets, tb["row_position"], tb["scales"], tb["hot"], tb["cold"], out,
+                       out_scale=torch.tensor([inv], dtype=torch.float32, device=device))
+    got = out[:, :width].float().cpu()
+    want = (ref.float().cpu() * inv).clamp(-448, 448)
+    assert not torch.isnan(got).any() and torch.isnan(out[:, width:].float()).all()
+    assert float(got.abs().max()) == 448.0  # saturated
+    # One e4m3 step (3 mantissa bits: 1/8 relative) covers the kernel's fp16 inputs against fp32.
+    close = (got - want).abs() <= want.abs() * 0.125 + 2 ** -9
+    if device == "cpu":
+        # Triton 3.9's interpreter converts to e4m3 in software and loses the carry when rounding up
+        # into the next binade (-127.9 becomes -64, not -128); compiled code does not (the GPU test).
+        rounded = want.to(torch.float8_e4m3fn).float()
+        power_of_two = rounded.abs() == torch.exp2(torch.round(torch.log2(rounded.abs().clamp_min(2 ** -9))))
+        close |= power_of_two & (got == rounded / 2)
+        assert float(close.float().mean()) > 0.95  # the exception stays an exception
+    assert bool(close.all()), (got - want).abs().max()
+
+
+def test_fused_gather_interaction_fp8_out_cpu() -> None:
+    rows = [61, 3, 250, 17, 9, 40, 7, 11, 300, 2, 5, 8, 13, 21, 34, 55, 89, 4, 6, 10, 12, 14, 16, 18, 20, 22]
+    _check_fused_fp8(rows, 200, 5, "cpu", int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+@pytest.mark.gpu
+def test_fused_gather_interaction_fp8_out_gpu() -> None:
+    rows = [400_000, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 300_000, 295_354, 40_334, 10, 2208,
+            11938, 155, 4, 976, 14, 399_797, 256_412, 396_649, 58_593, 12972, 108, 36]
+    _check_fused_fp8(rows, int(sum(rows) * 0.5), 20_001, "cuda", int(torch.randint(0, 2**31 - 1, ()).item()))

@@ -1,0 +1,196 @@
+"""The DLRM top MLP in fp8 e4m3 on Hopper's tensor cores: cuBLASLt GEMMs with the epilogue fused.
+
+Why (issue 13, docs/GPU_NOTES.md): the fp16 top MLP took 1.75 ms of a 3 ms batch of 262,144 pairs; fp8
+GEMMs run near twice the fp16 rate, but only with the epilogue (bias, ReLU, the scale and cast to fp8
+for the next layer) fused, which cuBLASLt does (through nvmath-python, an optional GPU extra).
+
+The arithmetic (`fp8_top_mlp_reference` is the same in plain PyTorch, on any device):
+    x0 = e4m3(clamp(top_in / s0))                     the interaction output, written by the gather kernel
+    for the fp8 GEMM layers i = 0 .. L-2:
+        y  = relu((x_i @ W_i^T) * (s_i * w_i) + b_i)     W_i e4m3 with one scale w_i = amax|W_i| / 448
+        x_{i+1} = e4m3(clamp(y / s_{i+1}))              but the last GEMM layer's y stays bf16
+    prediction = sigmoid(y_{L-2} @ w_last + b_last)     the 1-wide last layer in fp32 accumulation
+with static per-tensor activation scales s_i = amax_i / 448 from the artifact's calibration.json
+(`dlrm-prepare calibrate`: "top_l.0" is the top input's magnitude, "top_l.2".. the ReLU outputs).
+e4m3 saturates at +-448 here (clamped), never overflows to NaN.
+
+`Fp8TopMlpRunner` runs it on a GPU: one nvmath `Matmul` per layer and batch size, planned once, with
+the GEMM computed as D = W @ X^T so that each layer's output (column-major [N, M]) is the next layer's
+input as cuBLASLt wants it, and a bf16 C (beta 0) so that cuBLASLt accepts a bias with fp8 output.
+Capturable in a CUDA graph: each layer's result, allocated in the graph's pool, is handed to the next
+layer's Matmul during the capture (reset_operands only changes host-side pointers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+class Fp8MlpError(ValueError):
+    """The fp8 top MLP cannot be built (no calibration of the top input, no nvmath, ...)."""
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Saturating cast to float8 e4m3 (torch's own cast would give NaN past 448)."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+@dataclass
+class Fp8TopMlp:
+    in_width: int  # the interaction width (479)
+    weights: list[torch.Tensor]  # e4m3 [N_i, K_i] row-major, layer 0's K padded to a multiple of 16
+    w_scales: list[float]  # per tensor
+    biases: list[torch.Tensor]  # bf16 [N_i]
+    x_scales: list[float]  # scale of each fp8 GEMM layer's input (s_0 .. s_{L-2})
+    final_weight: torch.Tensor  # fp32 [N_{L-2}]
+    final_bias: float
+
+    @property
+    def in_width_padded(self) -> int:
+        return int(self.weights[0].shape[1])
+
+    def to(self, device: torch.device | str) -> "Fp8TopMlp":
+        return Fp8TopMlp(self.in_width, [w.to(device) for w in self.weights], self.w_scales,
+                         [b.to(device) for b in self.biases], self.x_scales, self.final_weight.to(device),
+                         self.final_bias)
+
+
+def fp8_amax(calibration: Any, layers: int) -> list[float]:
+    """amax of each fp8 GEMM layer's input: "top_l.0" (the top input), "top_l.2", .. from a Calibration."""
+    amax = getattr(calibration, "amax", calibration)
+    keys = [f"top_l.{2 * i}" for i in range(layers)]
+    if not isinstance(amax, Mapping) or any(k not in amax for k in keys):
+        have = sorted(amax) if isinstance(amax, Mapping) else amax
+        raise Fp8MlpError(f"the fp8 top MLP needs calibrated amax for {keys}, have {have}: run "
+                          "`dlrm-prepare calibrate` again (calibrations before 2026-12 lack top_l.0)")
+    values = [float(amax[k]) for k in keys]
+    if not all(np.isfinite(a) and a > 0 for a in values):
+        raise Fp8MlpError(f"fp8 amax values must be finite and positive, got {values}")
+    return values
+
+
+def quantize_fp8_top_mlp(weights: Mapping[str, Any], calibration: Any) -> Fp8TopMlp:
+    """Fp8TopMlp (on the CPU) from the fp32 `top_l.{2i}.{weight,bias}` arrays and the calibration."""
+    def get(key: str) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(weights[key], dtype=np.float32))
+
+    layers = sum(1 for k in weights if k.startswith("top_l.") and k.endswith(".weight"))
+    last = layers - 1
+    if layers < 2 or get(f"top_l.{2 * last}.weight").shape[0] != 1:
+        raise Fp8MlpError(f"need a top MLP of >= 2 layers ending 1 wide, got {layers} layers")
+    amax = fp8_amax(calibration, last)
+    qs, ws, bs = [], [], []
+    in_width = int(get("top_l.0.weight").shape[1])
+    for i in range(last):
+        w = get(f"top_l.{2 * i}.weight")
+        if i == 0:
+            w = torch.nn.functional.pad(w, (0, (in_width + 15) // 16 * 16 - in_width))
+        if w.shape[0] % 16 or w.shape[1] % 16:
+            raise Fp8MlpError(f"fp8 GEMMs need dimensions divisible by 16, layer {i} is {list(w.shape)}")
+        scale = float(w.abs().max()) / E4M3_MAX or 1.0
+        qs.append(e4m3(w / scale).contiguous())
+        ws.append(scale)
+        bs.append(get(f"top_l.{2 * i}.bias").to(torch.bfloat16))
+    return Fp8TopMlp(in_width=in_width, weights=qs, w_scales=ws, biases=bs, x_scales=[a / E4M3_MAX for a in amax],
+                     final_weight=get(f"top_l.{2 * last}.weight").reshape(-1).contiguous(),
+                     final_bias=float(get(f"top_l.{2 * last}.bias").reshape(-1)[0]))
+
+
+def quantize_top_input(q: Fp8TopMlp, top_in: torch.Tensor) -> torch.Tensor:
+    """The fp8 top input as the gather kernel writes it: e4m3(top_in / s_0), zero padding columns."""
+    x = torch.nn.functional.pad(top_in.float(), (0, q.in_width_padded - top_in.shape[1]))
+    return e4m3(x / q.x_scales[0])
+
+
+def fp8_top_mlp_reference(q: Fp8TopMlp, x0: torch.Tensor) -> torch.Tensor:
+    """Predictions fp32 [M] from the fp8 top input x0 (e4m3 [M, in_width_padded]), in plain PyTorch
+    with fp32 accumulation: what the cuBLASLt chain computes, up to accumulation order."""
+    x = x0
+    n = len(q.weights)
+    y = torch.empty(0)
+    for i in range(n):
+        acc = (x.float() @ q.weights[i].float().t()) * (q.x_scales[i] * q.w_scales[i]) + q.biases[i].float()
+        y = torch.relu(acc)
+        if i < n - 1:
+            x = e4m3(y / q.x_scales[i + 1])
+    y = y.to(torch.bfloat16).float()  # the last GEMM layer's output is bf16
+    return torch.sigmoid(y @ q.final_weight.float() + q.final_bias)
+
+
+class Fp8TopMlpRunner:
+    """The fp8 top MLP on one CUDA device through nvmath-python's cuBLASLt matmul (see the module doc).
+
+    `forward(x0, pred, stream)` computes predictions for the rows of x0 (a view of a preallocated fp8
+    buffer: its pointer must be the same at every call for a given row count, as in the engine)."""
+
+    def __init__(self, q: Fp8TopMlp, max_rows: int, device: torch.device) -> None:
+        try:
+            import nvmath  # noqa: F401  (an optional GPU extra)
+        except ImportError as exc:
+            raise Fp8MlpError(f"gpu_mlp_precision fp8 needs nvmath-python (pip install "
+                              f"'dlrm-daemon[gpu]'): {exc}") from exc
+        self.q = q.to(device)
+        self.device = device
+        widths = [int(w.shape[0]) for w in self.q.weights]
+        # One bf16 C for every layer (beta 0: cuBLASLt does not read it; a C is what lets it take a bias
+        # with fp8 output), and the last layer as a 16-row GEMM (fp8 and cuBLASLt want multiples of 16).
+        self._c = torch.zeros(max_rows * max(widths), dtype=torch.bfloat16, device=device)
+        last_k = widths[-1]
+        self._w_last = torch.zeros((16, last_k), dtype=torch.bfloat16, device=device)
+        self._w_last[0] = self.q.final_weight.to(torch.bfloat16)
+        self._b_last = torch.zeros(16, dtype=torch.float32, device=device)
+        self._b_last[0] = self.q.final_bias
+        self._plans: dict[int, list[Any]] = {}
+
+    def _c_view(self, n_out: int, m: int) -> torch.Tensor:
+        return self._c[: m * n_out].view(m, n_out).t()  # column-major [n_out, m]
+
+    def _plan(self, x0: torch.Tensor) -> list[Any]:
+        import nvmath
+        from nvmath.linalg.advanced import Matmul, MatmulEpilog, MatmulOptions
+
+        m = int(x0.shape[0])
+        q = self.q
+        cuda = nvmath.CudaDataType
+        mms: list[Any] = []
+        b: torch.Tensor = x0.t()  # column-major [K0, m]
+        last = len(q.weights) - 1
+        for i, w in enumerate(q.weights):
+            n_out = int(w.shape[0])
+            fp8_out = i < last
+            scales = {"a": q.w_scales[i], "b": q.x_scales[i]}
+            if fp8_out:
+                scales["d"] = 1.0 / q.x_scales[i + 1]
+            opts = MatmulOptions(result_type=cuda.CUDA_R_8F_E4M3 if fp8_out else cuda.CUDA_R_16BF)
+            mm = Matmul(w, b, c=self._c_view(n_out, m), beta=0.0, quantization_scales=scales, options=opts)
+            mm.plan(epilog=MatmulEpilog.RELU_BIAS, epilog_inputs={"bias": q.biases[i]})
+            mms.append(mm)
+            # the next layer's B: this layer's output, column-major [n_out, m] (a stand-in until run)
+            b = torch.empty((m, n_out), dtype=E4M3 if fp8_out else torch.bfloat16, device=self.device).t()
+        mm = Matmul(self._w_last, b, options=MatmulOptions(result_type=cuda.CUDA_R_32F))
+        mm.plan(epilog=MatmulEpilog.BIAS, epilog_inputs={"bias": self._b_last})
+        mms.append(mm)
+        return mms
+
+    def forward(self, x0: torch.Tensor, pred: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        m = int(x0.shape[0])
+        mms = self._plans.get(m)
+        if mms is None:
+            mms = self._plans[m] = self._plan(x0)
+        y = mms[0].execute(stream=stream)
+        for mm in mms[1:]:
+            mm.reset_operands(b=y)
+            y = mm.execute(stream=stream)
+        torch.sigmoid(y[0], out=pred[:m])  # row 0 of the 16-row last layer; its bias is in the epilogue
+
+    def close(self) -> None:
+        for mms in self._plans.values():
+            for mm in mms:
+                mm.free()
+        self._plans.clear()

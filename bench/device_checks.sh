@@ -51,8 +51,9 @@ e2e)
   ;;
 fp8)
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 200 python3 bench/fp8_probe.py 2>&1 | tee "$OUT/fp8_probe.log" | tail -40
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_top_mlp.py tests/test_kernels.py \
-    -k "fp8 or fused" 2>&1 | tee "$OUT/fp8_tests.log" | tail -25
+    -k "fp8 or fused" 2>&1 | tee "$OUT/fp8_tests.log" | tail -8
   timeout 300 python3 bench/bench_engine.py --scale 0.05 --pairs 1000000 --parts 1.0 --mlp fp16,fp8 \
     --out "$OUT/bench_engine_fp8.json" 2>&1 | tail -25
   ;;

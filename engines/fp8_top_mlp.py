@@ -190,7 +190,11 @@ class Fp8TopMlpRunner:
         torch.sigmoid(y[0], out=pred[:m])  # row 0 of the 16-row last layer; its bias is in the epilogue
 
     def close(self) -> None:
+        torch.cuda.synchronize(self.device)
         for mms in self._plans.values():
             for mm in mms:
+                # Its last compute event may have been recorded inside a graph capture, which no stream
+                # may wait on afterwards; the device is idle (synchronized above), so nothing is pending.
+                mm.last_compute_event = None
                 mm.free()
         self._plans.clear()

@@ -33,13 +33,13 @@ def ranges_for(offsets: np.ndarray, pairs: int) -> tuple[np.ndarray, np.ndarray]
     return offsets[:end], np.diff(offsets[: end + 1])
 
 
-def profile(eng: GpuBackend, starts: np.ndarray, counts: np.ndarray, reps: int) -> dict:
+def profile(eng: GpuBackend, starts: np.ndarray, counts: np.ndarray, reps: int, region: np.ndarray) -> dict:
     from torch.profiler import ProfilerActivity, profile as tprofile
 
-    pipelined_pairs_per_s(eng, starts, counts, 4)
+    pipelined_pairs_per_s(eng, starts, counts, region, 4)
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        pipelined_pairs_per_s(eng, starts, counts, reps)
+        pipelined_pairs_per_s(eng, starts, counts, region, reps)
         wall = time.perf_counter() - t0
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per: dict[str, list[float]] = {}
@@ -84,16 +84,18 @@ def main() -> int:
     res["pipelined_pairs_per_s"] = {}
     for b in sizes:
         eng = GpuBackend("cuda:0", art, 1.0, max_batch_pairs=b, graph_sizes=[b])
+        region = np.zeros(eng.inflight * b, dtype=np.float32)  # page-locked as the engine's slots
+        eng.pin_host_memory(region)
         eng.register_dataset("bench", ds)
         starts, counts = ranges_for(offsets, b)
-        rate = pipelined_pairs_per_s(eng, starts, counts, args.reps)
+        rate = pipelined_pairs_per_s(eng, starts, counts, region, args.reps)
         with torch.cuda.stream(eng.stream):
             fwd = b / cuda_ms(lambda: eng._run(b), reps=20) * 1e3
         res["pipelined_pairs_per_s"][b] = {"pipelined": rate, "graph_forward": fwd}
         print(f"batch {b}: pipelined by_ref {rate / 1e6:.2f} M pairs/s, graph forward {fwd / 1e6:.2f} M pairs/s",
               flush=True)
         if b == 262144:
-            prof = profile(eng, starts, counts, 12)
+            prof = profile(eng, starts, counts, 12, region)
             res["profile_262144"] = prof
             print(f"  profile: wall {prof['wall_s'] * 1e3:.1f} ms for 16 batches, device busy "
                   f"{prof['device_busy_us'] / 1e3:.1f} ms of a {prof['device_span_us'] / 1e3:.1f} ms span "

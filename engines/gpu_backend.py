@@ -126,7 +126,7 @@ class GpuBackend:
             raise GpuBackendError(f"inflight must be positive, got {inflight}")
         self.inflight = int(inflight)  # device batches in flight (staging sets)
         self.times = LoadTimes()
-        self.host = HostRegistry()
+        self.host = HostRegistry(self._dev)
         art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
         self.config = art.config
         self.calibration = art.calibration
@@ -155,9 +155,16 @@ class GpuBackend:
         sizes = default_graph_sizes(self.max_batch_pairs) if graph_sizes is None else sorted(set(graph_sizes))
         if any(s < 1 or s > self.max_batch_pairs for s in sizes):
             raise GpuBackendError(f"graph sizes {sizes} must lie in [1, max_batch_pairs={self.max_batch_pairs}]")
-        t0 = time.perf_counter()
-        self._capture(sizes)
-        self.times.graphs_s = time.perf_counter() - t0
+        # Captured at the first batch or warm_up(), not here: the engine page-locks its shared memory
+        # first, before any library (nvmath's cuda.core, for fp8) has driven CUDA outside the runtime.
+        self._graph_sizes = sizes
+        self._sizes: list[int] = []
+
+    def _ensure_graphs(self) -> None:
+        if not self._sizes:
+            t0 = time.perf_counter()
+            self._capture(self._graph_sizes)
+            self.times.graphs_s = time.perf_counter() - t0
 
     # ---- loading -------------------------------------------------------------------------------------
     def _load_tables(self, art: Artifact) -> None:
@@ -381,6 +388,7 @@ class GpuBackend:
         nothing may compile (Triton), load lazily (CUDA modules) or pick an algorithm inside a measured
         run. Sizes cover 1, odd and multiples of 16, range counts of 1 and many, by value and by
         reference for each registered dataset; the forward itself is captured at every graph size."""
+        self._ensure_graphs()
         m = self.max_batch_pairs
         sizes = sorted({min(m, n) for n in (1, 2, 17, 32, 333, 4096, m - 1 if m > 1 else 1, m)})
         cfg = self.config
@@ -406,6 +414,7 @@ class GpuBackend:
     def submit_by_ref(self, dataset: str, pair_starts: np.ndarray, pair_counts: np.ndarray,
                       out: np.ndarray) -> GpuPending:
         """Enqueue a by-reference request; the returned handle's wait() gives its BatchStats."""
+        self._ensure_graphs()
         ds = self._datasets.get(dataset)
         if ds is None:
             raise GpuBackendError(f"dataset {dataset!r} is not registered on {self.device}")
@@ -463,6 +472,7 @@ class GpuBackend:
 
     def submit_by_value(self, dense: np.ndarray, sparse: np.ndarray, out: np.ndarray) -> GpuPending:
         """Enqueue a by-value request (inputs copied asynchronously; by DMA from registered memory)."""
+        self._ensure_graphs()
         cfg = self.config
         if dense.ndim != 2 or dense.shape[1] != cfg.dense_features or sparse.shape[0] != dense.shape[0]:
             raise GpuBackendError(f"dense must be [n, {cfg.dense_features}] and sparse [n, {cfg.num_tables}], "

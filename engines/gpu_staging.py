@@ -26,10 +26,20 @@ from engines.backend import BatchStats
 log = logging.getLogger("dlrm.engine.gpu")
 
 
+def _clear_last_error() -> None:
+    """cudaGetLastError through cuda-bindings where it is installed (torch's own bindings lack it)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        return
+    runtime.cudaGetLastError()
+
+
 class HostRegistry:
     """Address ranges of host memory pinned with cudaHostRegister (page-locked, device-mapped)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self._ranges: list[tuple[int, int]] = []
 
     def register(self, buf: np.ndarray) -> bool:
@@ -38,8 +48,15 @@ class HostRegistry:
         if size == 0 or self.contains(buf):
             return size > 0
         rt = torch.cuda.cudart()
+        # The runtime's current device first: a library that drives CUDA through the driver API
+        # (nvmath's cuda.core) may leave another context current, and the register then fails with
+        # "invalid device ordinal" (seen on an H200 after the fp8 top MLP was planned).
+        torch.cuda.set_device(self.device)
         err = rt.cudaHostRegister(ptr, size, 0)
         if err != rt.cudaError.success:
+            # Clear the runtime's last error: left set, it would be reported by the next kernel launch
+            # check of any later torch operation, as that operation's failure.
+            _clear_last_error()
             log.warning("cudaHostRegister of %d bytes at %#x failed (%s): copies go through pinned staging",
                         size, ptr, err)
             return False

@@ -3,6 +3,53 @@
 #   bash bench/device_checks.sh validate   # fresh-machine demo, first Server run after a start, GPU tests
 #   bash bench/device_checks.sh e2e        # full-size Offline end to end: .before/ (an older tree) vs now
 #   bash bench/device_checks.sh fp8        # the fp8 top MLP: its GPU tests, the engine bench (fp16 vs fp8)
+#   bash bench/device_checks.sh perf       # full-size Offline and a Server sweep, fp16 vs fp8
+# Needs .whl/ (../shared/bin/gpu-wheels) carried; results and logs go to $OUT (the device tool's folder).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+FS=/dev/shm/fs
+
+first_server_run() {  # a daemon just started on a cold Triton cache, then at once a Server run
+  local rt; rt=$(mktemp -d /tmp/dlrmfs-XXXX)
+  python3 -m daemon.cli --runtime-dir "$rt" --model /tmp/demo/artifact --datasets demo=/tmp/demo/dataset \
+    --engines cuda:0 --log-level WARNING > "$OUT/first_server_daemon.log" 2>&1 &
+  local d=$!
+  python3 -c "from wire.client import wait_until_serving as w; w('ipc://$rt/dlrm.sock', 300)"
+  python3 -m loadgen_driver.cli --scenario Server --target-qps 20000 --short --quiet --dataset /tmp/demo/dataset \
+    --dataset-name demo --endpoint "ipc://$rt/dlrm.sock" --output-dir "$OUT/first_server" | grep -E "latency|result|throughput"
+  kill -TERM $d; wait $d; echo "daemon exit $?"
+}
+
+case "${1:-}" in
+validate)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  export TRITON_CACHE_DIR=/tmp/triton_cold_demo; rm -rf "$TRITON_CACHE_DIR"
+  timeout 300 python3 -m prepare.demo --dir /tmp/demo > "$OUT/demo.log" 2>&1; echo "demo exit $?"
+  grep -E "^(Server|Accuracy|dlrm-daemon:|== make demo)|FAILED|one-sample|Server run" "$OUT/demo.log"
+  echo "== first Server run after a start, Triton cache cold"
+  export TRITON_CACHE_DIR=/tmp/triton_cold_first; rm -rf "$TRITON_CACHE_DIR"
+  first_server_run
+  unset TRITON_CACHE_DIR
+  # the full-size data for the e2e call, made meanwhile (its own session: it outlives this command)
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  echo "== GPU tests"
+  timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  ;;
+e2e)
+  # the generator prints its summary (a JSON object) last, or an error
+  for _ in $(seq 120); do grep -q '^}\|error' /tmp/fs.log 2>/dev/null && break; sleep 5; done
+  tail -4 /tmp/fs.log; ls -la $FS/artifact | head -3
+  for tree in .before . .before .; do
+    python3 $tree/bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --engines cuda:0 \
+      --gpu-parts 1.0 --target-qps 400000 --duration-s 10 --out "$OUT/e2e_$(basename $(realpath $tree))_$RANDOM.json" \
+      2>&1 | tail -3
+  done
+  ;;
+fp8)
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
   timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -6
   timeout 240 python3 bench/bench_engine.py --scale 0.05 --pairs 1000000 --parts 1.0 --mlp fp16,fp8 \

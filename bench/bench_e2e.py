@@ -39,7 +39,8 @@ def start_daemon(args: argparse.Namespace, gpu_part: float, runtime: Path,
            "--embedding-weights-on-gpu-part", str(gpu_part), "--max-batch-pairs", str(args.max_batch_pairs),
            "--inflight-batches", str(args.inflight_batches), "--max-pairs-per-query", "2000000",
            "--max-queue-pairs", str(args.max_queue_pairs), "--heartbeat-timeout-s", "10",
-           "--metrics-port", str(metrics_port), "--gpu-mlp-precision", args.mlp]
+           "--metrics-port", str(metrics_port), "--gpu-mlp-precision", args.mlp,
+           *(["--accuracy-target", "99"] if args.mlp == "fp8" else [])]  # fp8: the 99% profile only
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.monotonic()
     log = open(runtime / "daemon.log", "wb")

@@ -148,6 +148,8 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
     bo = bottom()
     emb = (eng.emb_buf[:n] if eng.emb_buf is not None else
            torch.empty((n, eng.config.num_tables, eng.config.embedding_dim), dtype=eng.dtype, device=eng.pred.device))
+    inter_out = (eng.top_in[:n] if eng.top_in.dtype == bo.dtype else
+                 torch.empty(eng.top_in[:n].shape, dtype=bo.dtype, device=bo.device))
     def top() -> torch.Tensor:
         y = eng.top_in[:n]
         if eng.fp8 is not None:
@@ -165,7 +167,8 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
         # sparse_in holds file positions (remapped before the graph): row_position None
         "gather": cuda_ms(lambda: embedding_gather(eng.sparse_in[:n], eng.table_offsets, None,
                                                    eng.scales, eng.hot, eng.cold, emb)),
-        "interaction": cuda_ms(lambda: dot_interaction(bo, emb, eng.top_in[:n])),
+        # the unfused kernel writes fp16 (the fp8 engine's top input is e4m3: time it into a scratch tensor)
+        "interaction": cuda_ms(lambda: dot_interaction(bo, emb, inter_out)),
         "fused_gather_interaction": cuda_ms(lambda: gather_interaction(
             bo, eng.sparse_in[:n], eng.table_offsets, None, eng.scales, eng.hot, eng.cold,
             eng.top_in[:n], **(eng.kernel_config or {}),

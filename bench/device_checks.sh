@@ -4,6 +4,8 @@
 #   bash bench/device_checks.sh e2e        # full-size Offline end to end: .before/ (an older tree) vs now
 #   bash bench/device_checks.sh fp8        # the fp8 top MLP: its GPU tests, the engine bench (fp16 vs fp8)
 #   bash bench/device_checks.sh perf       # full-size Offline and a Server sweep, fp16 vs fp8
+#   bash bench/device_checks.sh fp8acc     # the fp8 engine's AUC on the demo day (LoadGen accuracy run),
+#                                          # its stage times, a higher fp8 Server sweep
 # Needs .whl/ (../shared/bin/gpu-wheels) carried; results and logs go to $OUT (the device tool's folder).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -68,6 +70,31 @@ perf)
   python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 --scenario Server \
     --target-qps 320000,360000,400000 --duration-s 8 --out "$OUT/server_fp8.json" 2>&1 | tail -4
   ;;
+fp8acc)
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 200 python3 -m prepare.demo --dir /tmp/demo > "$OUT/demo.log" 2>&1; echo "demo exit $?"
+  grep -E "^Accuracy" "$OUT/demo.log"
+  fp32_auc=$(grep -oE "^AUC [0-9.]+" "$OUT/demo.log" | head -1 | cut -d' ' -f2)
+  # calibrated on the last training day (not the test day), as tests/test_fp8_top_mlp.py does
+  last_train=$(python3 -c "import json; print(json.load(open('/tmp/demo/synthetic/manifest.json'))['train_days'][-1])")
+  python3 -m prepare.cli criteo /tmp/demo/synthetic/$last_train --model /tmp/demo/artifact --out /tmp/calib | tail -1
+  python3 -m prepare.cli calibrate --model /tmp/demo/artifact --dataset /tmp/calib --pairs 30000 | tail -1
+  rt=$(mktemp -d /tmp/dlrmacc-XXXX)
+  DLRM_GPU_MLP_PRECISION=fp8 DLRM_ACCURACY_TARGET=99 python3 -m daemon.cli --runtime-dir "$rt" --model /tmp/demo/artifact \
+    --datasets demo=/tmp/demo/dataset --engines cuda:0 --log-level WARNING > "$OUT/fp8_daemon.log" 2>&1 &
+  d=$!
+  python3 -c "from wire.client import wait_until_serving as w; w('ipc://$rt/dlrm.sock', 300)"
+  python3 -m loadgen_driver.cli --scenario Offline --mode AccuracyOnly --fp32-auc "$fp32_auc" --short --quiet \
+    --dataset /tmp/demo/dataset --dataset-name demo --endpoint "ipc://$rt/dlrm.sock" \
+    --output-dir "$OUT/fp8_accuracy" 2>&1 | grep -E "AUC"
+  kill -TERM $d; wait $d; echo "fp8 daemon exit $?"
+  timeout 150 python3 bench/bench_engine.py --scale 0.05 --pairs 300000 --parts 1.0 --mlp fp8 \
+    --out "$OUT/bench_engine_fp8_stages.json" 2>&1 | grep -E "stages|batch 262144|Error" | tail -4
+  for _ in $(seq 120); do grep -q '^}\|error' /tmp/fs.log 2>/dev/null && break; sleep 5; done
+  timeout 200 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 2>&1 | tail -1
+  python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 --scenario Server \
+    --target-qps 420000,450000,480000 --duration-s 8 --out "$OUT/server_fp8_high.json" 2>&1 | tail -4
+  ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc" >&2; exit 2 ;;
 esac

@@ -55,6 +55,30 @@ def test_errors_name_the_key(tmp_path: Path, text: str, key: str, what: str) -> 
     assert info.value.key == key and f"'{key}'" in str(info.value) and what in str(info.value)
 
 
+def test_accuracy_target_decides_the_gpu_mlp_precision(tmp_path: Path) -> None:
+    """fp8 kept 99.68% of the fp32 AUC on the demo day: refused for the default 99.9% profile, served at 99%."""
+    fp8_gpu = 'engines = ["cuda:0"]\ngpu_mlp_precision = "fp8"\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, fp8_gpu), env={})
+    assert info.value.key == "gpu_mlp_precision"
+    assert "99.68%" in str(info.value) and 'accuracy_target = "99"' in str(info.value)
+    # at 99% the precision check passes; the next check (no model artifact) is what stops this config
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, fp8_gpu + 'accuracy_target = "99"\n'), env={})
+    assert info.value.key == "model"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, fp8_gpu), env={"DLRM_ACCURACY_TARGET": "99"})
+    assert info.value.key == "model"
+    with pytest.raises(ConfigError, match="one of '99.9', '99'"):
+        load_config(write(tmp_path, fp8_gpu + 'accuracy_target = "99.5"\n'), env={})
+    # int8 (99.96%) keeps the 99.9% profile; engines that are not GPUs ignore the GPU MLP precision
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, 'engines = ["cuda:0"]\ngpu_mlp_precision = "int8"\n'), env={})
+    assert info.value.key == "model"
+    cfg = load_config(write(tmp_path, 'engines = ["null"]\ngpu_mlp_precision = "fp8"\n'), env={})
+    assert cfg.accuracy_target == "99.9"
+
+
 def test_env_error_names_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="DLRM_INFLIGHT_BATCHES"):
         load_config(write(tmp_path, 'engines = ["null"]\n'), env={"DLRM_INFLIGHT_BATCHES": "x"})
@@ -110,7 +134,7 @@ def test_values_are_converted_by_type(tmp_path: Path) -> None:
                     env={"DLRM_HEARTBEAT_TIMEOUT_S": "2", "DLRM_ENGINES": "null, null"})
     assert c.allow_remote is True and c.gpu_mlp_precision == "int8" and c.heartbeat_timeout_s == 2.0
     assert c.engines == ("null", "null")
-    with pytest.raises(ConfigError, match="one of 'fp16', 'bf16', 'int8'"):
-        load_config(cfg, {"gpu_mlp_precision": "fp8"}, env={})
+    with pytest.raises(ConfigError, match="one of 'fp16', 'bf16', 'int8', 'fp8'"):
+        load_config(cfg, {"gpu_mlp_precision": "fp4"}, env={})
     with pytest.raises(ConfigError, match="true or false"):
         load_config(cfg, {"allow_remote": "maybe"}, env={})

@@ -187,10 +187,11 @@ class Batcher:
         head = self._head()
         return head is not None and now - head.arrival >= self.max_queue_delay_s
 
-    def next_wakeup(self) -> float | None:
-        """When a partial batch must close or a deadline passes, whichever is first."""
+    def next_wakeup(self, engine_free: bool = True) -> float | None:
+        """When a partial batch must close or a deadline passes, whichever is first; only the
+        deadline when no engine slot is free (`engine_free` False: a freed slot wakes the caller)."""
         t: float | None = None
-        head = self._head() if self.queued_pairs > 0 else None
+        head = self._head() if self.queued_pairs > 0 and engine_free else None
         if head is not None:
             t = head.arrival + self.max_queue_delay_s
         while self._deadlines and self._deadlines[0][2].finished:

@@ -110,6 +110,9 @@ class DaemonConfig:
     drain_timeout_s: float = field(default=10.0, metadata=_h("on SIGTERM, time allowed to finish accepted work"))
     malloc_trim_interval_s: float = field(default=60.0, metadata=_h(
         "when idle, give freed heap back to the OS at most this often (daemon/memory.py); 0 = never"))
+    engine_restart_wait_s: float = field(default=60.0, metadata=_h(
+        "when the last serving engine is lost, its batches (retried once), the queue and new queries wait "
+        "this long for a restarted engine, each within its own deadline; 0 = fail them at once"))
     restart_backoff_s: float = field(default=1.0, metadata=_h(
         "first delay before restarting a failed engine; doubles per consecutive failure (max 60 s)"))
     metrics_host: str = field(default="127.0.0.1", metadata=_h("Prometheus exporter address"))
@@ -199,7 +202,7 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
     for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "restart_backoff_s", "batch_timeout_s"):
         if not getattr(cfg, key) > 0:
             raise bad(key, f"must be > 0 seconds, got {getattr(cfg, key)}")
-    for key in ("max_queue_delay_s", "drain_timeout_s"):
+    for key in ("max_queue_delay_s", "drain_timeout_s", "engine_restart_wait_s"):
         if not getattr(cfg, key) >= 0:
             raise bad(key, f"must be >= 0 seconds, got {getattr(cfg, key)}")
     if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:

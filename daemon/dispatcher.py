@@ -48,6 +48,11 @@ from wire.shm import remove_stale, run_prefix
 log = logging.getLogger("dlrm.dispatcher")
 _DRAIN_ROUTER_MAX = 512
 _TICK_S = 0.05
+# While engines load (minutes for a 24 GB model) and their processes make progress, ask systemd for
+# more start time (EXTEND_TIMEOUT_USEC) every _EXTEND_EVERY_S, _EXTEND_BY_S from then; a load that
+# makes no progress stops asking, and TimeoutStartSec ends it.
+_EXTEND_EVERY_S = 1.0
+_EXTEND_BY_S = 30.0
 _PASS_BUDGET_S = 0.005
 _NOBLOCK = int(zmq.NOBLOCK)
 
@@ -205,6 +210,9 @@ class _Serving:
         self._closed = False
         self._signal: int | None = None
         self._last_watchdog = 0.0
+        self._last_status = ""
+        # (when, loading_progress()) last checked; from 0: the first tick asks if the engines ran at all
+        self._load_mark: tuple[float, int | None] = (0.0, 0)
         self._stop = asyncio.Event()
         self._started: asyncio.Future[bool] = loop.create_future()
 
@@ -220,7 +228,7 @@ class _Serving:
         try:
             waits: list[asyncio.Future[Any]] = [self._started, self.loop.create_task(self._stop.wait())]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if self._started.done() and not self.sup.any_serving():
+            if self._started.done() and self.sup.start_failed():
                 reasons = "; ".join(f"{e.name} ({e.device}): {e.last_error}" for e in self.sup.engines)
                 log.error("no engine could start: %s", reasons)
                 self.scheduler.fail_queued(ErrorCode.ENGINE_FAILED, "no engine could start")
@@ -229,8 +237,8 @@ class _Serving:
                 self.state = M.DaemonState.SERVING
                 log.info("serving on %s with engines %s", self.cfg.endpoint,
                          ", ".join(f"{e.name}={e.state}" for e in self.sup.engines))
-                self._notify("ready")
-                self._notify("status", "serving")
+                self._notify("ready", self._status_line())
+                self._last_status = self._status_line()
                 await self._stop.wait()
             await self._drain()
             return ExitCode.OK
@@ -278,16 +286,49 @@ class _Serving:
             self._trimmer.tick(now, not self.scheduler.busy())
             self.totals.mark(now)
             wd = self.notifier.watchdog_interval_s() if self.notifier is not None else None
-            # Not before READY=1: the ticker can run between the last engine's EngineReady and
-            # the coroutine that announces readiness.
-            if (wd and self.state is not M.DaemonState.STARTING and now - self._last_watchdog >= wd / 2
-                    and self.sup.all_heartbeats_recent(now)):
+            # The watchdog says the dispatcher is alive (this loop runs), never whether every engine
+            # is: systemd would kill a service that still serves with its other engines, or while an
+            # engine reloads for longer than WatchdogSec. Engine health goes to STATUS=, metrics and
+            # `status`. Not before READY=1: the ticker can run between the last engine's EngineReady
+            # and the coroutine that announces readiness.
+            if wd and self.state is not M.DaemonState.STARTING and now - self._last_watchdog >= wd / 2:
                 self._notify("watchdog")
                 self._last_watchdog = now
+            if self.state is M.DaemonState.STARTING and self.notifier is not None and self.notifier.enabled:
+                self._extend_start(now)
             if self.metrics is not None:
                 self.metrics.set_queue_depth(self.batcher.queued_queries, self.batcher.queued_pairs)
             # Also a safety net for ZeroMQ's edge-like FDs: a full I/O pass every tick.
             self.after_io()
+
+    def _extend_start(self, now: float) -> None:
+        when, before = self._load_mark
+        if now - when < _EXTEND_EVERY_S:
+            return
+        progress = self.sup.loading_progress()
+        self._load_mark = (now, progress)
+        if progress is not None and before is not None and progress > before:
+            self._notify("extend_timeout", _EXTEND_BY_S)
+
+    def _status_line(self) -> str:
+        """systemd's STATUS=: how many engines serve (or are ready, while starting), and why each
+        other one does not."""
+        engines = self.sup.engines
+        up = sum(e.serving for e in engines)
+        down = [f"{e.name} {e.state}" + (f" ({e.last_error})" if e.last_error else "")
+                for e in engines if not e.serving]
+        head = ("serving with {}/{} engines" if self.state is M.DaemonState.SERVING else
+                "loading the model: {}/{} engines ready")
+        return head.format(up, len(engines)) + (": " + "; ".join(down) if down else "")
+
+    def _report_engines(self) -> None:
+        """Send STATUS= when an engine became ready, was lost or came back (only on a change)."""
+        if self.state not in (M.DaemonState.SERVING, M.DaemonState.STARTING):
+            return
+        line = self._status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self._notify("status", line)
 
     def _notify(self, what: str, *args: Any) -> None:
         if self.notifier is not None:
@@ -339,6 +380,8 @@ class _Serving:
         if self.metrics is not None:
             self.metrics.set_engine_up(engine.name, True)
             self.metrics.set_device_memory(engine.name, engine.counts.device_memory_bytes)
+        self.scheduler.engine_back()
+        self._report_engines()
         self._check_started()
 
     def on_engine_lost(self, engine: Engine, reason: str, batches: list[InFlightBatch]) -> None:
@@ -349,6 +392,7 @@ class _Serving:
             self.metrics.set_inflight(engine.name, 0)
             if not self.sup.stopping:
                 self.metrics.engine_restarted(engine.name)
+        self._report_engines()
         self._check_started()
         self.loop.call_soon(self.after_io)
 

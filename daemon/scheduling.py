@@ -3,7 +3,10 @@
 `pump` hands batches to free engine slots (the engine with the fewest batches in flight first) and arms
 the one timer the batcher asks for (a partial batch's delay or the first deadline); a batch's result is
 split per query and answered at once (copied straight out of the shared-memory slot into the reply);
-the batches of a lost engine are retried once on another serving engine, else failed.
+the batches of a lost engine are retried once on another serving engine. When the last serving engine
+is lost, its batches and the queue wait for the restarted engine (and new queries are queued) for up
+to `engine_restart_wait_s`, each query within its own deadline; an engine that cannot load its model,
+or no engine back in time, fails them with ENGINE_FAILED.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class Scheduler:
         self._wake = wake  # schedules an I/O pass of the dispatcher
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._no_engine_since: float | None = None  # the last serving engine was lost then (None: one serves)
 
     # ---- intake ----
     def submit(self, q: Query, starting: bool) -> None:
@@ -41,10 +45,20 @@ class Scheduler:
             q.finished = True
             self.replies.result(q, np.empty(0, np.float32), time.monotonic())
             return
-        if not starting and not self.sup.any_serving():
+        if not starting and not self.sup.any_serving() and not self.waiting_for_restart(time.monotonic()):
             raise EngineFailed("no engine is running (restarting); "
                                + "; ".join(f"{e.name}: {e.last_error}" for e in self.sup.engines))
         self.batcher.submit(q)
+
+    def waiting_for_restart(self, now: float) -> bool:
+        """No engine serves, one is restarting, and work may still wait for it."""
+        since = self._no_engine_since
+        return (since is not None and not self.sup.stopping
+                and now - since <= self.sup.config.engine_restart_wait_s)
+
+    def engine_back(self) -> None:
+        """An engine is ready (again): what waited for it is dispatched by the next pump."""
+        self._no_engine_since = None
 
     def busy(self) -> bool:
         return self.batcher.pending() or any(e.inflight for e in self.sup.engines)
@@ -54,6 +68,11 @@ class Scheduler:
         now = time.monotonic()
         for q in self.batcher.expire(now):
             self.replies.error(q.client, q.request_id, ErrorCode.TIMEOUT, "deadline passed while queued", q=q)
+        if self._no_engine_since is not None and not self.waiting_for_restart(now) and not self.sup.any_serving():
+            self._no_engine_since = None
+            self.fail_queued(ErrorCode.ENGINE_FAILED, "no engine came back within engine_restart_wait_s="
+                             f"{self.sup.config.engine_restart_wait_s:g} s: "
+                             + "; ".join(f"{e.name}: {e.last_error}" for e in self.sup.engines))
         while self.batcher.pending():
             best = self.sup.best_engine()
             if best is None or not self.batcher.should_close(now, engine_idle=not best.inflight):
@@ -76,7 +95,9 @@ class Scheduler:
             self.metrics.set_inflight(e.name, len(e.inflight))
 
     def _arm_timer(self, now: float) -> None:
-        t = self.batcher.next_wakeup()
+        # With every slot busy (or no engine up) only deadlines need a timer: a freed slot or a ready
+        # engine wakes the dispatcher, which pumps; a batch-close timer would fire every millisecond.
+        t = self.batcher.next_wakeup(engine_free=self.sup.best_engine() is not None)
         if t is None:
             return
         if self._timer is not None and self._timer_at <= t + 1e-4:
@@ -123,16 +144,23 @@ class Scheduler:
             self.metrics.set_inflight(e.name, len(e.inflight))
 
     def on_engine_lost(self, e: Engine, reason: str, batches: list[InFlightBatch], serving: bool) -> None:
-        """Retry the lost engine's batches once on another serving engine, else fail them; with no
-        engine left, fail what is queued too (`serving`: the daemon was serving, not starting)."""
+        """Retry the lost engine's batches once, on another serving engine or, when it was the last
+        one, on the restarted engine; fail them and the queue when the engine cannot load its model
+        or `engine_restart_wait_s` is 0 (`serving`: the daemon was serving, not starting)."""
+        now = time.monotonic()
         others = self.sup.any_serving(exclude=e)
+        if others or not serving or self.sup.stopping or e.load_error:
+            self._no_engine_since = None
+        elif self._no_engine_since is None:
+            self._no_engine_since = now
+        can_wait = others or self.waiting_for_restart(now)
         for entry in batches:
             b = entry.batch
-            if b.attempts < 2 and others and not self.sup.stopping:
+            if b.attempts < 2 and can_wait and not self.sup.stopping:
                 self.batcher.retry(b)
             else:
                 self.fail_batch(b, ErrorCode.ENGINE_FAILED, f"engine {e.name} was lost while computing: {reason}")
-        if not others and serving:
+        if not can_wait and serving:
             self.fail_queued(ErrorCode.ENGINE_FAILED, f"every engine is down (last: {e.name}: {reason})")
 
     def fail_batch(self, b: Batch, code: ErrorCode, message: str) -> None:

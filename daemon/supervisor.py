@@ -90,6 +90,7 @@ class Engine:
         self.live = EngineLiveness()
         self.counts = EngineCounters()
         self.last_error = ""
+        self.load_error = ""  # its current process's EngineLoadFailed message ("" if none)
         self.failures_in_row = 0
         self.started_at = 0.0
         self.ready_at = 0.0
@@ -160,9 +161,17 @@ class Supervisor:
     def all_settled(self) -> bool:
         return all(e.settled for e in self.engines)
 
-    def all_heartbeats_recent(self, now: float) -> bool:
-        return all(e.serving and now - e.live.last_heard <= self.config.heartbeat_timeout_s
-                   for e in self.engines)
+    def loading_progress(self) -> int | None:
+        """CPU and run-queue time (ns) of the engine processes still loading, or None when none is
+        (or none can be read): growing while a load computes, reads or pins memory."""
+        marks = [process_progress_ns(e.pid) for e in self.engines
+                 if e.state is M.EngineState.STARTING and e.pid]
+        known = [m for m in marks if m is not None]
+        return sum(known) if known else None
+
+    def start_failed(self) -> bool:
+        """Every engine's first start ended and none became ready: the daemon cannot serve."""
+        return self.all_settled() and not any(e.ever_ready for e in self.engines)
 
     # ---- lifecycle ----
     def start(self, e: Engine) -> None:
@@ -180,7 +189,8 @@ class Supervisor:
             e.lifecycle.apply(EngineEvent.SPAWN_FAILED)
             e.settled = True
             self.events.on_engine_lost(e, e.last_error, [])
-            self._schedule_restart(e, ran_s=0.0, was_serving=False)
+            if not self.start_failed():
+                self._schedule_restart(e, ran_s=0.0, was_serving=False)
 
     def _spawn(self, e: Engine) -> None:
         e.generation += 1
@@ -201,6 +211,7 @@ class Supervisor:
         if e.lifecycle.state is not M.EngineState.STARTING:
             e.lifecycle.apply(EngineEvent.SPAWN)
         e.started_at = time.monotonic()
+        e.load_error = ""
         e.live = EngineLiveness(last_heard=e.started_at)
         e.free_slots = list(range(self.config.inflight_batches))
         self.loop.add_reader(fd_of(sock), self._readable, e, e.generation)
@@ -226,6 +237,8 @@ class Supervisor:
         if e.sock is None:  # already lost (or stopped): its process was reaped then
             return
         was_serving = e.serving
+        if e.load_error:  # the engine said why before it exited: that is the cause, not the exit code
+            reason = f"cannot load: {e.load_error} ({reason})"
         log.error("engine %s lost: %s", e.name, reason)
         e.last_error = reason
         self._detach(e)
@@ -242,8 +255,8 @@ class Supervisor:
         e.inflight.clear()
         e.free_slots = []
         self.events.on_engine_lost(e, reason, batches)
-        if self.stopping:
-            return
+        if self.stopping or self.start_failed():
+            return  # (after a failed start the daemon exits: no restart to announce)
         ran = time.monotonic() - (e.ready_at if was_serving else e.started_at)
         e.counts.restarts += 1
         self._schedule_restart(e, ran, was_serving)
@@ -405,7 +418,7 @@ class Supervisor:
         elif isinstance(msg, M.EngineLoadFailed):
             e.lifecycle.apply(EngineEvent.LOAD_FAILED)
             e.settled = True
-            e.last_error = msg.message
+            e.last_error = e.load_error = msg.message
             log.error("engine %s (%s) cannot load: %s", e.name, e.device, msg.message)
         elif isinstance(msg, M.DatasetAdded):
             self.events.on_dataset_added(e, msg)

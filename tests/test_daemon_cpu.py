@@ -11,13 +11,10 @@ import torch
 from wire.client import PipelinedClient
 from wire.errors import BadRequest
 from formats.model_config import DLRMConfig
-from engines.model import random_state_dict
 from engines.reference import Int8Reference
 from formats.artifact import Artifact
 from formats.dataset import Dataset
-from formats.frequencies import write_row_frequencies
-from prepare.convert import convert
-from test_daemon_support import DaemonProc, make_dataset
+from test_daemon_support import DaemonProc, make_cpu_artifact, make_dataset
 
 CONFIG = DLRMConfig.mlperf().scaled(1e-4, cap=1000)
 
@@ -25,10 +22,8 @@ CONFIG = DLRMConfig.mlperf().scaled(1e-4, cap=1000)
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("dcpu")
-    torch.save(random_state_dict(CONFIG, seed=5), d / "ckpt.pt")
+    make_cpu_artifact(d, CONFIG, seed=5)
     rng = np.random.default_rng(9)
-    write_row_frequencies(d / "f.bin", [rng.random(r).astype(np.float32) for r in CONFIG.table_rows])
-    convert(d / "ckpt.pt", d / "art", d / "f.bin")
     sizes = rng.integers(1, 40, size=60)
     make_dataset(d / "ds", sizes, seed=4, table_rows=CONFIG.table_rows)
     return d / "art", d / "ds"

@@ -95,7 +95,9 @@ def test_stuck_batch_passes_batch_timeout(data: tuple[Path, np.ndarray, Path]) -
             if e0["state"] == "ready" and e0["pid"] != first["pid"]:
                 break
             time.sleep(0.1)
-        assert e0["restarts"] == 1 and e0["pid"] != first["pid"], e0
+        # The only engine: its batch is retried once on the restarted engine (issue 14), sticks there
+        # too and then fails; two restarts, never a loop.
+        assert e0["restarts"] == 2 and e0["pid"] != first["pid"], e0
         assert "more than batch_timeout_s=0.6" in e0["last_error"], e0
         assert "no CPU or run-queue progress" in e0["last_error"], e0
     finally:

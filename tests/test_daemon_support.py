@@ -32,6 +32,22 @@ def make_dataset(path: Path, sizes: np.ndarray, seed: int = 0, table_rows: tuple
     return write_dataset(path, labels, dense, sparse, offsets, table_rows, "daemon-test")
 
 
+def make_cpu_artifact(d: Path, config: Any, seed: int = 5) -> Path:
+    """A converted int8 artifact of a random model (d/art), for daemons with real CPU engines."""
+    import torch
+
+    from engines.model import random_state_dict
+    from formats.frequencies import write_row_frequencies
+    from prepare.convert import convert
+
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(random_state_dict(config, seed=seed), d / "ckpt.pt")
+    rng = np.random.default_rng(seed + 4)
+    write_row_frequencies(d / "f.bin", [rng.random(r).astype(np.float32) for r in config.table_rows])
+    convert(d / "ckpt.pt", d / "art", d / "f.bin")
+    return d / "art"
+
+
 def expected_null_by_ref(offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """What the null engine must answer, computed without the daemon's code paths: the pairs of each
     sample in request order (a Python loop is fine in a test oracle)."""

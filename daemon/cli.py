@@ -48,10 +48,11 @@ def serve(cfg: DaemonConfig) -> int:
     if cfg.metrics_port:
         from prometheus_client import CollectorRegistry
 
-        from daemon.metrics import DaemonMetrics, start_exporter
+        from daemon.metrics import DaemonMetrics, daemon_version, model_id, start_exporter
 
         registry = CollectorRegistry()
         metrics = DaemonMetrics(registry)
+        metrics.set_build_info(daemon_version(), model_id(cfg.model))
         try:
             exporter = start_exporter(registry, cfg.metrics_host, cfg.metrics_port)
         except OSError as exc:
@@ -134,8 +135,9 @@ def status(argv: Sequence[str]) -> int:
         hot, cold = e.get("hot_lookups", 0), e.get("cold_lookups", 0)
         ratio = "-" if e.get("hot_ratio") is None else f"{100 * e['hot_ratio']:.2f}%"
         oldest = "" if e.get("oldest_batch_s") is None else f"; oldest batch in flight {e['oldest_batch_s']:.3f} s"
+        note = " (a CPU engine reads every row from host memory)" if e["device"] == "cpu" else ""
         print(f"    lookups: {hot:,} hot (device memory), {cold:,} cold (host memory), hot-row hit ratio "
-              f"{ratio}{oldest}")
+              f"{ratio}{note}{oldest}")
         if e["last_error"]:
             print(f"    last error: {e['last_error']}")
     print(f"queue: {st['queue_queries']} queries, {st['queue_pairs']} pairs; "

@@ -349,7 +349,10 @@ class _Serving:
             self.sup.drain(e)
         gone = self.sock.peers.take_gone()
         if gone:
-            self.totals.counts["cancelled_disconnected"] += self.batcher.drop_clients(set(gone))
+            dropped = self.batcher.drop_clients(set(gone))
+            self.totals.counts["cancelled_disconnected"] += dropped
+            if self.metrics is not None and dropped:
+                self.metrics.queries_dropped("client_disconnected", dropped)
         recv = self.router.recv
         t_end = time.monotonic() + _PASS_BUDGET_S
         for i in range(_DRAIN_ROUTER_MAX):

@@ -11,8 +11,13 @@ Label values the dispatcher uses:
   outcome  "ok" or an error code of the wire protocol ("BAD_REQUEST", "OVERLOADED", ...)
   code     an error code of the wire protocol
   stage    "queue_wait" | "batch_assembly" | "engine_compute" | "reply"
-  tier     "device" | "host" (where an embedding row was read from; hot rows live on the device)
+  tier     "device" | "host" (where an embedding row was read from; hot rows live on the device; a
+           CPU engine reads every row from host memory)
   engine   the engine's name from the config (e.g. "cuda0", "cpu0")
+  reason   why queued work was dropped: "client_disconnected"
+
+The registry also gets prometheus_client's process and platform collectors (process_resident_memory_bytes,
+process_cpu_seconds_total, process_open_fds, python_info: the dispatcher's own), and dlrm_build_info.
 """
 from __future__ import annotations
 
@@ -20,13 +25,16 @@ import threading
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
+                               start_http_server)
 
-# Dense around the 30 ms Server bound (REFERENCE) so p99 near the bound is resolved to 2.5 ms.
+# Dense around the 30 ms Server bound (REFERENCE) so p99 near the bound is resolved to 2.5 ms, and on to
+# 60 s: an overload's p99 of seconds must show as seconds, not as the last bucket (it once stopped at 1 s
+# while LoadGen measured 3.6 s).
 LATENCY_BUCKETS_S: tuple[float, ...] = tuple(
     ms / 1000.0
     for ms in (0.5, 1, 2, 3, 5, 7.5, 10, 12.5, 15, 17.5, 20, 22.5, 25, 27.5, 30, 32.5, 35, 40, 50,
-               75, 100, 250, 500, 1000)
+               75, 100, 250, 500, 1000, 2500, 5000, 10000, 20000, 30000, 60000)
 )
 # Batches range from one small query (100 pairs) to NVIDIA's 350,000-pair GPU batch (REFERENCE).
 BATCH_PAIRS_BUCKETS: tuple[float, ...] = (
@@ -34,6 +42,7 @@ BATCH_PAIRS_BUCKETS: tuple[float, ...] = (
 )
 ERROR_CODES: tuple[str, ...] = ("BAD_REQUEST", "OVERLOADED", "ENGINE_FAILED", "TIMEOUT", "SHUTTING_DOWN")
 STAGES: tuple[str, ...] = ("queue_wait", "batch_assembly", "engine_compute", "reply")
+DROP_REASONS: tuple[str, ...] = ("client_disconnected",)
 KINDS: tuple[str, ...] = ("by_ref", "by_value")
 TIERS: tuple[str, ...] = ("device", "host")
 
@@ -41,9 +50,21 @@ TIERS: tuple[str, ...] = ("device", "host")
 class DaemonMetrics:
     """The dispatcher's metrics; all methods are cheap and thread-safe (prometheus_client locks)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, process_metrics: bool = True) -> None:
+        """`process_metrics`: register the process and platform collectors (once per registry)."""
         r = registry
         self.registry = registry
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        self.build_info = Gauge("dlrm_build_info", "1, labelled with the daemon's version and the model served.",
+                                ["version", "model"], registry=r)
+        self.retries = Counter("dlrm_batch_retries_total",
+                               "Batches of a lost engine queued again (each runs at most twice), by that engine.",
+                               ["engine"], registry=r)
+        self.dropped = Counter("dlrm_dropped_queries_total",
+                               "Queued queries dropped unanswered, by reason (their client is gone).",
+                               ["reason"], registry=r)
         self.queries = Counter("dlrm_queries_total", "Inference requests answered, by kind and outcome.",
                                ["kind", "outcome"], registry=r)
         self.samples = Counter("dlrm_samples_total", "LoadGen samples (users) in answered requests.",
@@ -54,8 +75,8 @@ class DaemonMetrics:
                                  "End-to-end request latency in the dispatcher (receive to reply sent).",
                                  ["kind"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.stage_latency = Histogram("dlrm_stage_latency_seconds",
-                                       "Latency of one stage of the query path.",
-                                       ["stage"], buckets=LATENCY_BUCKETS_S, registry=r)
+                                       "Latency of one stage of the query path, per engine.",
+                                       ["stage", "engine"], buckets=LATENCY_BUCKETS_S, registry=r)
         # Queries are packed into batches, so per-engine latency is measured per batch: from the
         # oldest query's enqueue to the engine's BatchDone (queue wait + assembly + compute).
         self.batch_latency = Histogram("dlrm_batch_latency_seconds",
@@ -85,8 +106,8 @@ class DaemonMetrics:
         # Pre-create every fixed-label child so rate() and dashboards see 0 rather than no series.
         for code in ERROR_CODES:
             self.errors.labels(code=code)
-        for stage in STAGES:
-            self.stage_latency.labels(stage=stage)
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason=reason)
         for kind in KINDS:
             self.latency.labels(kind=kind)
             self.queries.labels(kind=kind, outcome="ok")
@@ -108,7 +129,10 @@ class DaemonMetrics:
             self.inflight.labels(engine=engine)
             self.engine_up.labels(engine=engine)
             self.restarts.labels(engine=engine)
+            self.retries.labels(engine=engine)
             self.device_memory.labels(engine=engine)
+            for stage in STAGES:
+                self.stage_latency.labels(stage=stage, engine=engine)
             for tier in TIERS:
                 self.lookups.labels(engine=engine, tier=tier)
             self._engines.add(engine)
@@ -132,18 +156,29 @@ class DaemonMetrics:
                       compute_s: float, hot_lookups: int, cold_lookups: int) -> None:
         """One batch completed by `engine`; hot lookups were served from device memory."""
         self._engine(engine)
-        self.stage_latency.labels(stage="queue_wait").observe(queue_wait_s)
-        self.stage_latency.labels(stage="batch_assembly").observe(assembly_s)
-        self.stage_latency.labels(stage="engine_compute").observe(compute_s)
+        self.stage_latency.labels(stage="queue_wait", engine=engine).observe(queue_wait_s)
+        self.stage_latency.labels(stage="batch_assembly", engine=engine).observe(assembly_s)
+        self.stage_latency.labels(stage="engine_compute", engine=engine).observe(compute_s)
         self.batch_latency.labels(engine=engine).observe(queue_wait_s + assembly_s + compute_s)
         self.batch_pairs.labels(engine=engine).observe(pairs)
         self.batches.labels(engine=engine).inc()
         self.lookups.labels(engine=engine, tier="device").inc(hot_lookups)
         self.lookups.labels(engine=engine, tier="host").inc(cold_lookups)
 
-    def observe_reply(self, seconds: float) -> None:
-        """Time to split a batch's predictions and send the replies."""
-        self.stage_latency.labels(stage="reply").observe(seconds)
+    def observe_reply(self, engine: str, seconds: float) -> None:
+        """Time to split a batch's predictions (computed by `engine`) and send the replies."""
+        self._engine(engine)
+        self.stage_latency.labels(stage="reply", engine=engine).observe(seconds)
+
+    def set_build_info(self, version: str, model: str) -> None:
+        self.build_info.labels(version=version, model=model).set(1)
+
+    def batch_retried(self, engine: str) -> None:
+        self._engine(engine)
+        self.retries.labels(engine=engine).inc()
+
+    def queries_dropped(self, reason: str, n: int) -> None:
+        self.dropped.labels(reason=reason).inc(n)
 
     def set_queue_depth(self, queries: int, pairs: int) -> None:
         self.queue_queries.set(queries)
@@ -164,6 +199,32 @@ class DaemonMetrics:
     def set_device_memory(self, engine: str, nbytes: int) -> None:
         self._engine(engine)
         self.device_memory.labels(engine=engine).set(nbytes)
+
+
+def daemon_version() -> str:
+    """The installed package's version; from pyproject.toml in a source tree that is not installed."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    try:
+        return importlib.metadata.version("dlrm-daemon")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+        return found.group(1) if found else "unknown"
+
+
+def model_id(artifact: str) -> str:
+    """A short, stable name of the model served: directory name @ 12 hex digits of its meta.json's
+    sha256 (which holds every data file's checksum); "none" without a model (null engines)."""
+    import hashlib
+    from pathlib import Path
+
+    meta = Path(artifact) / "meta.json" if artifact else None
+    if meta is None or not meta.is_file():
+        return "none"
+    return f"{Path(artifact).resolve().name}@{hashlib.sha256(meta.read_bytes()).hexdigest()[:12]}"
 
 
 @dataclass

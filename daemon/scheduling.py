@@ -133,7 +133,7 @@ class Scheduler:
             else:
                 self.replies.results(client, items, preds, now)
         if self.metrics is not None:
-            self.metrics.observe_reply(time.perf_counter() - t0)
+            self.metrics.observe_reply(e.name, time.perf_counter() - t0)
             self.metrics.observe_batch(e.name, b.num_pairs, entry.sent_at - b.oldest_arrival, entry.assembly_s,
                                        msg.compute_s, msg.hot_lookups, msg.cold_lookups)
             self.metrics.set_inflight(e.name, len(e.inflight))
@@ -158,6 +158,8 @@ class Scheduler:
             b = entry.batch
             if b.attempts < 2 and can_wait and not self.sup.stopping:
                 self.batcher.retry(b)
+                if self.metrics is not None:
+                    self.metrics.batch_retried(e.name)
             else:
                 self.fail_batch(b, ErrorCode.ENGINE_FAILED, f"engine {e.name} was lost while computing: {reason}")
         if not can_wait and serving:

@@ -1,7 +1,9 @@
 """CPU engine backend: the int8 reference forward over both tiers in host memory.
 
-It counts hot/cold lookups with the same Placement as the GPU engine, so its metrics mean the same thing;
-datasets are memory-mapped (formats.dataset), and by-reference batches are gathered with array ops.
+Its predictions follow the GPU engine's Placement (the same int8 rows in the same order), but it reads
+every row from host memory and reports it so: all lookups are cold (tier "host"), none hot (a CPU
+engine has no device tier; its hot-row hit ratio is 0, not the 1.0 a placement split would claim).
+Datasets are memory-mapped (formats.dataset), and by-reference batches are gathered with array ops.
 """
 from __future__ import annotations
 
@@ -70,8 +72,7 @@ class CpuBackend(SynchronousBackend):
             return BatchStats(0, 0)
         positions = self.placement.positions(sparse)
         out[:n] = self.reference.predict_positions(dense, positions)
-        hot, cold = self.placement.lookup_counts(positions)
-        return BatchStats(hot_lookups=hot, cold_lookups=cold)
+        return BatchStats(hot_lookups=0, cold_lookups=int(positions.size))
 
     def warm_up(self) -> None:
         """One small batch before the engine says it is ready (first-call costs of torch's kernels)."""

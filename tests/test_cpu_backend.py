@@ -50,7 +50,8 @@ def test_by_ref_equals_reference(paths: tuple[Path, Path]) -> None:
     expected = Int8Reference(Artifact.open(art), 1.0).predict(data.dense[idx], data.sparse[idx])
     np.testing.assert_array_equal(out[:95], expected)
     assert (out[95:] == -1).all()
-    assert stats.hot_lookups + stats.cold_lookups == 95 * 26 and stats.cold_lookups > 0
+    # every row read from host memory, reported so (gpu_part only shapes the GPU engine's split)
+    assert (stats.hot_lookups, stats.cold_lookups) == (0, 95 * 26)
     backend.close()
 
 
@@ -61,7 +62,7 @@ def test_by_value_and_errors(paths: tuple[Path, Path]) -> None:
     data = backend.datasets["test"]
     out = np.empty(7, dtype=np.float32)
     stats = backend.infer_by_value(np.asarray(data.dense[:7]), np.asarray(data.sparse[:7]), out)
-    assert stats.cold_lookups == 0 and stats.hot_lookups == 7 * 26
+    assert (stats.hot_lookups, stats.cold_lookups) == (0, 7 * 26)  # not "all hot" at gpu_part 1.0
     ref = np.empty(7, dtype=np.float32)
     backend.infer_by_ref("test", np.array([0]), np.array([7]), ref)
     np.testing.assert_array_equal(out, ref)

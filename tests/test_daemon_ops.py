@@ -52,7 +52,13 @@ def test_notify_metrics_and_status_command(tmp_path: Path) -> None:
         assert 'dlrm_queries_total{kind="by_ref",outcome="ok"} 3.0' in body
         assert 'dlrm_engine_up{engine="null0"} 1.0' in body
         # One reply-stage observation per batch (3 queries sent one by one: 3 batches).
-        assert 'dlrm_stage_latency_seconds_count{stage="reply"} 3.0' in body
+        assert 'dlrm_stage_latency_seconds_count{engine="null0",stage="reply"} 3.0' in body \
+            or 'dlrm_stage_latency_seconds_count{stage="reply",engine="null0"} 3.0' in body, body
+        from daemon.metrics import daemon_version
+
+        assert f'dlrm_build_info{{model="none",version="{daemon_version()}"}} 1.0' in body \
+            or f'dlrm_build_info{{version="{daemon_version()}",model="none"}} 1.0' in body
+        assert "process_resident_memory_bytes " in body and "process_open_fds " in body
         out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--endpoint", d.endpoint],
                              capture_output=True, text=True, cwd=REPO, timeout=30,
                              env={**os.environ, "PYTHONPATH": str(REPO)})

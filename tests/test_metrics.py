@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -30,7 +31,10 @@ def _exercise(m: DaemonMetrics) -> None:
     m.observe_error("BAD_REQUEST")
     m.observe_batch("cpu0", pairs=910, queue_wait_s=0.002, assembly_s=0.001, compute_s=0.007,
                     hot_lookups=900, cold_lookups=100)
-    m.observe_reply(0.0004)
+    m.observe_reply("cpu0", 0.0004)
+    m.batch_retried("cpu1")
+    m.queries_dropped("client_disconnected", 3)
+    m.set_build_info("1.2.3", "tb00_40M@0123456789ab")
     m.set_queue_depth(queries=4, pairs=1080)
     m.set_inflight("cpu0", 2)
     m.set_device_memory("cpu0", 123456789)
@@ -79,7 +83,19 @@ def test_values_over_http(scrape_text: str) -> None:
     assert s[("dlrm_query_latency_seconds_sum", (("kind", "by_ref"),))] == pytest.approx(0.043)
     for stage, value in (("queue_wait", 0.002), ("batch_assembly", 0.001), ("engine_compute", 0.007),
                          ("reply", 0.0004)):
-        assert s[("dlrm_stage_latency_seconds_sum", (("stage", stage),))] == pytest.approx(value)
+        assert s[("dlrm_stage_latency_seconds_sum", (("engine", "cpu0"), ("stage", stage)))] == pytest.approx(value)
+        assert s[("dlrm_stage_latency_seconds_count", (("engine", "cpu1"), ("stage", stage)))] == 0
+    assert s[("dlrm_batch_retries_total", (("engine", "cpu1"),))] == 1
+    assert s[("dlrm_batch_retries_total", (("engine", "cpu0"),))] == 0
+    assert s[("dlrm_dropped_queries_total", (("reason", "client_disconnected"),))] == 3
+    assert s[("dlrm_build_info", (("model", "tb00_40M@0123456789ab"), ("version", "1.2.3")))] == 1
+    # the dispatcher's own process (the soak tracks its memory), from prometheus_client's collectors
+    assert s[("process_resident_memory_bytes", ())] > 10e6 and ("process_cpu_seconds_total", ()) in s
+    assert ("python_info", (("implementation", "CPython"), ("major", "3"), ("minor", str(sys.version_info.minor)),
+                            ("patchlevel", str(sys.version_info.micro)), ("version", sys.version.split()[0]))) in s
+    # an overload's seconds are resolved, up to a minute
+    assert 2.5 in LATENCY_BUCKETS_S and 60.0 in LATENCY_BUCKETS_S
+    assert s[("dlrm_query_latency_seconds_bucket", (("kind", "by_value"), ("le", "0.5")))] == 1
     assert s[("dlrm_batch_latency_seconds_sum", (("engine", "cpu0"),))] == pytest.approx(0.010)
     assert s[("dlrm_batch_size_pairs_bucket", (("engine", "cpu0"), ("le", "1000.0")))] == 1
     assert s[("dlrm_batch_size_pairs_bucket", (("engine", "cpu0"), ("le", "500.0")))] == 0
@@ -100,7 +116,9 @@ def test_values_over_http(scrape_text: str) -> None:
 def test_every_metric_is_dlrm_and_typed(scrape_text: str) -> None:
     families = list(text_string_to_metric_families(scrape_text))
     names = {f.name for f in families}
-    assert all(n.startswith("dlrm_") for n in names), names
+    # ours, and prometheus_client's process and platform collectors' (process_*, python_info)
+    assert all(n.startswith(("dlrm_", "process_", "python_info")) for n in names), names
+    assert any(n.startswith("process_") for n in names)
     types = {f.name: f.type for f in families}
     assert types["dlrm_query_latency_seconds"] == "histogram"
     assert types["dlrm_queries"] == "counter"  # the parser strips _total from counter families
@@ -130,3 +148,21 @@ def test_exporter_bind_error_is_clear() -> None:
             start_exporter(registry, "127.0.0.1", first.port)
     finally:
         first.close()
+
+
+def test_version_and_model_id(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import re
+    from pathlib import Path
+
+    from daemon.metrics import daemon_version, model_id
+    from formats.artifact import write_model_description
+    from formats.model_config import DLRMConfig
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert daemon_version() == re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)  # type: ignore[union-attr]
+    art = write_model_description(tmp_path / "tb00", DLRMConfig((5, 5)))
+    first = model_id(str(art))
+    assert re.fullmatch(r"tb00@[0-9a-f]{12}", first) and model_id(str(art)) == first
+    write_model_description(art, DLRMConfig((5, 6)))  # another model in the same directory
+    assert model_id(str(art)) != first
+    assert model_id("") == "none" and model_id(str(tmp_path / "missing")) == "none"

@@ -20,7 +20,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_rules() -> None:
     proc = _promtool("check", "rules", "dlrm-rules.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 11 rules found" in proc.stdout
+    assert "SUCCESS: 15 rules found" in proc.stdout
 
 
 def test_rules_unit_tests() -> None:

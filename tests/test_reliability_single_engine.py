@@ -8,9 +8,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,12 @@ from formats.model_config import DLRMConfig
 from wire.client import PipelinedClient
 from wire.errors import EngineFailed
 from test_daemon_support import REPO, DaemonProc, expected_null_by_ref, make_dataset
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _null_art(d: Path) -> Path:
@@ -42,8 +50,9 @@ def test_offline_run_loses_nothing_when_the_only_engine_dies(tmp_path: Path, fau
     """Before: 592 of 880 samples got ENGINE_FAILED after a SIGKILL, 672 after a SIGSTOP."""
     ds = make_dataset(tmp_path / "ds", np.full(300, 10))
     # 20 batches of 200 pairs at 0.1 s each: the run takes ~2 s of engine time; the fault lands early
+    port = _free_port()
     d = DaemonProc({"engines": ["null"], "model": str(_null_art(tmp_path)), "max_batch_pairs": 200,
-                    "inflight_batches": 2}, env={"DLRM_NULL_DELAY_S": "0.1"})
+                    "inflight_batches": 2, "metrics_port": port}, env={"DLRM_NULL_DELAY_S": "0.1"})
     out_dir = tmp_path / "o"
     try:
         pid = d.wait_serving()["engines"][0]["pid"]
@@ -57,6 +66,7 @@ def test_offline_run_loses_nothing_when_the_only_engine_dies(tmp_path: Path, fau
         os.kill(pid, getattr(signal, fault))  # a stopped engine is hung: the supervisor kills it
         out, err = driver.communicate(timeout=120)
         st = d.status()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         d.close()
     assert driver.returncode == 0, out + err
@@ -64,6 +74,8 @@ def test_offline_run_loses_nothing_when_the_only_engine_dies(tmp_path: Path, fau
     assert samples >= 400 and "errors: 0 samples" in out, out
     engine = st["engines"][0]
     assert engine["pid"] != pid and engine["restarts"] >= 1, engine
+    retried = float(re.search(r'^dlrm_batch_retries_total\{engine="null0"\} (\S+)$', body, re.M).group(1))  # type: ignore[union-attr]
+    assert retried >= 1, body  # the batches in flight when it died were queued again
     print(f"{fault}: {samples} samples, 0 errors; engine {engine['state']}, last error {engine['last_error']!r}")
 
 

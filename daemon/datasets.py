@@ -1,5 +1,11 @@
-"""The dispatcher's view of registered datasets: sample -> pair-range mapping, the loaded set, and the
-registration of a dataset with every engine (pure bookkeeping: no sockets; the caller sends and acks).
+"""The dispatcher's view of registered datasets: sample -> pair-range mapping, each client's loaded set,
+and the registration of a dataset with every engine (pure bookkeeping: no sockets; the caller sends
+and acks).
+
+Load state is per client (per connection, by its routing id): LoadSamples / UnloadSamples of one
+LoadGen run change what that client may ask for, never what another client may. A client that never
+unloaded anything may ask for every sample; its mask exists only between an unload and the load that
+makes it whole again (or its disconnect), so idle and well-behaved clients cost no memory.
 
 A dataset is opened with formats.dataset (the format's own checks) and checked against the model's
 table sizes from formats.artifact.read_model_config: the dispatcher reads no other meta.json.
@@ -32,23 +38,26 @@ class DatasetEntry:
     num_pairs: int
     has_empty: bool  # some sample has no pairs (such ranges are dropped before batching)
     state: DatasetState = DatasetState.READY
-    loaded: np.ndarray | None = None  # bool [num_samples]; None = every sample servable
+    loaded: dict[bytes, np.ndarray] = field(default_factory=dict)  # client -> bool [num_samples]; absent = all
     waiting: set[str] = field(default_factory=set)  # engines that have not added it yet
     waiters: list[tuple[bytes, int]] = field(default_factory=list)  # (client, request_id) to answer
 
-    def pair_ranges(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Validated sample ids -> (starts, counts) per sample in request order, total pairs."""
+    def pair_ranges(self, ids: np.ndarray, client: bytes) -> tuple[np.ndarray, np.ndarray, int]:
+        """Validated sample ids (loaded for `client`) -> (starts, counts) per sample in request order,
+        total pairs."""
         if len(ids) == 0:
             return ids, ids, 0
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.num_samples:
             bad = lo if lo < 0 else hi
             raise BadRequest(f"sample id {bad} out of range [0, {self.num_samples}) of dataset {self.name!r}")
-        if self.loaded is not None:
-            ok = self.loaded[ids]
+        mask = self.loaded.get(client)
+        if mask is not None:
+            ok = mask[ids]
             if not ok.all():
                 first = int(ids[int(np.argmin(ok))])
-                raise BadRequest(f"sample id {first} of dataset {self.name!r} is not loaded (LoadSamples)")
+                raise BadRequest(f"sample id {first} of dataset {self.name!r} is not loaded by this client "
+                                 "(LoadSamples)")
         starts = self.starts[ids]
         counts = self.ends[ids] - starts
         total = int(counts.sum())
@@ -57,14 +66,17 @@ class DatasetEntry:
             starts, counts = starts[keep], counts[keep]
         return starts, counts, total
 
-    def set_loaded(self, ids: np.ndarray, value: bool) -> None:
+    def set_loaded(self, ids: np.ndarray, value: bool, client: bytes) -> None:
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples):
             raise BadRequest(f"sample ids out of range [0, {self.num_samples}) of dataset {self.name!r}")
-        if self.loaded is None:
+        mask = self.loaded.get(client)
+        if mask is None:
             if value:
                 return
-            self.loaded = np.ones(self.num_samples, dtype=bool)
-        self.loaded[ids] = value
+            mask = self.loaded[client] = np.ones(self.num_samples, dtype=bool)
+        mask[ids] = value
+        if value and mask.all():
+            del self.loaded[client]  # whole again: the same as never having unloaded
 
 
 def open_dataset(name: str, path: str, model: DLRMConfig | None) -> DatasetEntry:
@@ -136,6 +148,12 @@ class DatasetRegistry:
             ds.state = DatasetState.READY
             return True
         return False
+
+    def forget_clients(self, clients: set[bytes]) -> None:
+        """Disconnected clients: their load state goes with them."""
+        for ds in self.entries.values():
+            for c in clients & ds.loaded.keys():
+                del ds.loaded[c]
 
     def paths(self) -> dict[str, str]:
         """name -> path of every dataset, for an engine that starts now."""

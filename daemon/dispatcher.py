@@ -349,6 +349,7 @@ class _Serving:
             self.sup.drain(e)
         gone = self.sock.peers.take_gone()
         if gone:
+            self.datasets.forget_clients(set(gone))
             dropped = self.batcher.drop_clients(set(gone))
             self.totals.counts["cancelled_disconnected"] += dropped
             if self.metrics is not None and dropped:

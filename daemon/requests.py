@@ -109,7 +109,7 @@ class RequestHandler:
         if req.num_samples < 0:
             raise BadRequest(f"num_samples={req.num_samples} is negative")
         ids = self._array(frames[2], req.ids_dtype, M.SAMPLE_ID_DTYPE, req.num_samples, 1, "sample ids")
-        starts, counts, pairs = ds.pair_ranges(ids)
+        starts, counts, pairs = ds.pair_ranges(ids, client)
         if pairs > self.cfg.max_pairs_per_query:
             raise BadRequest(f"query has {pairs} pairs, more than max_pairs_per_query={self.cfg.max_pairs_per_query}")
         q = Query(client, req.request_id, ds.name, req.num_samples, pairs, now,
@@ -143,7 +143,7 @@ class RequestHandler:
         self._frames(frames, 1, type(req).__name__)
         ds = self.datasets.get_ready(req.dataset)
         ids = self._array(frames[2], req.ids_dtype, M.SAMPLE_ID_DTYPE, req.num_samples, 1, "sample ids")
-        ds.set_loaded(ids, isinstance(req, M.LoadSamples))
+        ds.set_loaded(ids, isinstance(req, M.LoadSamples), client)
         self.replies.ack(client, req.request_id)
 
     def _register(self, client: bytes, req: M.RegisterDataset, frames: list[Any]) -> None:

@@ -167,6 +167,31 @@ def test_load_unload_and_runtime_register(daemon: DaemonProc, data: tuple[Path, 
     assert st["datasets"]["ds2"] == 3 and {e["state"] for e in st["engines"]} == {"ready"}
 
 
+def test_one_clients_unload_never_breaks_another(daemon: DaemonProc, tmp_path: Path) -> None:
+    """Before: after one LoadGen run unloaded its samples, another client got `sample id 0 of dataset
+    'demo' is not loaded (LoadSamples)`. Load state is per client (connection) now."""
+    offsets = np.array([0, 3, 7, 12])
+    ds3 = make_dataset(tmp_path / "ds3", np.diff(offsets), seed=5)
+    with daemon.client() as a, daemon.client() as b:
+        a.register_dataset("ds3", str(ds3))
+        a.load_samples("ds3", np.arange(3))
+        b.load_samples("ds3", np.arange(3))
+        a.unload_samples("ds3", np.arange(3))  # run A ends
+        with pytest.raises(BadRequest, match="not loaded by this client"):
+            a.infer_by_ref("ds3", np.array([0]))
+        np.testing.assert_array_equal(b.infer_by_ref("ds3", np.array([0, 2])),  # run B goes on
+                                      expected_null_by_ref(offsets, np.array([0, 2])))
+        b.unload_samples("ds3", np.array([2]))
+        with pytest.raises(BadRequest, match="not loaded"):
+            b.infer_by_ref("ds3", np.array([2]))
+        a.load_samples("ds3", np.array([2]))  # A's load is A's: B's unload stands
+        assert len(a.infer_by_ref("ds3", np.array([2]))) == 5
+        with pytest.raises(BadRequest, match="not loaded"):
+            b.infer_by_ref("ds3", np.array([2]))
+    with daemon.client() as c:  # a new connection starts with every sample servable
+        assert len(c.infer_by_ref("ds3", np.array([0, 1, 2]))) == 12
+
+
 def test_engine_sigkill_under_load_and_hang(daemon: DaemonProc) -> None:
     st = daemon.status()
     victim = st["engines"][0]

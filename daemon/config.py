@@ -99,6 +99,9 @@ class DaemonConfig:
     max_queue_pairs: int = field(default=8_000_000, metadata=_h("queue bound in pairs; beyond it OVERLOADED"))
     max_pairs_per_query: int = field(default=4_000_000, metadata=_h("largest query accepted, in pairs"))
     max_message_bytes: int = field(default=256 << 20, metadata=_h("largest request message accepted"))
+    max_client_backlog_bytes: int = field(default=128 << 20, metadata=_h(
+        "unread replies kept for one client (beyond what ZeroMQ holds, 16 replies); past it the client's "
+        "results become CLIENT_NOT_READING errors and its new requests are refused"))
     heartbeat_interval_s: float = field(default=0.2, metadata=_h("engine heartbeat period"))
     heartbeat_timeout_s: float = field(default=1.0, metadata=_h(
         "an engine silent this long is declared hung and restarted"))
@@ -196,7 +199,7 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
         return ConfigError(key, msg, sources.get(key, "default"))
 
     for key in ("max_batch_pairs", "inflight_batches", "max_queue_pairs", "max_pairs_per_query",
-                "max_message_bytes"):
+                "max_message_bytes", "max_client_backlog_bytes"):
         if getattr(cfg, key) <= 0:
             raise bad(key, f"must be positive, got {getattr(cfg, key)}")
     for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "restart_backoff_s", "batch_timeout_s"):

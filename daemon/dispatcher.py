@@ -31,7 +31,7 @@ from daemon.datasets import DatasetRegistry
 from daemon.memory import IdleTrimmer
 from daemon.metrics import DaemonMetrics
 from daemon.peers import PeerWatch
-from daemon.replies import ReplySender, Totals
+from daemon.replies import PIPE_HWM, ReplySender, Totals
 from daemon.requests import RequestHandler
 from daemon.scheduling import Scheduler
 from daemon.sdnotify import Notifier
@@ -104,7 +104,10 @@ class ClientSocket:
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 1000)
-        self.router.setsockopt(zmq.SNDHWM, 1_000_000)
+        # A full pipe to one client makes its send say EAGAIN (ROUTER_MANDATORY) rather than queue
+        # without end or drop; daemon/replies.py keeps a bounded backlog beyond it.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.SNDHWM, PIPE_HWM)
         self.router.setsockopt(zmq.RCVHWM, 1_000_000)
         # Replies are MBs per batch: bigger kernel socket buffers mean fewer wakeups per reply
         # (the kernel caps them at net.core.wmem_max / rmem_max).
@@ -199,7 +202,7 @@ class _Serving:
         self.started_mono = time.monotonic()
         self.datasets = datasets
         self.totals = Totals()
-        self.replies = ReplySender(self.router, metrics, self.totals)
+        self.replies = ReplySender(self.router, metrics, self.totals, cfg.max_client_backlog_bytes)
         self.batcher = Batcher(cfg.max_batch_pairs, cfg.max_queue_pairs, cfg.max_queue_delay_s)
         self.sup = Supervisor(cfg, sock.ctx, loop, self, run_prefix())
         self.scheduler = Scheduler(self.batcher, self.sup, self.replies, metrics, loop, self.after_io)
@@ -350,6 +353,7 @@ class _Serving:
         gone = self.sock.peers.take_gone()
         if gone:
             self.datasets.forget_clients(set(gone))
+            self.replies.forget(set(gone))
             dropped = self.batcher.drop_clients(set(gone))
             self.totals.counts["cancelled_disconnected"] += dropped
             if self.metrics is not None and dropped:
@@ -370,6 +374,7 @@ class _Serving:
         for e in self.sup.engines:
             self.sup.drain(e)
         self.scheduler.pump()
+        self.replies.flush()
         # ZeroMQ FDs are edge-like: re-check after our own sends, which may have consumed the edge.
         if has_input(self.router) or self.sup.pending_input():
             self.after_io()

@@ -14,7 +14,8 @@ Label values the dispatcher uses:
   tier     "device" | "host" (where an embedding row was read from; hot rows live on the device; a
            CPU engine reads every row from host memory)
   engine   the engine's name from the config (e.g. "cuda0", "cpu0")
-  reason   why queued work was dropped: "client_disconnected"
+  reason   why work was dropped: "client_disconnected" (queued queries of a client that is gone) or
+           "client_not_reading" (error replies beyond twice max_client_backlog_bytes of unread replies)
 
 The registry also gets prometheus_client's process and platform collectors (process_resident_memory_bytes,
 process_cpu_seconds_total, process_open_fds, python_info: the dispatcher's own), and dlrm_build_info.
@@ -28,6 +29,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                start_http_server)
 
+from wire.errors import ErrorCode
+
 # Dense around the 30 ms Server bound (REFERENCE) so p99 near the bound is resolved to 2.5 ms, and on to
 # 60 s: an overload's p99 of seconds must show as seconds, not as the last bucket (it once stopped at 1 s
 # while LoadGen measured 3.6 s).
@@ -40,9 +43,11 @@ LATENCY_BUCKETS_S: tuple[float, ...] = tuple(
 BATCH_PAIRS_BUCKETS: tuple[float, ...] = (
     100, 250, 500, 1000, 2000, 4000, 8000, 16000, 32000, 65536, 131072, 262144, 350000, 524288,
 )
-ERROR_CODES: tuple[str, ...] = ("BAD_REQUEST", "OVERLOADED", "ENGINE_FAILED", "TIMEOUT", "SHUTTING_DOWN")
+ERROR_CODES: tuple[str, ...] = tuple(ErrorCode)
 STAGES: tuple[str, ...] = ("queue_wait", "batch_assembly", "engine_compute", "reply")
-DROP_REASONS: tuple[str, ...] = ("client_disconnected",)
+# client_disconnected: queued queries of a client that is gone; client_not_reading: error replies beyond
+# twice max_client_backlog_bytes of unread replies (the results were already replaced by errors)
+DROP_REASONS: tuple[str, ...] = ("client_disconnected", "client_not_reading")
 KINDS: tuple[str, ...] = ("by_ref", "by_value")
 TIERS: tuple[str, ...] = ("device", "host")
 

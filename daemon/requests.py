@@ -64,6 +64,12 @@ class RequestHandler:
         if self._state() is M.DaemonState.DRAINING and not isinstance(req, M.GetStatus):
             self.replies.error(client, req.request_id, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             return
+        if isinstance(req, (M.InferByRef, M.InferByValue)) and self.replies.not_reading(client):
+            self.replies.error(client, req.request_id, ErrorCode.CLIENT_NOT_READING,
+                               f"more than max_client_backlog_bytes={self.cfg.max_client_backlog_bytes} of "
+                               "replies to this client are unread: read them before sending more",
+                               "by_ref" if isinstance(req, M.InferByRef) else "by_value")
+            return
         try:
             self._handlers[type(req)](client, req, frames)
         except DaemonError as exc:

@@ -12,6 +12,7 @@ class ErrorCode(enum.StrEnum):
     ENGINE_FAILED = "ENGINE_FAILED"  # no engine could compute it
     TIMEOUT = "TIMEOUT"  # its deadline passed
     SHUTTING_DOWN = "SHUTTING_DOWN"  # the daemon is draining
+    CLIENT_NOT_READING = "CLIENT_NOT_READING"  # this client's unread replies passed the daemon's bound
 
 
 class DaemonError(Exception):
@@ -44,6 +45,13 @@ class ShuttingDown(DaemonError):
     code = ErrorCode.SHUTTING_DOWN
 
 
+class ClientNotReading(DaemonError):
+    """The client left more than max_client_backlog_bytes of replies unread: its results were
+    replaced by this error (read replies as they come)."""
+
+    code = ErrorCode.CLIENT_NOT_READING
+
+
 class ConnectionFailed(DaemonError):
     """Client side only: the daemon is unreachable or did not answer in time."""
 
@@ -51,7 +59,8 @@ class ConnectionFailed(DaemonError):
 
 
 _BY_CODE: dict[str, type[DaemonError]] = {
-    c.code: c for c in (BadRequest, Overloaded, EngineFailed, Timeout, ShuttingDown, ConnectionFailed)
+    c.code: c for c in (BadRequest, Overloaded, EngineFailed, Timeout, ShuttingDown, ClientNotReading,
+                        ConnectionFailed)
 }
 
 

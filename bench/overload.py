@@ -5,9 +5,11 @@ is max_batch_pairs / delay when batches are full. Queries are LoadGen-like (one 
 from the MLPerf reference distribution, mean 270 pairs), sent open-loop with Poisson arrivals from
 one PipelinedClient. Per phase: OVERLOADED share and how fast those replies come, admitted-query
 latency (client-measured, send to reply) p50/p99/max, queue depth max (GetStatus every 0.1 s from
-another socket), dispatcher RSS. Phases: capacity (closed loop), 2x with the configured queue bound
-(`--max-queue-pairs`, default the daemon's 8,000,000), and 2x with the bound sized from capacity
-(capacity x `--budget-s`).
+another socket), dispatcher RSS. Phases: capacity (closed loop, throughput work: deadline_s=inf), then
+2x capacity three ways: the daemon's defaults (adaptive admission against latency_target_s, 30 ms),
+admission off (`latency_target_s = 0`) with the configured queue bound (`--max-queue-pairs`, default
+the daemon's 8,000,000: the behaviour before admission), and admission off with the bound sized from
+capacity (capacity x `--budget-s`).
 
     .venv/bin/python bench/overload.py --seconds 15
 """
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from wire.client import Client, PipelinedClient, wait_until_serving  # noqa: E402
 from wire.errors import Overloaded  # noqa: E402
+from wire.messages import NO_DEADLINE  # noqa: E402
 from formats.dataset import write_dataset  # noqa: E402
 from formats.trace import reference_sample_sizes  # noqa: E402
 
@@ -84,13 +87,16 @@ def _rss_kb(pid: int) -> int:
 
 
 class Daemon:
-    def __init__(self, work: Path, ds: Path, args: argparse.Namespace, max_queue_pairs: int) -> None:
+    def __init__(self, work: Path, ds: Path, args: argparse.Namespace, max_queue_pairs: int,
+                 latency_target_s: float | None = None) -> None:
+        """`latency_target_s` None: the daemon's default."""
         self.rt = Path(tempfile.mkdtemp(prefix="rt-", dir=work))
         cfg = self.rt / "d.toml"
         cfg.write_text(f'runtime_dir = "{self.rt}"\nengines = ["null"]\nmax_batch_pairs = {args.batch_pairs}\n'
                        f'inflight_batches = 2\nmax_queue_pairs = {max_queue_pairs}\nmax_pairs_per_query = 700\n'
                        f'metrics_port = {_free_port()}\n'
-                       f'[datasets]\nds = "{ds}"\n')
+                       + ("" if latency_target_s is None else f"latency_target_s = {latency_target_s}\n")
+                       + f'[datasets]\nds = "{ds}"\n')
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DLRM_NULL_DELAY_S": str(args.delay_s)}
         self.log = open(self.rt / "daemon.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(cfg)], cwd=ROOT, env=env,
@@ -124,7 +130,7 @@ def capacity(d: Daemon, sizes: np.ndarray, seconds: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         while outstanding < want:
-            pc.send_by_ref(rid, "ds", np.array([rng.integers(0, len(sizes))]))
+            pc.send_by_ref(rid, "ds", np.array([rng.integers(0, len(sizes))]), deadline_s=NO_DEADLINE)
             rid += 1
             outstanding += 1
         for r in pc.poll(100):
@@ -216,17 +222,20 @@ def main() -> int:
                   rng.integers(0, 50, size=(n, 26)).astype(np.int32), offsets, (50,) * 26, "overload")
     sizes = np.diff(offsets)
     mean_pairs = float(sizes.mean())
-    d = Daemon(work, work / "ds", args, args.max_queue_pairs)
+    d = Daemon(work, work / "ds", args, args.max_queue_pairs)  # the defaults: admission on
     cap = capacity(d, sizes, min(args.seconds, 8.0))
     cap_qps = cap / mean_pairs
     res: dict[str, object] = {"capacity_pairs_per_s": round(cap), "capacity_queries_per_s": round(cap_qps),
                               "mean_pairs_per_query": round(mean_pairs, 1), "delay_s": args.delay_s,
                               "batch_pairs": args.batch_pairs}
-    res["2x_queue_bound_%d" % args.max_queue_pairs] = offered(d, sizes, 2 * cap_qps, args.seconds)
+    res["2x_defaults_admission_30ms"] = offered(d, sizes, 2 * cap_qps, args.seconds)
+    res["exit_0"] = d.stop()
+    d = Daemon(work, work / "ds", args, args.max_queue_pairs, latency_target_s=0.0)
+    res["2x_no_admission_queue_bound_%d" % args.max_queue_pairs] = offered(d, sizes, 2 * cap_qps, args.seconds)
     res["exit_1"] = d.stop()
     bound = max(args.batch_pairs, int(cap * args.budget_s))
-    d = Daemon(work, work / "ds", args, bound)
-    res[f"2x_queue_bound_{bound}"] = offered(d, sizes, 2 * cap_qps, args.seconds)
+    d = Daemon(work, work / "ds", args, bound, latency_target_s=0.0)
+    res[f"2x_no_admission_queue_bound_{bound}"] = offered(d, sizes, 2 * cap_qps, args.seconds)
     res["exit_2"] = d.stop()
     print(json.dumps(res, indent=1))
     return 0

@@ -31,6 +31,7 @@ class Query:
     num_pairs: int
     arrival: float
     deadline: float | None = None  # absolute, same clock as `arrival`
+    latency_budget_s: float | None = None  # what admission holds it to (daemon/admission.py); None: nothing
     starts: np.ndarray | None = None  # by reference: int64 pair range per sample, request order
     counts: np.ndarray | None = None
     dense: np.ndarray | None = None  # by value

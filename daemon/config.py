@@ -30,6 +30,7 @@ ENV_PREFIX = "DLRM_"
 # 65,536-pair batch would hold it (and every query batched behind it) for seconds.
 CPU_BATCH_PAIRS = 8192
 DEFAULT_BATCH_PAIRS = 65536
+DEFAULT_LATENCY_TARGET_S = 0.030  # latency_target_s = -1 (auto) unless every engine is a CPU engine
 _IPC_PATH_MAX = 107  # sun_path limit of a unix socket address
 # DLRM_* variables that are not config keys: read by clients (CURVE keys, the endpoint lookup) and by
 # the null engine's test and benchmark hooks (engines/null_backend.py).
@@ -93,6 +94,12 @@ class DaemonConfig:
     max_batch_pairs: int = field(default=0, metadata=_h(
         "largest batch sent to an engine, in pairs; 0 (default) = 8192 when every engine is 'cpu' (about "
         "1 s of a 2-core CPU engine), else 65536 (a GPU runs 262144 faster: see config.example.toml)"))
+    latency_target_s: float = field(default=-1.0, metadata=_h(
+        "admission: a query without deadline_s is refused with OVERLOADED at once when the work ahead, at "
+        "the engines' measured rate, would not let it finish within this (daemon/admission.py); a query "
+        "with deadline_s is held to its deadline (TIMEOUT), one with deadline_s=inf to nothing; 0 = off; "
+        "-1 (default) = 0.030 (the MLPerf Server bound), or off when every engine is 'cpu' (~10k pairs/s: "
+        "any queue passes 30 ms)"))
     max_queue_delay_s: float = field(default=0.002, metadata=_h(
         "a partial batch closes once its oldest query waited this long (busy engines only)"))
     inflight_batches: int = field(default=2, metadata=_h("shared-memory slots (batches in flight) per engine"))
@@ -205,7 +212,7 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
     for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "restart_backoff_s", "batch_timeout_s"):
         if not getattr(cfg, key) > 0:
             raise bad(key, f"must be > 0 seconds, got {getattr(cfg, key)}")
-    for key in ("max_queue_delay_s", "drain_timeout_s", "engine_restart_wait_s"):
+    for key in ("max_queue_delay_s", "drain_timeout_s", "engine_restart_wait_s", "latency_target_s"):
         if not getattr(cfg, key) >= 0:
             raise bad(key, f"must be >= 0 seconds, got {getattr(cfg, key)}")
     if cfg.heartbeat_timeout_s <= cfg.heartbeat_interval_s:
@@ -338,6 +345,9 @@ def load_config(
     if not values.get("max_batch_pairs"):
         engines = values.get("engines", DaemonConfig.engines)
         values["max_batch_pairs"] = CPU_BATCH_PAIRS if engines and all(d == "cpu" for d in engines) else DEFAULT_BATCH_PAIRS
+    if values.get("latency_target_s", -1.0) == -1.0:
+        engines = values.get("engines", DaemonConfig.engines)
+        values["latency_target_s"] = 0.0 if engines and all(d == "cpu" for d in engines) else DEFAULT_LATENCY_TARGET_S
     cfg = DaemonConfig(**values)
     _validate(cfg, sources)
     return cfg

@@ -98,7 +98,7 @@ class RequestHandler:
 
     @staticmethod
     def _deadline(now: float, deadline_s: float | None) -> float | None:
-        if deadline_s is None:
+        if deadline_s is None or deadline_s == M.NO_DEADLINE:
             return None
         if not deadline_s > 0:
             raise Timeout(f"deadline_s={deadline_s} leaves no time to compute")
@@ -119,7 +119,8 @@ class RequestHandler:
         if pairs > self.cfg.max_pairs_per_query:
             raise BadRequest(f"query has {pairs} pairs, more than max_pairs_per_query={self.cfg.max_pairs_per_query}")
         q = Query(client, req.request_id, ds.name, req.num_samples, pairs, now,
-                  self._deadline(now, req.deadline_s), starts=starts, counts=counts)
+                  self._deadline(now, req.deadline_s), self.scheduler.admission.budget(req.deadline_s),
+                  starts=starts, counts=counts)
         self.scheduler.submit(q, self._starting())
 
     def _infer_by_value(self, client: bytes, req: M.InferByValue, frames: list[Any]) -> None:
@@ -141,7 +142,7 @@ class RequestHandler:
         elif n and int(sparse.min()) < 0:
             raise BadRequest("sparse ids must be >= 0")
         q = Query(client, req.request_id, BY_VALUE_KEY, 0, n, now, self._deadline(now, req.deadline_s),
-                  dense=dense, sparse=sparse, frames=frames)
+                  self.scheduler.admission.budget(req.deadline_s), dense=dense, sparse=sparse, frames=frames)
         self.scheduler.submit(q, self._starting())
 
     # ---- datasets ----

@@ -16,12 +16,13 @@ from typing import Callable
 
 import numpy as np
 
+from daemon.admission import HEADROOM, Admission
 from daemon.batcher import Batch, Batcher, Query, fill_slot
 from daemon.metrics import DaemonMetrics
 from daemon.replies import ReplySender
 from daemon.supervisor import Engine, InFlightBatch, Supervisor
 from wire import messages as M
-from wire.errors import EngineFailed, ErrorCode
+from wire.errors import EngineFailed, ErrorCode, Overloaded, Timeout
 
 
 class Scheduler:
@@ -36,6 +37,7 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._no_engine_since: float | None = None  # the last serving engine was lost then (None: one serves)
+        self.admission = Admission(supervisor.config.latency_target_s, supervisor.config.max_batch_pairs)
 
     # ---- intake ----
     def submit(self, q: Query, starting: bool) -> None:
@@ -48,7 +50,27 @@ class Scheduler:
         if not starting and not self.sup.any_serving() and not self.waiting_for_restart(time.monotonic()):
             raise EngineFailed("no engine is running (restarting); "
                                + "; ".join(f"{e.name}: {e.last_error}" for e in self.sup.engines))
+        if q.latency_budget_s is not None:
+            self._admit(q)
         self.batcher.submit(q)
+
+    def _admit(self, q: Query) -> None:
+        """Overloaded (no deadline: the daemon's target) or Timeout (its deadline) when the work ahead,
+        at the engines' measured rate, would not let `q` finish within its budget."""
+        engines = self.sup.engines
+        capacity = self.admission.capacity([e.name for e in engines if e.serving])
+        if capacity is None:
+            return
+        ahead = self.batcher.queued_pairs + sum(entry.batch.num_pairs for e in engines for entry in e.inflight.values())
+        assert q.latency_budget_s is not None
+        wait = self.admission.refuse(ahead, q.num_pairs, q.latency_budget_s, capacity)
+        if wait is None:
+            return
+        why = (f"estimated wait {1e3 * wait:.1f} ms ({ahead:,} pairs ahead at {capacity:,.0f} pairs/s) exceeds "
+               f"{100 * HEADROOM:.0f}% of {1e3 * q.latency_budget_s:g} ms")
+        if q.deadline is not None:
+            raise Timeout(f"{why}, its deadline_s: refused at once")
+        raise Overloaded(f"{why}, the daemon's latency_target_s (send deadline_s=inf for throughput work)")
 
     def waiting_for_restart(self, now: float) -> bool:
         """No engine serves, one is restarting, and work may still wait for it."""
@@ -84,6 +106,7 @@ class Scheduler:
         self._arm_timer(now)
 
     def _dispatch(self, e: Engine, b: Batch, now: float) -> None:
+        self.admission.dispatched(e.name, now, was_idle=not e.inflight)
         slot = self.sup.take_slot(e)
         t0 = time.perf_counter()
         ranges = fill_slot(b, e.region.slots[slot])
@@ -116,6 +139,7 @@ class Scheduler:
     def on_batch_done(self, e: Engine, entry: InFlightBatch, msg: M.BatchDone) -> None:
         b = entry.batch
         now = time.monotonic()
+        self.admission.completed(e.name, b.num_pairs, now, still_busy=bool(e.inflight))
         self.replies.totals.counts["batches"] += 1
         preds = e.region.slots[entry.slot].out[:b.num_pairs]
         by_client: dict[bytes, list[tuple[Query, np.ndarray, int]]] = {}
@@ -139,6 +163,7 @@ class Scheduler:
             self.metrics.set_inflight(e.name, len(e.inflight))
 
     def on_batch_failed(self, e: Engine, entry: InFlightBatch, msg: M.BatchFailed) -> None:
+        self.admission.failed(e.name, time.monotonic(), still_busy=bool(e.inflight))
         self.fail_batch(entry.batch, ErrorCode.ENGINE_FAILED, f"engine {e.name} failed the batch: {msg.message}")
         if self.metrics is not None:
             self.metrics.set_inflight(e.name, len(e.inflight))
@@ -148,6 +173,7 @@ class Scheduler:
         one, on the restarted engine; fail them and the queue when the engine cannot load its model
         or `engine_restart_wait_s` is 0 (`serving`: the daemon was serving, not starting)."""
         now = time.monotonic()
+        self.admission.forget(e.name)
         others = self.sup.any_serving(exclude=e)
         if others or not serving or self.sup.stopping or e.load_error:
             self._no_engine_since = None

@@ -17,6 +17,7 @@ import numpy as np
 import zmq
 
 from formats.pairs import pair_index
+from wire import messages as M
 from wire.client import Client, PipelinedClient, PipelinedReply
 from wire.errors import DaemonError
 
@@ -178,7 +179,8 @@ class DaemonBackend:
         while self._outbox:
             rid, ids = self._outbox.popleft()
             try:
-                self._client.send_by_ref(rid, self.dataset, ids)
+                # throughput work: LoadGen measures latency itself, and a refused sample fails the run
+                self._client.send_by_ref(rid, self.dataset, ids, deadline_s=M.NO_DEADLINE)
             except zmq.ZMQError as exc:
                 return [BackendReply(rid, None, f"send failed: {exc}")]
         return [_convert(r) for r in self._client.poll(0)]

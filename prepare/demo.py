@@ -175,6 +175,7 @@ def measure_capacity(endpoint: str, dataset: str, num_samples: int, seconds: flo
     `per_query`-sample queries kept `depth` deep for `seconds` (the rate the engines sustain here and
     now; a GPU needs more in flight than a CPU engine to show it)."""
     from wire.client import Client, PipelinedClient
+    from wire.messages import NO_DEADLINE
 
     rng = np.random.default_rng(0)
     lat = []
@@ -190,7 +191,7 @@ def measure_capacity(endpoint: str, dataset: str, num_samples: int, seconds: flo
         t0 = time.monotonic()
         while done < sent or sent == 0 or time.monotonic() - t0 < seconds:
             while sent - done < depth and time.monotonic() - t0 < seconds:
-                pipe.send_by_ref(sent, dataset, rng.integers(0, num_samples, per_query))
+                pipe.send_by_ref(sent, dataset, rng.integers(0, num_samples, per_query), deadline_s=NO_DEADLINE)
                 sent += 1
             for reply in pipe.poll(1000):
                 if reply.error is not None:

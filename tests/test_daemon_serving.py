@@ -68,7 +68,13 @@ def test_by_ref_and_by_value_many_clients(daemon: DaemonProc, data: tuple[Path, 
                 if not np.array_equal(c.infer_by_value(dense, sparse), dense[:, 0]):
                     failures.append(f"by_value n={n}")
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    def guarded(seed: int) -> None:  # (an exception inside the thread would not fail the test)
+        try:
+            worker(seed)
+        except Exception as exc:
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=guarded, args=(s,)) for s in range(6)]
     for t in threads:
         t.start()
     for t in threads:
@@ -82,8 +88,8 @@ def test_pipelined_many_in_flight(daemon: DaemonProc, data: tuple[Path, np.ndarr
     queries = {rid: rng.integers(0, 300, size=int(rng.integers(1, 40))) for rid in range(400)}
     before = daemon.status()["totals"]
     pc = PipelinedClient(daemon.endpoint)
-    for rid, ids in queries.items():
-        pc.send_by_ref(rid, "ds", ids)
+    for rid, ids in queries.items():  # a burst of throughput work: held to no latency target
+        pc.send_by_ref(rid, "ds", ids, deadline_s=P.NO_DEADLINE)
     got: dict[int, np.ndarray] = {}
     end = time.monotonic() + 60
     while len(got) < len(queries) and time.monotonic() < end:
@@ -196,25 +202,29 @@ def test_engine_sigkill_under_load_and_hang(daemon: DaemonProc) -> None:
     st = daemon.status()
     victim = st["engines"][0]
     results = {"ok": 0, "failed": 0}
+    problems: list[str] = []  # (an assertion inside the thread would not fail the test)
     stop = threading.Event()
 
     def load() -> None:
         pc = PipelinedClient(daemon.endpoint)
         rid, outstanding = 0, 0
         while not stop.is_set() or outstanding:
-            while not stop.is_set() and outstanding < 20:
-                pc.send_by_ref(rid, "ds", np.arange(rid % 50, rid % 50 + 8))
+            while not stop.is_set() and outstanding < 20:  # closed-loop throughput work
+                pc.send_by_ref(rid, "ds", np.arange(rid % 50, rid % 50 + 8), deadline_s=P.NO_DEADLINE)
                 rid += 1
                 outstanding += 1
             replies = pc.poll(5000)
-            assert replies, "a query hung"
+            if not replies:
+                problems.append("a query hung")
+                break
             for r in replies:
                 outstanding -= 1
                 if r.error is None:
                     results["ok"] += 1
-                else:
-                    assert isinstance(r.error, EngineFailed), r.error
+                elif isinstance(r.error, EngineFailed):
                     results["failed"] += 1
+                else:
+                    problems.append(repr(r.error))
         pc.close()
 
     t = threading.Thread(target=load)
@@ -224,7 +234,7 @@ def test_engine_sigkill_under_load_and_hang(daemon: DaemonProc) -> None:
     time.sleep(0.5)
     stop.set()
     t.join(30)
-    assert not t.is_alive() and results["ok"] > 0
+    assert not t.is_alive() and results["ok"] > 0 and not problems, problems[:3]
     end = time.monotonic() + 10
     while time.monotonic() < end:
         e0 = daemon.status()["engines"][0]

@@ -81,13 +81,19 @@ class _Msg(msgspec.Struct, tag=True, array_like=True, frozen=True):
 
 
 # ---- requests (client -> dispatcher) ----
+NO_DEADLINE = float("inf")  # deadline_s of throughput work (see InferByRef)
+
+
 class InferByRef(_Msg, frozen=True):
     """+ one frame: sample ids (`ids_dtype`, num_samples values) of a registered dataset."""
 
     request_id: int
     dataset: str
     num_samples: int
-    deadline_s: float | None = None  # budget from arrival at the daemon; None = no deadline
+    # budget from arrival at the daemon: a number = admitted only if the work ahead lets it finish in
+    # time, TIMEOUT once it passes; None = admitted against the daemon's latency_target_s (answered even
+    # if late); NO_DEADLINE (inf) = throughput work, never refused for latency (LoadGen runs)
+    deadline_s: float | None = None
     ids_dtype: str = SAMPLE_ID_DTYPE
 
 
@@ -96,7 +102,7 @@ class InferByValue(_Msg, frozen=True):
 
     request_id: int
     num_pairs: int
-    deadline_s: float | None = None
+    deadline_s: float | None = None  # as InferByRef's
     dense_dtype: str = DENSE_DTYPE
     sparse_dtype: str = SPARSE_DTYPE
 

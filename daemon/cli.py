@@ -44,6 +44,11 @@ def serve(cfg: DaemonConfig) -> int:
 
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import faulthandler
+    import signal
+
+    # `kill -USR1 PID` writes every thread's stack to the log (the journal): a stuck dispatcher says where
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     metrics = exporter = None
     if cfg.metrics_port:
         from prometheus_client import CollectorRegistry

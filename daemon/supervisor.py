@@ -433,8 +433,18 @@ class Supervisor:
         return any(e.sock is not None and has_input(e.sock) for e in self.engines)
 
     def send(self, e: Engine, msg: Any) -> None:
+        """Never blocks: a PAIR socket whose engine process died blocks a plain send for ever (the
+        dispatcher hung there when an engine was SIGKILLed between its exit and the pidfd event).
+        What was not taken stays in flight; the engine's loss, noticed through its exit or its
+        liveness, retries it."""
         assert e.sock is not None
-        e.sock.send(M.encode(msg))
+        try:
+            e.sock.send(M.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("engine %s: its control socket takes no message (process gone?): %s not sent",
+                        e.name, type(msg).__name__)
+            if e.proc is not None and not e.proc.alive():
+                self.loop.call_soon(self._exited, e, e.generation)
 
     def send_batch(self, e: Engine, entry: InFlightBatch, msg: M.BatchReady) -> None:
         e.inflight[entry.batch.batch_id] = entry

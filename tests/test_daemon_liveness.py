@@ -102,3 +102,40 @@ def test_stuck_batch_passes_batch_timeout(data: tuple[Path, np.ndarray, Path]) -
         assert "no CPU or run-queue progress" in e0["last_error"], e0
     finally:
         d.terminate()
+
+
+def test_a_message_to_a_dead_engine_never_blocks_the_dispatcher(tmp_path: Path) -> None:
+    """A PAIR socket with no peer (its engine process just died, before the dispatcher saw the exit)
+    blocked a plain send for ever: the whole dispatcher hung there after a SIGKILL of the only engine
+    during a LoadGen Server run (status stopped answering). The send is non-blocking now."""
+    import asyncio
+    import threading
+
+    import zmq
+
+    from daemon.supervisor import Engine, Supervisor
+    from wire import messages as M
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.bind(f"ipc://{tmp_path}/engine.sock")  # nobody connected: the engine is gone
+    sup = Supervisor.__new__(Supervisor)  # only send() is exercised: no engines, no regions
+    sup.loop = asyncio.new_event_loop()
+    engine = Engine.__new__(Engine)
+    engine.name, engine.sock, engine.proc = "cpu0", sock, None
+    done = threading.Event()
+
+    def send() -> None:
+        sup.send(engine, M.BatchReady(batch_id=1, slot=0, kind=M.BatchKind.REF, dataset="ds", num_ranges=1,
+                                      num_pairs=5))
+        done.set()
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    try:
+        assert done.wait(5.0), "send to an engine socket without a peer blocked"
+    finally:
+        sock.close(0)
+        sup.loop.close()
+        if done.is_set():  # (a thread still blocked in send would hang term())
+            ctx.term()

@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wire.client import PipelinedClient, wait_until_serving  # noqa: E402
+from wire.messages import NO_DEADLINE  # noqa: E402
 from formats.trace import reference_sample_sizes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +117,8 @@ def main() -> int:
             mean_pairs = float(np.mean([sizes[p].sum() for p in pool])) / k
 
             def make_send(pc: PipelinedClient, pool=pool):  # type: ignore[no-untyped-def]
-                return lambda rid: pc.send_by_ref(rid, "ds", pool[rid & 255])
+                # throughput work: the daemon's latency admission would refuse part of a 64-deep window
+                return lambda rid: pc.send_by_ref(rid, "ds", pool[rid & 255], deadline_s=NO_DEADLINE)
 
             done, el, err = run_load(endpoint, make_send, args.seconds, args.window)
             qps = done / el
@@ -128,7 +130,7 @@ def main() -> int:
             sparse = rng.integers(0, 1000, size=(n, 26)).astype(np.int32)
 
             def make_send_v(pc: PipelinedClient, dense=dense, sparse=sparse):  # type: ignore[no-untyped-def]
-                return lambda rid: pc.send_by_value(rid, dense, sparse)
+                return lambda rid: pc.send_by_value(rid, dense, sparse, deadline_s=NO_DEADLINE)
 
             done, el, err = run_load(endpoint, make_send_v, args.seconds, min(args.window, 16))
             qps = done / el

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import msgspec
 
 from daemon.security import curve_problem, exposure_problem
-from formats.artifact import ArtifactError, read_model_config
+from daemon.precision_plan import PlanError, plan
+from formats.artifact import ArtifactError, read_calibration, read_model_config
 from wire.endpoints import client_endpoint, default_runtime_dir, endpoint_in
 from wire.messages import EngineKind, MlpPrecision
 
@@ -53,12 +54,11 @@ class AccuracyTarget(enum.StrEnum):
 
     HIGH = "99.9"
     DEFAULT = "99"
+    NONE = "none"  # no profile: speed runs of synthetic models, whose AUC means nothing
 
-
-# Share of the fp32 AUC each GPU MLP arithmetic kept where measured (BENCHMARKS.md, the demo day: fp16 and
-# fp8 in LoadGen accuracy runs of the GPU engine, int8 by its CPU reference). One below the configured
-# target is refused; bf16 (fp16's rate, for models trained in bf16) has no measurement and no check.
-MEASURED_AUC_RATIO = {MlpPrecision.FP16: 0.99987, MlpPrecision.INT8: 0.99960, MlpPrecision.FP8: 0.99683}
+    @property
+    def share(self) -> float | None:
+        return None if self is AccuracyTarget.NONE else float(self.value) / 100
 
 
 def _h(text: str) -> dict[str, str]:
@@ -82,15 +82,17 @@ class DaemonConfig:
         "flag/env comma-separated"))
     embedding_weights_on_gpu_part: float = field(default=1.0, metadata=_h(
         "share of embedding rows (most frequent first) kept in device memory, 0..1"))
-    gpu_mlp_precision: MlpPrecision = field(default=MlpPrecision.FP16, metadata=_h(
-        "GPU engines' MLP arithmetic: 'fp16' or 'bf16' (cuBLAS), 'int8' (top MLP through the Triton int8 "
-        "kernel; measured slower than fp16 on an H200) or 'fp8' (top MLP in fp8 e4m3 through cuBLASLt, "
-        "needs nvmath-python; 99.68% of the fp32 AUC on the demo day: the 99% profile only, BENCHMARKS.md); int8 and "
-        "fp8 use the artifact's calibration.json from `dlrm-prepare calibrate`. The CPU engine always "
-        "computes in fp32"))
+    gpu_mlp_precision: MlpPrecision = field(default=MlpPrecision.AUTO, metadata=_h(
+        "GPU engines' MLP arithmetic: 'auto' (default: the fastest precision the artifact's calibration "
+        "measured keeping accuracy_target, else fp16), 'fp16' or 'bf16' (cuBLAS), 'int8' (top MLP through "
+        "the Triton int8 kernel; measured slower than fp16 on an H200) or 'fp8' (top MLP in fp8 e4m3 "
+        "through cuBLASLt, needs nvmath-python; 99.68% of the fp32 AUC on the demo day, BENCHMARKS.md). "
+        "int8 and fp8 need the artifact calibrated (`dlrm-prepare calibrate`: scales and each precision's "
+        "measured AUC) and are refused below accuracy_target. The CPU engine always computes in fp32"))
     accuracy_target: AccuracyTarget = field(default=AccuracyTarget.HIGH, metadata=_h(
         "the accuracy profile served: '99.9' (default) or '99' (% of the fp32 AUC); a gpu_mlp_precision "
-        "measured below it is refused (fp8 needs '99')"))
+        "that the artifact's calibration measured below it is refused, and 'auto' picks the fastest one "
+        "measured keeping it; 'none' = no profile (speed runs of synthetic models: any calibrated precision)"))
     max_batch_pairs: int = field(default=0, metadata=_h(
         "largest batch sent to an engine, in pairs; 0 (default) = 8192 when every engine is 'cpu' (about "
         "1 s of a 2-core CPU engine), else 65536 (a GPU runs 262144 faster: see config.example.toml)"))
@@ -236,13 +238,6 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
             raise bad("engines", str(exc)) from None
     if cfg.malloc_trim_interval_s < 0:
         raise bad("malloc_trim_interval_s", f"must be >= 0 seconds, got {cfg.malloc_trim_interval_s}")
-    kept = MEASURED_AUC_RATIO.get(cfg.gpu_mlp_precision, 1.0)
-    on_gpu = any(EngineKind.of_device(d) is EngineKind.CUDA for d in cfg.engines)
-    if on_gpu and kept < float(cfg.accuracy_target) / 100:
-        raise bad("gpu_mlp_precision", f"{cfg.gpu_mlp_precision} kept {100 * kept:.2f}% of the fp32 AUC where "
-                  f"measured (BENCHMARKS.md), below accuracy_target {cfg.accuracy_target}%: set "
-                  f"accuracy_target = \"99\" to serve it (check your model first: dlrm-prepare eval "
-                  f"--precision {cfg.gpu_mlp_precision}-mlp)")
     if any(d != "null" for d in cfg.engines):
         if not cfg.model:
             raise bad("model", "required (the model artifact directory) unless every engine is 'null'")
@@ -350,7 +345,26 @@ def load_config(
         values["latency_target_s"] = 0.0 if engines and all(d == "cpu" for d in engines) else DEFAULT_LATENCY_TARGET_S
     cfg = DaemonConfig(**values)
     _validate(cfg, sources)
-    return cfg
+    return _resolve_precision(cfg, sources)
+
+
+def _resolve_precision(cfg: DaemonConfig, sources: Mapping[str, str]) -> DaemonConfig:
+    """The GPU MLP precision to run for accuracy_target, from the artifact's measured accuracy
+    (daemon/precision_plan.py); a ConfigError when the profile cannot be served as configured."""
+    if not any(EngineKind.of_device(d) is EngineKind.CUDA for d in cfg.engines):
+        if cfg.gpu_mlp_precision is MlpPrecision.AUTO:  # no GPU engine: nothing computes it
+            return dataclasses.replace(cfg, gpu_mlp_precision=MlpPrecision.FP16)
+        return cfg
+    try:
+        cal = read_calibration(cfg.model)
+    except ArtifactError as exc:
+        raise ConfigError("model", str(exc), sources.get("model", "default")) from None
+    try:
+        precision, _why = plan(cfg.gpu_mlp_precision, cfg.accuracy_target.share,
+                               cal.accuracy if cal is not None else None, cal is not None)
+    except PlanError as exc:
+        raise ConfigError("gpu_mlp_precision", str(exc), sources.get("gpu_mlp_precision", "default")) from None
+    return dataclasses.replace(cfg, gpu_mlp_precision=precision)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

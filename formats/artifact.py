@@ -231,6 +231,8 @@ class Calibration:
     amax: {layer name: max of that layer's input} for the int8 inputs ("top_l.2", "top_l.4", ...);
     observed: every statistic measured ({"max": {...}, "p99.99": {...}}) so a method can be switched
     without re-running; mlp_sha256 ties it to the artifact's mlp.npz (a rewritten model makes it stale).
+    accuracy: what each GPU MLP precision kept, measured on the calibration set by its CPU reference
+    (AccuracyRecord); None in a calibration written before it was measured.
     """
     method: str
     amax: dict[str, float]
@@ -238,11 +240,40 @@ class Calibration:
     pairs: int
     mlp_sha256: str
     observed: dict[str, dict[str, float]] = field(default_factory=dict)
+    accuracy: "AccuracyRecord | None" = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "method": self.method,
-                "amax": self.amax, "dataset": self.dataset, "pairs": self.pairs,
-                "mlp_sha256": self.mlp_sha256, "observed": self.observed}
+        out = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "method": self.method,
+               "amax": self.amax, "dataset": self.dataset, "pairs": self.pairs,
+               "mlp_sha256": self.mlp_sha256, "observed": self.observed}
+        if self.accuracy is not None:
+            out["accuracy"] = self.accuracy.to_json()
+        return out
+
+
+@dataclass(frozen=True)
+class AccuracyRecord:
+    """AUC of each GPU MLP precision ("fp16", "int8", "fp8") over `pairs` pairs of the calibration set,
+    and of the baseline they are a share of: "fp32" (the checkpoint's model) or, without a checkpoint,
+    "int8-tables" (the artifact's int8 tables with an fp32 MLP)."""
+
+    baseline: str
+    baseline_auc: float
+    auc: dict[str, float]
+    pairs: int
+
+    def ratio(self, precision: str) -> float | None:
+        """AUC share of the baseline kept by `precision`; None if it was not measured."""
+        got = self.auc.get(precision)
+        return None if got is None or not self.baseline_auc > 0 else got / self.baseline_auc
+
+    def to_json(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "baseline_auc": self.baseline_auc, "auc": self.auc, "pairs": self.pairs}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "AccuracyRecord":
+        return cls(baseline=str(raw["baseline"]), baseline_auc=float(raw["baseline_auc"]),
+                   auc={str(k): float(v) for k, v in raw["auc"].items()}, pairs=int(raw["pairs"]))
 
 
 def write_calibration(path: Path | str, calibration: Calibration) -> None:
@@ -271,6 +302,7 @@ def read_calibration(path: Path | str, meta: dict[str, Any] | None = None) -> Ca
             method=str(raw["method"]), amax={str(k): float(v) for k, v in raw["amax"].items()},
             dataset=str(raw["dataset"]), pairs=int(raw["pairs"]), mlp_sha256=str(raw["mlp_sha256"]),
             observed={str(m): {str(k): float(v) for k, v in d.items()} for m, d in raw.get("observed", {}).items()},
+            accuracy=AccuracyRecord.from_json(raw["accuracy"]) if raw.get("accuracy") is not None else None,
         )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, ArtifactError):

@@ -1,4 +1,12 @@
-"""Static activation scales for the int8 top MLP (`dlrm-prepare calibrate`), as TensorRT's int8 MLPs do.
+"""Static activation scales for the int8 and fp8 top MLPs (`dlrm-prepare calibrate`), as TensorRT's int8
+MLPs do, and the accuracy each GPU MLP precision keeps on the calibration set.
+
+After the scales, the CPU reference of each precision (fp16: engines.reference.Int8Reference, the int8
+tables with an fp32 MLP, which the fp16 engine matches to ~1e-3; int8: Int8MlpReference; fp8:
+Fp8MlpReference) predicts the calibration pairs, and their AUC as a share of the baseline's (the fp32
+checkpoint's with `--checkpoint`, else the int8 tables' with an fp32 MLP) goes into calibration.json
+(formats.artifact.AccuracyRecord). The daemon serves an accuracy_target ("99" / "99.9") only with a
+precision this record shows keeping it, and `gpu_mlp_precision = "auto"` picks the fastest such one.
 
 The int8 layers of kernels.quant_linear read their inputs (the ReLU outputs of top layers 1..L-2) as
 int8 with one per-tensor scale, amax / 127, fixed ahead of time so the engine never syncs on a range.
@@ -17,6 +25,7 @@ evaluated on all 100,000 pairs of test day_2 with `dlrm-prepare eval`): fp32 AUC
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -24,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from formats.artifact import Artifact, Calibration, read_calibration, write_calibration
+from formats.artifact import AccuracyRecord, Artifact, Calibration, read_calibration, write_calibration
+from formats.auc import AUCError, roc_auc
 from formats.dataset import Dataset
 
 PERCENTILES = (99.9, 99.99, 99.999)
@@ -122,12 +132,43 @@ def calibrate(artifact: Artifact, dataset: Dataset, pairs: int | None = None, me
                        mlp_sha256=str(artifact.meta["files"]["mlp.npz"]["sha256"]), observed=observed)
 
 
+def measure_accuracy(artifact: Artifact, dataset: Dataset, calibration: Calibration, pairs: int | None = None,
+                     checkpoint: Path | None = None, batch_pairs: int = 32768) -> AccuracyRecord:
+    """AUC of the fp16, int8 and fp8 MLP precisions (their CPU references, with `calibration`) and of
+    the baseline over the first `pairs` pairs of `dataset` (all when None)."""
+    from engines.reference import Fp8MlpReference, Fp32Reference, Int8MlpReference, Int8Reference
+
+    n = dataset.num_pairs if pairs is None else min(pairs, dataset.num_pairs)
+    labels = np.asarray(dataset.labels[:n])
+    if n == 0 or labels.min() == labels.max():
+        raise CalibrationError(f"{dataset.path}: the first {n} pairs hold one label class: no AUC to measure")
+    predictors = {"fp16": Int8Reference(artifact).predict,
+                  "int8": Int8MlpReference(artifact, 1.0, calibration).predict,
+                  "fp8": Fp8MlpReference(artifact, 1.0, calibration).predict}
+    if checkpoint is not None:
+        predictors["fp32"] = Fp32Reference(checkpoint).predict
+    auc: dict[str, float] = {}
+    for name, predict in predictors.items():
+        preds = np.empty(n, np.float32)
+        for start in range(0, n, batch_pairs):
+            stop = min(n, start + batch_pairs)
+            preds[start:stop] = predict(np.asarray(dataset.dense[start:stop]), np.asarray(dataset.sparse[start:stop]))
+        try:
+            auc[name] = roc_auc(labels, preds)
+        except AUCError as exc:
+            raise CalibrationError(f"AUC of {name}: {exc}") from exc
+    baseline = "fp32" if checkpoint is not None else "int8-tables"
+    base_auc = auc.pop("fp32") if checkpoint is not None else auc["fp16"]
+    return AccuracyRecord(baseline=baseline, baseline_auc=base_auc, auc=auc, pairs=n)
+
+
 def with_method(calibration: Calibration, method: str) -> Calibration:
     """The same calibration with another observed method's amax (no re-run)."""
     if method not in calibration.observed:
         raise CalibrationError(f"method {method!r} not observed; have {sorted(calibration.observed)}")
+    # (the accuracy record was measured with the other method's scales: it does not carry over)
     return Calibration(method, dict(calibration.observed[method]), calibration.dataset, calibration.pairs,
-                       calibration.mlp_sha256, calibration.observed)
+                       calibration.mlp_sha256, calibration.observed, None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +181,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                         help="amax statistic the engine uses (all are recorded)")
     parser.add_argument("--batch-pairs", type=int, default=8192, help="pairs per forward call")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="the fp32 checkpoint: accuracy as a share of its AUC (default: of the int8 tables "
+                             "with an fp32 MLP)")
+    parser.add_argument("--eval-pairs", type=int,
+                        help="measure each precision's AUC on the first N pairs (default: the --pairs used)")
+    parser.add_argument("--no-accuracy", action="store_true",
+                        help="scales only; the daemon then serves no int8/fp8 profile from this artifact")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,6 +197,13 @@ def run(args: argparse.Namespace) -> int:
     ds = Dataset.open(args.dataset)
     t0 = time.perf_counter()
     cal = calibrate(art, ds, args.pairs, args.method, args.batch_pairs)
+    if not args.no_accuracy:
+        eval_pairs = args.eval_pairs if args.eval_pairs is not None else cal.pairs
+        acc = measure_accuracy(art, ds, cal, eval_pairs, args.checkpoint)
+        cal = dataclasses.replace(cal, accuracy=acc)
+        print(f"AUC on {acc.pairs} pairs of the calibration set, as a share of {acc.baseline} "
+              f"({acc.baseline_auc:.6f}): " + ", ".join(
+                  f"{p} {100 * (acc.ratio(p) or 0):.3f}%" for p in acc.auc))
     write_calibration(args.model, cal)
     read_calibration(args.model)  # what the engine will read back
     print(f"calibrated on {cal.pairs} pairs of {cal.dataset} in {time.perf_counter() - t0:.1f} s")

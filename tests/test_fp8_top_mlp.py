@@ -88,8 +88,16 @@ def test_demo_fp8_keeps_99_of_fp32_auc(demo_data, tmp_path: Path,  # type: ignor
                      str(demo_data.artifact), "--out", str(calib)]) == 0
     art = tmp_path / "art"
     shutil.copytree(demo_data.artifact, art)
-    assert cli_main(["calibrate", "--model", str(art), "--dataset", str(calib), "--pairs", "30000"]) == 0
-    capsys.readouterr()
+    assert cli_main(["calibrate", "--model", str(art), "--dataset", str(calib), "--pairs", "30000",
+                     "--checkpoint", str(demo_data.synthetic / "model.pt")]) == 0
+    printed = capsys.readouterr().out
+    # what the daemon's precision plan reads: each precision's AUC share on the calibration pairs
+    from formats.artifact import read_calibration
+
+    acc = read_calibration(art).accuracy  # type: ignore[union-attr]
+    assert acc is not None and acc.baseline == "fp32" and acc.pairs == 30000 and "AUC on 30000 pairs" in printed
+    assert acc.ratio("fp16") > 0.999 and acc.ratio("int8") is not None  # type: ignore[operator]
+    assert 0.99 <= acc.ratio("fp8") < 0.999, acc  # type: ignore[operator]  # the 99% profile only
     aucs = {}
     for precision, extra in (("fp32", ["--checkpoint", str(demo_data.synthetic / "model.pt")]),
                              ("fp8-mlp", ["--model", str(art)])):

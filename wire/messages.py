@@ -74,6 +74,7 @@ class MlpPrecision(enum.StrEnum):
     BF16 = "bf16"
     INT8 = "int8"  # the top MLP through kernels.quant_linear, with the artifact's calibration.json
     FP8 = "fp8"  # the top MLP in fp8 e4m3 through cuBLASLt (nvmath-python), with calibration.json
+    AUTO = "auto"  # config only: the daemon resolves it (daemon/precision_plan.py) before engines start
 
 
 class _Msg(msgspec.Struct, tag=True, array_like=True, frozen=True):

@@ -84,26 +84,32 @@ class ReplySender:
         if client in self._backlogs:  # keep the client's order: behind what already waits
             self._enqueue(client, header, frame, owned)
             return
+        if not self._push(client, header, frame, owned):
+            self._enqueue(client, header, frame, owned)
+
+    def _push(self, client: bytes, header: bytes, frame: np.ndarray | None, owned: bool) -> bool:
+        """Hand one reply to ZeroMQ; False when the client's pipe is full (nothing was sent). A client
+        that is gone counts as sent (its reply is dropped, counted)."""
         # Plain int flags: pyzmq's enum arithmetic costs more than the send on this path.
         send = self.router.send
         try:
             send(client, _SNDMORE | _NOBLOCK)  # ROUTER_MANDATORY: EAGAIN here if its pipe is full
         except zmq.Again:
-            self._enqueue(client, header, frame, owned)
-            return
+            return False
         except zmq.ZMQError as exc:
             self._unreachable(client, exc)
-            return
+            return True
         if frame is None:
             send(header)
+        elif frame.nbytes < _ZERO_COPY_MIN:
+            send(header, _SNDMORE)
+            send(frame.data, 0)
         else:
             send(header, _SNDMORE)
-            if frame.nbytes < _ZERO_COPY_MIN:
-                send(frame.data, 0)
-            else:
-                # A slot is reused at once, so hand ZeroMQ a private copy without copying again
-                # (pyzmq's copy=True path is several times slower than np.copy here).
-                send((frame.copy() if not owned else frame).data, 0, copy=False)
+            # A slot is reused at once, so hand ZeroMQ a private copy without copying again
+            # (pyzmq's copy=True path is several times slower than np.copy here).
+            send((frame if owned else frame.copy()).data, 0, copy=False)
+        return True
 
     # ---- the per-client backlog ----
     def _enqueue(self, client: bytes, header: bytes, frame: np.ndarray | None, owned: bool) -> None:
@@ -131,22 +137,13 @@ class ReplySender:
         """Push each backlog on until ZeroMQ's pipe for that client is full again (every I/O pass)."""
         if not self._backlogs:
             return
-        send = self.router.send
         for client, bl in list(self._backlogs.items()):
             while bl.items:
                 header, frame, nbytes = bl.items[0]
-                try:
-                    send(client, _SNDMORE | _NOBLOCK)
-                except zmq.Again:
+                if not self._push(client, header, frame, owned=True):  # backlog frames are private
                     break
-                except zmq.ZMQError as exc:
-                    self._unreachable(client, exc)
+                if client not in self._backlogs:  # gone while sending: _unreachable dropped the rest
                     break
-                if frame is None:
-                    send(header)
-                else:
-                    send(header, _SNDMORE)
-                    send(frame.data, 0, copy=frame.nbytes < _ZERO_COPY_MIN)
                 bl.items.popleft()
                 bl.nbytes -= nbytes
             else:

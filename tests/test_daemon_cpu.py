@@ -14,7 +14,7 @@ from formats.model_config import DLRMConfig
 from engines.reference import Int8Reference
 from formats.artifact import Artifact
 from formats.dataset import Dataset
-from test_daemon_support import DaemonProc, make_cpu_artifact, make_dataset
+from test_daemon_support import DaemonProc, guarded, make_cpu_artifact, make_dataset
 
 CONFIG = DLRMConfig.mlperf().scaled(1e-4, cap=1000)
 
@@ -52,13 +52,7 @@ def test_cpu_engine_matches_reference(paths: tuple[Path, Path]) -> None:
                     if not np.allclose(out, ref.predict(ds.dense[idx], ds.sparse[idx]), rtol=1e-5, atol=1e-6):
                         errors.append("by value mismatch")
 
-        def guarded(seed: int) -> None:  # (an exception inside the thread would not fail the test)
-            try:
-                by_value(seed)
-            except Exception as exc:
-                errors.append(repr(exc))
-
-        threads = [threading.Thread(target=guarded, args=(s,)) for s in range(2)]
+        threads = [threading.Thread(target=guarded(by_value, errors), args=(s,)) for s in range(2)]
         for t in threads:
             t.start()
         pc = PipelinedClient(d.endpoint)

@@ -24,7 +24,7 @@ from wire import messages as P
 from wire.client import PipelinedClient
 from wire.errors import BadRequest, EngineFailed, Overloaded, Timeout
 from wire.shm import list_regions
-from test_daemon_support import DaemonProc, expected_null_by_ref, make_dataset
+from test_daemon_support import DaemonProc, expected_null_by_ref, guarded, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +68,7 @@ def test_by_ref_and_by_value_many_clients(daemon: DaemonProc, data: tuple[Path, 
                 if not np.array_equal(c.infer_by_value(dense, sparse), dense[:, 0]):
                     failures.append(f"by_value n={n}")
 
-    def guarded(seed: int) -> None:  # (an exception inside the thread would not fail the test)
-        try:
-            worker(seed)
-        except Exception as exc:
-            failures.append(repr(exc))
-
-    threads = [threading.Thread(target=guarded, args=(s,)) for s in range(6)]
+    threads = [threading.Thread(target=guarded(worker, failures), args=(s,)) for s in range(6)]
     for t in threads:
         t.start()
     for t in threads:

@@ -32,6 +32,28 @@ def make_dataset(path: Path, sizes: np.ndarray, seed: int = 0, table_rows: tuple
     return write_dataset(path, labels, dense, sparse, offsets, table_rows, "daemon-test")
 
 
+def wait_for(pred: Any, timeout_s: float, what: str) -> Any:
+    """Poll `pred()` until it returns something true (returned), or fail naming `what`."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def guarded(fn: Any, errors: list[str]) -> Any:
+    """`fn` for a test's own thread: an exception goes into `errors` (for the test to assert on)
+    instead of dying with the thread, where it would not fail the test."""
+    def run(*args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            errors.append(repr(exc))
+    return run
+
+
 def make_cpu_artifact(d: Path, config: Any, seed: int = 5) -> Path:
     """A converted int8 artifact of a random model (d/art), for daemons with real CPU engines."""
     import torch

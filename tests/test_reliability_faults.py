@@ -24,23 +24,13 @@ from formats.model_config import DLRMConfig
 from engines.model import random_state_dict
 from loadgen_driver.summary import read_summary
 from prepare.convert import convert
-from test_daemon_support import REPO, DaemonProc, expected_null_by_ref, make_dataset
+from test_daemon_support import REPO, DaemonProc, expected_null_by_ref, make_dataset, wait_for
 
 
 def _null_art(d: Path) -> Path:
     art = d / "art"
     write_model_description(art, DLRMConfig((50,) * 26))
     return art
-
-
-def _wait(pred, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_loadgen_server_run_survives_engine_kill_and_hang(tmp_path: Path) -> None:
@@ -58,17 +48,17 @@ def test_loadgen_server_run_survives_engine_kill_and_hang(tmp_path: Path) -> Non
              "--output-dir", str(out_dir)],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
-        _wait(lambda: (out_dir / "mlperf_log_detail.txt").exists() or driver.poll() is not None, 60, "LoadGen")
+        wait_for(lambda: (out_dir / "mlperf_log_detail.txt").exists() or driver.poll() is not None, 60, "LoadGen")
         time.sleep(1.5)
         os.kill(engines[0]["pid"], signal.SIGKILL)
         time.sleep(1.5)
         os.kill(engines[1]["pid"], signal.SIGSTOP)
         t_stop = time.monotonic()
-        hung = _wait(lambda: d.status()["engines"][1]["last_error"].startswith("no heartbeat") and
+        hung = wait_for(lambda: d.status()["engines"][1]["last_error"].startswith("no heartbeat") and
                      time.monotonic(), 10, "the hung engine to be noticed")
         noticed_s = hung - t_stop
         out, err = driver.communicate(timeout=120)
-        st = _wait(lambda: (lambda s: s if all(e["state"] == "ready" for e in s["engines"]) else None)(
+        st = wait_for(lambda: (lambda s: s if all(e["state"] == "ready" for e in s["engines"]) else None)(
             d.status()), 20, "every engine back")
     finally:
         d.close()
@@ -112,11 +102,11 @@ def test_killed_driver_work_is_dropped_others_served(tmp_path: Path) -> None:
         flood = subprocess.Popen([sys.executable, "-c", _FLOOD, d.endpoint], cwd=REPO, stdout=subprocess.PIPE,
                                  text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert flood.stdout is not None and flood.stdout.readline().strip() == "sent"
-        queued = _wait(lambda: d.status()["queue_queries"] > 1000 and d.status()["queue_queries"], 20, "a queue")
+        queued = wait_for(lambda: d.status()["queue_queries"] > 1000 and d.status()["queue_queries"], 20, "a queue")
         flood.kill()
         flood.wait()
         # Without cancellation the queue would take ~3000 queries / (10 per 0.05 s batch) = 15 s to drain.
-        st = _wait(lambda: (lambda s: s if s["queue_queries"] == 0 else None)(d.status()), 3, "the queue dropped")
+        st = wait_for(lambda: (lambda s: s if s["queue_queries"] == 0 else None)(d.status()), 3, "the queue dropped")
         assert st["totals"]["cancelled_disconnected"] >= queued - 50, st["totals"]
         with d.client(5.0) as c:
             ids = np.array([5, 7])
@@ -134,7 +124,7 @@ def test_dispatcher_killed_next_start_cleans_up(tmp_path: Path) -> None:
         pids = [e["pid"] for e in d.wait_serving()["engines"]]
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(10)
-        _wait(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()
                               .split(")")[-1].split()[0] for p in pids), 10, "engines to exit")
         old_socks = sorted(p.name for p in Path(d.rt).glob("engine-*.sock"))
         # (its regions may already be gone: any daemon starting meanwhile removes regions of dead owners)

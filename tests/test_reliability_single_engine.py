@@ -22,7 +22,7 @@ from formats.artifact import write_model_description
 from formats.model_config import DLRMConfig
 from wire.client import PipelinedClient
 from wire.errors import EngineFailed
-from test_daemon_support import REPO, DaemonProc, expected_null_by_ref, make_dataset
+from test_daemon_support import REPO, DaemonProc, expected_null_by_ref, make_dataset, wait_for
 
 
 def _free_port() -> int:
@@ -33,16 +33,6 @@ def _free_port() -> int:
 
 def _null_art(d: Path) -> Path:
     return write_model_description(d / "art", DLRMConfig((50,) * 26))
-
-
-def _wait(pred, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
@@ -62,7 +52,7 @@ def test_offline_run_loses_nothing_when_the_only_engine_dies(tmp_path: Path, fau
              "400", "--samples-per-request", "20", "--timeout-s", "2", "--quiet", "--output-dir", str(out_dir)],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
-        _wait(lambda: d.status()["totals"].get("batches", 0) >= 3, 60, "the run under way")
+        wait_for(lambda: d.status()["totals"].get("batches", 0) >= 3, 60, "the run under way")
         os.kill(pid, getattr(signal, fault))  # a stopped engine is hung: the supervisor kills it
         out, err = driver.communicate(timeout=120)
         st = d.status()
@@ -101,7 +91,7 @@ def test_queries_sent_while_the_only_engine_restarts_are_served(tmp_path: Path) 
     try:
         pid = d.wait_serving()["engines"][0]["pid"]
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: d.status()["engines"][0]["state"] != "ready", 10, "the engine to be lost")
+        wait_for(lambda: d.status()["engines"][0]["state"] != "ready", 10, "the engine to be lost")
         pc = PipelinedClient(d.endpoint)
         _send(pc, range(30))  # no engine serves now: before, each got ENGINE_FAILED at once
         replies = _collect(pc, 30, 30)
@@ -122,7 +112,7 @@ def test_an_engine_that_cannot_load_again_fails_the_waiting_work_at_once(tmp_pat
         pid = d.wait_serving()["engines"][0]["pid"]
         shutil.rmtree(art)  # the restarted engine will not find its model
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: d.status()["engines"][0]["state"] != "ready", 10, "the engine to be lost")
+        wait_for(lambda: d.status()["engines"][0]["state"] != "ready", 10, "the engine to be lost")
         pc = PipelinedClient(d.endpoint)
         t0 = time.monotonic()
         _send(pc, range(10))
@@ -145,7 +135,7 @@ def test_no_engine_back_within_the_wait_fails_the_work(tmp_path: Path) -> None:
     try:
         pid = d.wait_serving()["engines"][0]["pid"]
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: d.status()["engines"][0]["state"] != "ready", 10, "the engine to be lost")
+        wait_for(lambda: d.status()["engines"][0]["state"] != "ready", 10, "the engine to be lost")
         pc = PipelinedClient(d.endpoint)
         _send(pc, range(5))
         replies = _collect(pc, 5, 20)

@@ -78,8 +78,8 @@ class DaemonConfig:
     datasets: dict[str, str] = field(default_factory=dict, metadata=_h(
         "datasets registered at start, name -> directory (flag/env: name=path[,name=path])"))
     engines: tuple[str, ...] = field(default=("cpu",), metadata=_h(
-        "one engine process per device: 'cpu', 'cuda:N' or 'null' (benchmark engine), "
-        "flag/env comma-separated"))
+        "one engine process per device: 'cpu', 'cuda:N', 'cuda:all' (one per visible GPU) or 'null' "
+        "(benchmark engine), flag/env comma-separated; a device may repeat (two engines share a GPU)"))
     embedding_weights_on_gpu_part: float = field(default=1.0, metadata=_h(
         "share of embedding rows (most frequent first) kept in device memory, 0..1"))
     gpu_mlp_precision: MlpPrecision = field(default=MlpPrecision.AUTO, metadata=_h(
@@ -302,6 +302,25 @@ def find_endpoint(path: str | Path | None = None, env: Mapping[str, str] | None 
     return client_endpoint(env)
 
 
+def visible_gpus(env: Mapping[str, str], proc_gpus: str = "/proc/driver/nvidia/gpus") -> int:
+    """How many GPUs CUDA will number 0..n-1 here, without loading CUDA (the dispatcher never does):
+    CUDA_VISIBLE_DEVICES when set (its entries up to the first invalid one, as CUDA reads it), else
+    the devices the NVIDIA driver lists."""
+    try:
+        installed = len(os.listdir(proc_gpus))
+    except OSError:
+        installed = 0
+    mask = env.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return installed
+    count = 0
+    for item in (m.strip() for m in mask.split(",")):
+        if not item or item.startswith("-") or (item.isdigit() and int(item) >= installed):
+            break  # CUDA stops at the first invalid entry
+        count += 1
+    return count
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -337,6 +356,13 @@ def load_config(
     values["runtime_dir"] = os.path.abspath(values["runtime_dir"])
     if not values.get("endpoint"):
         values["endpoint"] = endpoint_in(values["runtime_dir"])
+    if "cuda:all" in values.get("engines", ()):
+        n = visible_gpus(env)
+        if n == 0:
+            raise ConfigError("engines", "'cuda:all' but no NVIDIA GPU is visible (/proc/driver/nvidia/gpus, "
+                              "CUDA_VISIBLE_DEVICES)", sources.get("engines", "default"))
+        values["engines"] = tuple(d for dev in values["engines"]
+                                  for d in ([f"cuda:{i}" for i in range(n)] if dev == "cuda:all" else [dev]))
     if not values.get("max_batch_pairs"):
         engines = values.get("engines", DaemonConfig.engines)
         values["max_batch_pairs"] = CPU_BATCH_PAIRS if engines and all(d == "cpu" for d in engines) else DEFAULT_BATCH_PAIRS

@@ -20,6 +20,7 @@ from daemon.admission import HEADROOM, Admission
 from daemon.batcher import Batch, Batcher, Query, fill_slot
 from daemon.metrics import DaemonMetrics
 from daemon.replies import ReplySender
+from daemon.routing import Candidate, pick
 from daemon.supervisor import Engine, InFlightBatch, Supervisor
 from wire import messages as M
 from wire.errors import EngineFailed, ErrorCode, Overloaded, Timeout
@@ -96,7 +97,7 @@ class Scheduler:
                              f"{self.sup.config.engine_restart_wait_s:g} s: "
                              + "; ".join(f"{e.name}: {e.last_error}" for e in self.sup.engines))
         while self.batcher.pending():
-            best = self.sup.best_engine()
+            best = self.best_engine()
             if best is None or not self.batcher.should_close(now, engine_idle=not best.inflight):
                 break
             b = self.batcher.take(now)
@@ -104,6 +105,15 @@ class Scheduler:
                 break
             self._dispatch(best, b, now)
         self._arm_timer(now)
+
+    def best_engine(self) -> Engine | None:
+        """The serving engine with a free slot whose work in flight drains first (daemon/routing.py)."""
+        free = [e for e in self.sup.engines if e.serving and e.free_slots]
+        if len(free) <= 1:
+            return free[0] if free else None
+        i = pick([Candidate(e.name, sum(x.batch.num_pairs for x in e.inflight.values()), len(e.inflight),
+                            self.admission.rate(e.name).pairs_per_s) for e in free])
+        return None if i is None else free[i]
 
     def _dispatch(self, e: Engine, b: Batch, now: float) -> None:
         self.admission.dispatched(e.name, now, was_idle=not e.inflight)
@@ -120,7 +130,7 @@ class Scheduler:
     def _arm_timer(self, now: float) -> None:
         # With every slot busy (or no engine up) only deadlines need a timer: a freed slot or a ready
         # engine wakes the dispatcher, which pumps; a batch-close timer would fire every millisecond.
-        t = self.batcher.next_wakeup(engine_free=self.sup.best_engine() is not None)
+        t = self.batcher.next_wakeup(engine_free=any(e.serving and e.free_slots for e in self.sup.engines))
         if t is None:
             return
         if self._timer is not None and self._timer_at <= t + 1e-4:

@@ -147,14 +147,6 @@ class Supervisor:
             self.engines.append(Engine(i, name, dev, region))
 
     # ---- views ----
-    def best_engine(self) -> Engine | None:
-        """A serving engine with a free slot, the one with the fewest batches in flight."""
-        best: Engine | None = None
-        for e in self.engines:
-            if e.serving and e.free_slots and (best is None or len(e.inflight) < len(best.inflight)):
-                best = e
-        return best
-
     def any_serving(self, exclude: Engine | None = None) -> bool:
         return any(e.serving for e in self.engines if e is not exclude)
 

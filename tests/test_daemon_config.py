@@ -171,3 +171,27 @@ def test_values_are_converted_by_type(tmp_path: Path) -> None:
         load_config(cfg, {"gpu_mlp_precision": "fp4"}, env={})
     with pytest.raises(ConfigError, match="true or false"):
         load_config(cfg, {"allow_remote": "maybe"}, env={})
+
+
+def test_cuda_all_is_one_engine_per_visible_gpu(tmp_path: Path, calibrated_artifact: Path) -> None:
+    from daemon.config import visible_gpus
+
+    gpus = tmp_path / "gpus"
+    for bus in ("0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0", "0000:5d:00.0"):
+        (gpus / bus).mkdir(parents=True)
+    assert visible_gpus({}, str(gpus)) == 4
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, str(gpus)) == 2
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "1,-1,0"}, str(gpus)) == 1  # CUDA stops at -1
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, str(gpus)) == 0
+    assert visible_gpus({}, str(tmp_path / "no-driver")) == 0
+    cfg_text = f'engines = ["cuda:all", "cpu"]\nmodel = "{calibrated_artifact}"\n'
+    n = visible_gpus({"CUDA_VISIBLE_DEVICES": "0"})
+    if n:  # a GPU host: expanded to its one visible GPU
+        cfg = load_config(write(tmp_path, cfg_text), env={"CUDA_VISIBLE_DEVICES": "0"})
+        assert cfg.engines == ("cuda:0", "cpu") and cfg.engine_names == ("cuda0", "cpu0")
+    else:  # CI: no GPU, a clear error naming the key
+        with pytest.raises(ConfigError, match="'cuda:all' but no NVIDIA GPU is visible") as info:
+            load_config(write(tmp_path, cfg_text), env={})
+        assert info.value.key == "engines"
+    cfg = load_config(write(tmp_path, f'engines = ["cuda:0", "cuda:0"]\nmodel = "{calibrated_artifact}"\n'), env={})
+    assert cfg.engine_names == ("cuda0", "cuda0-1")  # two engines sharing one GPU

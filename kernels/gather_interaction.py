@@ -172,6 +172,113 @@ def _gather_interaction_kernel(
                     tl.sum(tl.sum(bad_total, axis=1), axis=0), SLOTS)
 
 
+
+@triton.jit
+def _load_pair_rows(sparse_ptr, stride_sb, row_position_ptr, offs, rows, hot_ptr, cold_ptr, b, end, n_hot,
+                    is_emb, t, c, D: tl.constexpr, REMAPPED: tl.constexpr, HAS_COLD: tl.constexpr):
+    """Pair b's 26 int8 rows as an [NP, D] tile (rows 1..T; other rows 0; none unless b < end), its hot
+    mask and bad-id mask."""
+    m = is_emb & (t * 0 + b < end)  # a block-shaped test: Triton's interpreter rejects block & scalar masks
+    ids = tl.load(sparse_ptr + b * stride_sb + t, mask=m, other=0).to(tl.int64)
+    if REMAPPED:  # already file positions, checked when they were remapped (kernels/pair_rows.py)
+        ok = m
+        pos = ids
+    else:
+        ok = m & (ids >= 0) & (ids < rows)
+        pos = tl.load(row_position_ptr + offs + ids, mask=ok, other=0).to(tl.int64)
+    hot = ok & (pos < n_hot)
+    q = tl.load(hot_ptr + (pos * D)[:, None] + c[None, :], mask=hot[:, None], other=0)
+    if HAS_COLD:
+        cold = ok & (pos >= n_hot)
+        q += tl.load(cold_ptr + ((pos - n_hot) * D)[:, None] + c[None, :], mask=cold[:, None], other=0)
+    return q, hot, m & ~ok
+
+
+@triton.jit
+def _gather_interaction_int8_kernel(
+    bottom_ptr, stride_bb, sparse_ptr, stride_sb,
+    offsets_ptr, row_position_ptr, scales_ptr, hot_ptr, cold_ptr,
+    out_ptr, stride_ob, counts_ptr, out_scale_ptr,
+    B, n_hot,
+    T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, PAIRS: tl.constexpr,
+    COUNT: tl.constexpr, SLOTS: tl.constexpr, REMAPPED: tl.constexpr, HAS_COLD: tl.constexpr,
+    SCALED: tl.constexpr, OUT_MAX: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    # The Gram tile in exact integer arithmetic on the int8 matrix units: the 26 rows stay int8 (no
+    # dequantization pass over 3,328 values a pair), the bottom-MLP output enters as three int8 rows
+    # (x = s_hi hi + s_lo lo + s_lo2 lo2 with s_lo = s_hi / 254, s_lo2 = s_lo / 254: 23 bits relative to
+    # the row's largest value, so values four decades smaller still keep fp16's precision), and
+    # Z[i, j] = s_i s_j (Q Q^T)[i, j] in fp32, the bottom column the sum of its three parts. Row 0 is
+    # hi, rows NP-1 and NP-2 lo and lo2, rows 1..T the lookups, the rest zero.
+    pid = tl.program_id(0)
+    r = tl.arange(0, NP)
+    c = tl.arange(0, D)
+    LO: tl.constexpr = NP - 1
+    is_emb = (r >= 1) & (r <= T)
+    t = tl.where(is_emb, r - 1, 0)
+    offs = tl.load(offsets_ptr + t, mask=is_emb, other=0)
+    rows = tl.load(offsets_ptr + t + 1, mask=is_emb, other=1) - offs
+    scale = tl.load(scales_ptr + t, mask=is_emb, other=0.0)
+    ri = r[:, None]
+    rj = r[None, :]
+    tri_col = D + (ri * (ri - 1)) // 2 + rj
+    tri_mask = (rj < ri) & (ri <= T)
+    hot_total = tl.zeros((NP,), dtype=tl.int64)
+    bad_total = tl.zeros((NP,), dtype=tl.int64)
+    if COUNT:
+        limit = tl.load(counts_ptr)
+    if SCALED:
+        inv_scale = tl.load(out_scale_ptr)
+    b0 = pid.to(tl.int64) * PAIRS
+    end = tl.minimum(b0 + PAIRS, B)  # this program's pairs are [b0, end)
+    if PREFETCH:  # the next pair's rows are loaded while this pair's tile is multiplied and stored
+        q_next, hot_next, bad_next = _load_pair_rows(sparse_ptr, stride_sb, row_position_ptr, offs, rows, hot_ptr,
+                                                     cold_ptr, b0, end, n_hot, is_emb, t, c, D, REMAPPED, HAS_COLD)
+    for k in range(PAIRS):
+        b = b0 + k
+        if PREFETCH:
+            q, hot, bad = q_next, hot_next, bad_next
+            q_next, hot_next, bad_next = _load_pair_rows(sparse_ptr, stride_sb, row_position_ptr, offs, rows,
+                                                         hot_ptr, cold_ptr, b + 1, end, n_hot, is_emb, t, c, D,
+                                                         REMAPPED, HAS_COLD)
+        else:
+            q, hot, bad = _load_pair_rows(sparse_ptr, stride_sb, row_position_ptr, offs, rows, hot_ptr, cold_ptr,
+                                          b, end, n_hot, is_emb, t, c, D, REMAPPED, HAS_COLD)
+        live_c = c * 0 + b < end
+        x_b = tl.load(bottom_ptr + b * stride_bb + c, mask=live_c, other=0.0)
+        xf = x_b.to(tl.float32)
+        s_hi = tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-30) / 127.0
+        hi = tl.floor(xf / s_hi + 0.5)
+        s_lo = s_hi / 254.0
+        res = xf - hi * s_hi
+        lo = tl.minimum(tl.maximum(tl.floor(res / s_lo + 0.5), -127.0), 127.0)
+        s_lo2 = s_lo / 254.0
+        lo2 = tl.minimum(tl.maximum(tl.floor((res - lo * s_lo) / s_lo2 + 0.5), -127.0), 127.0)
+        q = tl.where((r == 0)[:, None], hi.to(tl.int8)[None, :],
+                     tl.where((r == LO)[:, None], lo.to(tl.int8)[None, :],
+                              tl.where((r == LO - 1)[:, None], lo2.to(tl.int8)[None, :], q)))
+        z = tl.dot(q, tl.trans(q), out_dtype=tl.int32)
+        sv = tl.where(r == 0, s_hi, tl.where(r == LO, s_lo, tl.where(r == LO - 1, s_lo2, scale)))
+        zs = z.to(tl.float32) * sv[:, None] * sv[None, :]
+        # row i . (lo + lo2), added to the bottom column
+        with_lo = tl.sum(tl.where(rj >= LO - 1, zs, 0.0), axis=1)
+        zs = tl.where(rj == 0, zs + with_lo[:, None], zs)
+        out_row = out_ptr + b * stride_ob
+        if SCALED:  # a narrow output type (fp8): scaled into its range, saturated, then rounded
+            xb_s = tl.minimum(tl.maximum(xf * inv_scale, -OUT_MAX), OUT_MAX)
+            z_s = tl.minimum(tl.maximum(zs * inv_scale, -OUT_MAX), OUT_MAX)
+            tl.store(out_row + c, xb_s.to(out_ptr.dtype.element_ty), mask=live_c)
+            tl.store(out_row + tri_col, z_s.to(out_ptr.dtype.element_ty), mask=tri_mask & (tri_col * 0 + b < end))
+        else:
+            tl.store(out_row + c, x_b, mask=live_c)
+            tl.store(out_row + tri_col, zs.to(out_ptr.dtype.element_ty), mask=tri_mask & (tri_col * 0 + b < end))
+        bad_total += bad.to(tl.int64)
+        if COUNT:
+            hot_total += (hot & (b * T < limit)).to(tl.int64)
+    if COUNT:
+        _add_counts(counts_ptr, pid, tl.sum(hot_total, axis=0), tl.sum(bad_total, axis=0), SLOTS)
+
+
 E4M3_MAX = 448.0  # largest finite float8 e4m3 (fn) value
 
 
@@ -189,6 +296,8 @@ def gather_interaction(
     pairs_per_tile: int = 1,
     num_warps: int = 1,
     out_scale: torch.Tensor | None = None,
+    gram: str = "int8",
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """out[:, :D + T(T+1)/2] = interaction(bottom, dequantized rows of sparse); returns out.
 
@@ -202,6 +311,9 @@ def gather_interaction(
     Defaults: the fastest variant measured on an H200 (docs/GPU_NOTES.md).
     `out_scale` (fp32 [1] on the device, 1 / the output's scale) writes `out` in float8 e4m3 (the fp8 top
     MLP's input): every value is multiplied by it and saturated at +-448 before rounding.
+    `gram`: "int8" takes the Gram tile on the int8 matrix units in exact integer arithmetic (rows never
+    dequantized; the bottom row as two int8 rows), "half" dequantizes the rows to the half type first
+    (the unfused path's rounding); `prefetch` loads the next pair's rows before this pair's product.
     """
     B, T = sparse.shape
     D = hot.shape[1]
@@ -239,7 +351,17 @@ def gather_interaction(
             out, out.stride(0), counts if counts is not None else table_offsets, B, hot.shape[0])
     # Triton's CPU interpreter multiplies bf16 as raw integers: see kernels/dot_interaction.py.
     upcast = out.device.type == "cpu" and out.dtype == torch.bfloat16
-    if pairs_per_tile == 1:
+    if gram not in ("int8", "half"):
+        raise ValueError(f"gram must be 'int8' or 'half', got {gram!r}")
+    if gram == "int8":
+        if pairs_per_tile != 1:
+            raise ValueError("the int8 Gram kernel takes one pair per tile")
+        _gather_interaction_int8_kernel[grid](*args[:-2], out_scale if scaled else scales, *args[-2:], T=T, D=D,
+                                              NP=max(32, triton.next_power_of_2(T + 3)), PAIRS=pairs_per_program,
+                                              COUNT=counts is not None, SLOTS=COUNT_SLOTS, REMAPPED=remapped,
+                                              HAS_COLD=cold is not None, SCALED=scaled, OUT_MAX=E4M3_MAX,
+                                              PREFETCH=prefetch, num_warps=num_warps)
+    elif pairs_per_tile == 1:
         _gather_interaction_pair_kernel[grid](*args[:-2], out_scale if scaled else scales, *args[-2:], T=T, D=D,
                                               NP=np_, PAIRS=pairs_per_program, COUNT=counts is not None,
                                               UPCAST=upcast, SLOTS=COUNT_SLOTS, REMAPPED=remapped, SCALED=scaled,
@@ -259,7 +381,17 @@ def gather_interaction_reference(
     scales: torch.Tensor,
     hot: torch.Tensor,
     cold: torch.Tensor | None,
+    gram: str = "int8",
 ) -> tuple[torch.Tensor, int]:
-    """Plain PyTorch: (float32 [B, width], hot lookups), from the two separate references."""
-    emb, n_hot = embedding_gather_reference(sparse, table_offsets, row_position, scales, hot, cold, bottom.dtype)
-    return dot_interaction_reference(bottom.cpu(), emb.cpu()).to(bottom.device), n_hot
+    """Plain PyTorch: (float32 [B, width], hot lookups). For the "int8" Gram kernel the exact result (rows
+    dequantized and multiplied in float64; the kernel's integer products are exact), for "half" the
+    separate references' arithmetic (rows rounded to the half type, fp32 products)."""
+    if gram == "half":
+        emb, n_hot = embedding_gather_reference(sparse, table_offsets, row_position, scales, hot, cold, bottom.dtype)
+        return dot_interaction_reference(bottom.cpu(), emb.cpu()).to(bottom.device), n_hot
+    emb, n_hot = embedding_gather_reference(sparse, table_offsets, row_position, scales.double(), hot, cold,
+                                            torch.float64)
+    x = torch.cat([bottom.double().cpu().unsqueeze(1), emb.cpu()], dim=1)
+    z = torch.bmm(x, x.transpose(1, 2))
+    li, lj = torch.tril_indices(x.shape[1], x.shape[1], offset=-1)
+    return torch.cat([bottom.double().cpu(), z[:, li, lj]], dim=1).float().to(bottom.device), n_hot

@@ -139,8 +139,12 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
     from kernels.embedding_gather import embedding_gather
     from kernels.gather_interaction import gather_interaction
 
+    from kernels.bottom_mlp import bottom_mlp
+
     x = eng.dense_in[:n]
     def bottom() -> torch.Tensor:
+        if eng.fused_bottom:
+            return bottom_mlp(x, eng.bottom, eng.bottom_out[:n])
         y = x
         for w, b in eng.bottom:
             y = eng._linear_relu(y, w, b)
@@ -189,6 +193,10 @@ def main() -> int:
                     help="bench_gather.py JSON: use its fastest fused gather+interaction variant")
     ap.add_argument("--mlp", default="fp16,int8", help="MLP precisions to time (GpuBackend mlp_precision)")
     ap.add_argument("--unfused", action="store_true", help="also time v1's unfused kernels and separate ReLU")
+    ap.add_argument("--compile", action="store_true", help="also time the baseline under torch.compile")
+    ap.add_argument("--before", action="store_true",
+                    help="also time each MLP precision with the kernels before issue 13's round 2 (the fp16-row "
+                         "Gram in gather_interaction, cuBLAS bottom MLP)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     card = torch.cuda.get_device_name()
@@ -220,6 +228,20 @@ def main() -> int:
             base[b] = b / ms * 1e3
             print(f"  baseline fp16 DLRM forward batch {b}: {ms:.3f} ms  {base[b] / 1e6:.2f} M pairs/s", flush=True)
         p_base = model(dd[:2000].half(), ss[:2000]).float().cpu().numpy()
+        # The same module under torch.compile (Inductor, default mode), at the largest batch only: each
+        # batch size is its own compile.
+        if args.compile:
+            b = batches[-1]
+            t0 = time.perf_counter()
+            compiled = torch.compile(model, dynamic=False)
+            compiled(dd[:b].half(), ss[:b])
+            torch.cuda.synchronize()
+            res["compile_s"] = time.perf_counter() - t0
+            ms = cuda_ms(lambda: compiled(dd[:b].half(), ss[:b]), reps=10)
+            res["compiled_pairs_per_s"] = {b: b / ms * 1e3}
+            print(f"  torch.compile fp16 DLRM forward batch {b}: {ms:.3f} ms  {b / ms / 1e3:.2f} M pairs/s "
+                  f"(compiled in {res['compile_s']:.0f} s)", flush=True)
+            del compiled
     del model, dd, ss
     torch.cuda.empty_cache()
     res["baseline_pairs_per_s"] = base
@@ -241,15 +263,18 @@ def main() -> int:
         ref_fp8 = Fp8MlpReference(Artifact.open(art_path), 1.0).predict(dense[:2000], sparse[:2000])
     parts = [float(p) for p in args.parts.split(",")]
     # (gpu_part, fused ReLU epilogue, fused gather+interaction, MLP precision)
-    configs = ([(parts[0], True, True, m) for m in mlps]
-               + ([(parts[0], True, False, mlps[0]), (parts[0], False, False, mlps[0])] if args.unfused else [])
-               + [(p, True, True, mlps[-1]) for p in parts[1:]])
+    # (gpu_part, fused ReLU epilogue, fused gather+interaction, MLP precision, kernels before round 2)
+    configs = ([(parts[0], True, True, m, old) for m in mlps for old in ((True, False) if args.before else (False,))]
+               + ([(parts[0], True, False, mlps[0], False), (parts[0], False, False, mlps[0], False)]
+                  if args.unfused else [])
+               + [(p, True, True, mlps[-1], False) for p in parts[1:]])
     rows = []
-    for part, fused, fgather, mlp in configs:
+    for part, fused, fgather, mlp, before in configs:
         t0 = time.perf_counter()
-        sizes = None if (part, fused, fgather, mlp) == configs[0] else [b for b in batches]
+        sizes = None if (part, fused, fgather, mlp, before) == configs[0] else [b for b in batches]
         eng = GpuBackend("cuda:0", art_path, part, max_batch_pairs=args.max_batch, graph_sizes=sizes,
-                         fused_relu=fused, fused_gather=fgather, kernel_config=kcfg, mlp_precision=mlp)
+                         fused_relu=fused, fused_gather=fgather, mlp_precision=mlp,
+                         kernel_config={**(kcfg or {}), "gram": "half"} if before else kcfg, fused_bottom=not before)
         load_s = time.perf_counter() - t0
         region = np.zeros(eng.inflight * args.max_batch, dtype=np.float32)  # as the engine's slots
         eng.pin_host_memory(region)
@@ -261,7 +286,8 @@ def main() -> int:
         want = ref_int8 if mlp == "int8" else ref_fp8 if mlp == "fp8" else ref
         err = float(np.abs(out[:2000] - want).max())
         err_base = float(np.abs(p_base - ref).max())
-        entry = {"gpu_part": part, "fused_relu": fused, "fused_gather": fgather, "mlp": mlp, "load_s": load_s,
+        entry = {"gpu_part": part, "fused_relu": fused, "fused_gather": fgather, "mlp": mlp, "before": before,
+                 "load_s": load_s,
                  "register_s": reg_s, "times": vars(eng.times), "max_abs_err_vs_reference": err,
                  "max_abs_err_int8_mlp_vs_fp32_mlp": float(np.abs(out[:2000] - ref).max()),
                  "baseline_max_abs_err": err_base, "device_bytes": eng.device_memory_bytes(), "by_batch": {}}
@@ -300,10 +326,10 @@ def main() -> int:
     res["engine"] = rows
 
     print(f"\n== engine summary ({card}; {config.total_rows * 128 / 1e9:.2f} GB int8 tables, Zipf {args.zipf}) ==")
-    print("gpu_part  mlp   fusedReLU fusedGather HBM-share  load_s  batch   fwd Mpairs/s  by_ref M/s  pipelined M/s  by_value M/s  fp16-baseline M/s")
+    print("gpu_part  mlp   kernels fusedReLU fusedGather HBM-share  load_s  batch   fwd Mpairs/s  by_ref M/s  pipelined M/s  by_value M/s  fp16-baseline M/s")
     for e in rows:
         for b, v in e["by_batch"].items():
-            print(f"{e['gpu_part']:8.1f}  {e['mlp']:5s} {str(e['fused_relu']):9s} {str(e['fused_gather']):11s} {e['hot_share']:9.4f}  {e['load_s']:6.2f}  {b:6d}  "
+            print(f"{e['gpu_part']:8.1f}  {e['mlp']:5s} {'before' if e['before'] else 'now':7s} {str(e['fused_relu']):9s} {str(e['fused_gather']):11s} {e['hot_share']:9.4f}  {e['load_s']:6.2f}  {b:6d}  "
                   f"{v['forward_pairs_per_s'] / 1e6:12.2f}  {v['by_ref_pairs_per_s'] / 1e6:10.2f}  "
                   f"{v['pipelined_by_ref_pairs_per_s'] / 1e6:13.2f}  "
                   f"{v['by_value_pairs_per_s'] / 1e6:12.2f}  {base[b] / 1e6:17.2f}")

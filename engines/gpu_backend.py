@@ -40,6 +40,7 @@ from engines.gpu_staging import GpuPending, HostRegistry, InFlight, StagingSet, 
 from engines.placement import Placement
 from formats.artifact import Artifact
 from formats.dataset import Dataset
+from kernels.bottom_mlp import bottom_mlp, fits as bottom_mlp_fits
 from kernels.dot_interaction import dot_interaction
 from kernels.embedding_gather import embedding_gather
 from kernels.gather_interaction import gather_interaction, new_counts
@@ -91,10 +92,11 @@ class GpuBackend:
         graph_sizes: Sequence[int] | None = None,
         fused_relu: bool = True,
         fused_gather: bool = True,
-        kernel_config: dict[str, int] | None = None,
+        kernel_config: dict[str, Any] | None = None,
         inflight: int = 4,
         mlp_precision: str | None = None,
         top_configs: Sequence[dict[str, int] | None] | None = None,
+        fused_bottom: bool = True,
     ) -> None:
         if not torch.cuda.is_available():
             raise GpuBackendError(f"{device}: CUDA is not available on this machine")
@@ -115,9 +117,10 @@ class GpuBackend:
         self.dtype = dtype
         self.fused_relu = fused_relu
         self.fused_gather = fused_gather
-        # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps)
+        self.fused_bottom = fused_bottom  # the bottom MLP in one Triton kernel (kernels/bottom_mlp.py)
+        # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps, gram, prefetch)
         self.kernel_config = dict(kernel_config or {})
-        unknown = set(self.kernel_config) - {"pairs_per_program", "pairs_per_tile", "num_warps"}
+        unknown = set(self.kernel_config) - {"pairs_per_program", "pairs_per_tile", "num_warps", "gram", "prefetch"}
         if unknown:
             raise GpuBackendError(f"kernel_config: unknown gather_interaction parameters {sorted(unknown)}")
         self._launch_config: dict[str, Any] = dict(self.kernel_config)
@@ -151,6 +154,7 @@ class GpuBackend:
         with torch.cuda.stream(self.stream):
             self._load_tables(art)
             self._load_mlp(art)
+            self.fused_bottom = self.fused_bottom and bottom_mlp_fits(self.bottom)
             self._alloc_buffers()
         sizes = default_graph_sizes(self.max_batch_pairs) if graph_sizes is None else sorted(set(graph_sizes))
         if any(s < 1 or s > self.max_batch_pairs for s in sizes):
@@ -254,6 +258,7 @@ class GpuBackend:
         self.top_in = torch.zeros((m, self.top_in_width), dtype=torch.float8_e4m3fn if self.fp8 is not None
                                   else self.dtype, device=dev)
         self.pred = torch.empty(m, dtype=torch.float32, device=dev)
+        self.bottom_out = torch.empty((m, cfg.embedding_dim), dtype=self.dtype, device=dev)
         self.top_scratch = alloc_scratch(self.qtop, m, dev) if self.qtop is not None else None
         self.counts = new_counts(dev)  # [limit, bad ids, hot-count slots]
         self._arange = torch.arange(m, dtype=torch.int64, device=dev)
@@ -265,8 +270,11 @@ class GpuBackend:
     def _forward(self, n: int) -> None:
         """Predict rows [0, n) of dense_in/sparse_in into pred[:n]; hot count into counts[2:]."""
         x = self.dense_in[:n]
-        for weight, bias in self.bottom:
-            x = self._linear_relu(x, weight, bias)
+        if self.fused_bottom:
+            x = bottom_mlp(x, self.bottom, self.bottom_out[:n])
+        else:
+            for weight, bias in self.bottom:
+                x = self._linear_relu(x, weight, bias)
         # sparse_in holds file positions (remapped and checked before the graph): no remap loads here.
         if self.fp8 is not None:
             gather_interaction(x, self.sparse_in[:n], self.table_offsets, None, self.scales, self.hot, self.cold,

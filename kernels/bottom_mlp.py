@@ -55,6 +55,15 @@ def _bottom_mlp_kernel(
     tl.store(out_ptr + rows[:, None] * stride_o + n2[None, :], y.to(out_ptr.dtype.element_ty), mask=live[:, None])
 
 
+def fits(layers: list[tuple[torch.Tensor, torch.Tensor]], chunk: int = 64) -> bool:
+    """Whether `bottom_mlp` takes these layers (three; K0 a multiple of 16, N0 of chunk, K0/N1/N2 powers of two)."""
+    if len(layers) != 3:
+        return False
+    k0, n0, n1, n2 = layers[0][0].shape[1], layers[0][0].shape[0], layers[1][0].shape[0], layers[2][0].shape[0]
+    return (k0 % 16 == 0 and n0 % chunk == 0 and layers[1][0].shape[1] == n0 and layers[2][0].shape[1] == n1
+            and all(v == triton.next_power_of_2(v) for v in (k0, n1, n2)))
+
+
 def bottom_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor,
                block_m: int = 64, chunk: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """out = relu(L2(relu(L1(relu(L0(x)))))) for the three (weight [N, K], bias [N]) layers; returns out.

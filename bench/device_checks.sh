@@ -6,6 +6,8 @@
 #   bash bench/device_checks.sh perf       # full-size Offline and a Server sweep, fp16 vs fp8
 #   bash bench/device_checks.sh fp8acc     # the fp8 engine's AUC on the demo day (LoadGen accuracy run),
 #                                          # its stage times, a higher fp8 Server sweep
+#   bash bench/device_checks.sh probe      # issue 13 round 2: each stage's candidates (bench/stage_probe.py),
+#                                          # the kernel GPU tests, the engine before/now with torch.compile
 # Needs .whl/ (../shared/bin/gpu-wheels) carried; results and logs go to $OUT (the device tool's folder).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -95,6 +97,16 @@ fp8acc)
   python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 --scenario Server \
     --target-qps 420000,450000,480000 --duration-s 8 --out "$OUT/server_fp8_high.json" 2>&1 | tail -4
   ;;
+probe)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  timeout 270 python3 bench/stage_probe.py --out "$OUT/stages.json" > "$OUT/stages.log" 2>&1; echo "probe exit $?"
+  timeout 80 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_bottom_mlp.py -p no:cacheprovider 2>&1 | tail -6
+  timeout 200 python3 bench/bench_engine.py --scale 0.05 --pairs 600000 --parts 1.0 --mlp fp16,fp8 --before --compile \
+    --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1; echo "engine exit $?"
+  sed -n '/== summary ==/,$p' "$OUT/stages.log"
+  grep -E "stages|torch.compile|baseline fp16 DLRM forward batch 262144|Error|error" "$OUT/engine.log" | tail -12
+  sed -n '/== engine summary/,$p' "$OUT/engine.log"
+  ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe" >&2; exit 2 ;;
 esac

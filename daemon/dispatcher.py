@@ -205,6 +205,9 @@ class _Serving:
         self.replies = ReplySender(self.router, metrics, self.totals, cfg.max_client_backlog_bytes)
         self.batcher = Batcher(cfg.max_batch_pairs, cfg.max_queue_pairs, cfg.max_queue_delay_s)
         self.sup = Supervisor(cfg, sock.ctx, loop, self, run_prefix())
+        if metrics is not None:
+            for engine in self.sup.engines:  # each engine's gpu label, before its first sample
+                metrics.register_engine(engine.name, engine.device)
         self.scheduler = Scheduler(self.batcher, self.sup, self.replies, metrics, loop, self.after_io)
         self.requests = RequestHandler(cfg, datasets, self.scheduler, self.sup, self.replies,
                                        lambda: self.state, self.started_mono)
@@ -387,6 +390,7 @@ class _Serving:
     # ================= engine events (supervisor.EngineEvents) =================
     def on_engine_ready(self, engine: Engine) -> None:
         if self.metrics is not None:
+            self.metrics.set_engine_info(engine.name, engine.device_name)
             self.metrics.set_engine_up(engine.name, True)
             self.metrics.set_device_memory(engine.name, engine.counts.device_memory_bytes)
         self.scheduler.engine_back()

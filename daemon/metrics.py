@@ -14,6 +14,8 @@ Label values the dispatcher uses:
   tier     "device" | "host" (where an embedding row was read from; hot rows live on the device; a
            CPU engine reads every row from host memory)
   engine   the engine's name from the config (e.g. "cuda0", "cpu0")
+  gpu      beside engine: the CUDA device index of the engine ("0" for cuda:0; "" for cpu and null
+           engines); dlrm_engine_info{engine, gpu, device, gpu_name} carries the GPU's name
   reason   why work was dropped: "client_disconnected" (queued queries of a client that is gone) or
            "client_not_reading" (error replies beyond twice max_client_backlog_bytes of unread replies)
 
@@ -66,7 +68,7 @@ class DaemonMetrics:
                                 ["version", "model"], registry=r)
         self.retries = Counter("dlrm_batch_retries_total",
                                "Batches of a lost engine queued again (each runs at most twice), by that engine.",
-                               ["engine"], registry=r)
+                               ["engine", "gpu"], registry=r)
         self.dropped = Counter("dlrm_dropped_queries_total",
                                "Queued queries dropped unanswered, by reason (their client is gone).",
                                ["reason"], registry=r)
@@ -81,33 +83,36 @@ class DaemonMetrics:
                                  ["kind"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.stage_latency = Histogram("dlrm_stage_latency_seconds",
                                        "Latency of one stage of the query path, per engine.",
-                                       ["stage", "engine"], buckets=LATENCY_BUCKETS_S, registry=r)
+                                       ["stage", "engine", "gpu"], buckets=LATENCY_BUCKETS_S, registry=r)
         # Queries are packed into batches, so per-engine latency is measured per batch: from the
         # oldest query's enqueue to the engine's BatchDone (queue wait + assembly + compute).
         self.batch_latency = Histogram("dlrm_batch_latency_seconds",
                                        "Batch latency per engine: queue wait + assembly + compute.",
-                                       ["engine"], buckets=LATENCY_BUCKETS_S, registry=r)
+                                       ["engine", "gpu"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.batch_pairs = Histogram("dlrm_batch_size_pairs", "Pairs per batch sent to an engine.",
-                                     ["engine"], buckets=BATCH_PAIRS_BUCKETS, registry=r)
-        self.batches = Counter("dlrm_batches_total", "Batches completed by an engine.", ["engine"],
+                                     ["engine", "gpu"], buckets=BATCH_PAIRS_BUCKETS, registry=r)
+        self.batches = Counter("dlrm_batches_total", "Batches completed by an engine.", ["engine", "gpu"],
                                registry=r)
         self.queue_queries = Gauge("dlrm_queue_depth_queries", "Queries waiting in the batcher queue.",
                                    registry=r)
         self.queue_pairs = Gauge("dlrm_queue_depth_pairs", "Pairs waiting in the batcher queue.",
                                  registry=r)
         self.inflight = Gauge("dlrm_engine_inflight_batches", "Batches sent to an engine, not yet done.",
-                              ["engine"], registry=r)
+                              ["engine", "gpu"], registry=r)
         self.engine_up = Gauge("dlrm_engine_up", "1 while the engine is ready and heartbeating.",
-                               ["engine"], registry=r)
+                               ["engine", "gpu"], registry=r)
         self.restarts = Counter("dlrm_engine_restarts_total", "Engine process restarts by the supervisor.",
-                                ["engine"], registry=r)
+                                ["engine", "gpu"], registry=r)
         self.errors = Counter("dlrm_errors_total", "Error replies, by wire-protocol error code.",
                               ["code"], registry=r)
         self.lookups = Counter("dlrm_embedding_lookups_total",
                                "Embedding rows read, by where they were read from (device = hot rows).",
-                               ["engine", "tier"], registry=r)
+                               ["engine", "gpu", "tier"], registry=r)
         self.device_memory = Gauge("dlrm_device_memory_used_bytes", "Device memory held by an engine.",
-                                   ["engine"], registry=r)
+                                   ["engine", "gpu"], registry=r)
+        self.engine_info = Gauge("dlrm_engine_info",
+                                 "1 per engine, labelled with its device and the GPU's name (from the engine).",
+                                 ["engine", "gpu", "device", "gpu_name"], registry=r)
         # Pre-create every fixed-label child so rate() and dashboards see 0 rather than no series.
         for code in ERROR_CODES:
             self.errors.labels(code=code)
@@ -118,29 +123,48 @@ class DaemonMetrics:
             self.queries.labels(kind=kind, outcome="ok")
             self.samples.labels(kind=kind, outcome="ok")
             self.pairs.labels(kind=kind, outcome="ok")
-        self._engines: set[str] = set()
+        self._engines: dict[str, str] = {}  # engine name -> its gpu label
+        self._devices: dict[str, str] = {}  # engine name -> configured device (register_engine)
+        self._info: dict[str, tuple[str, str, str, str]] = {}  # engine name -> its dlrm_engine_info labels
         self._lock = threading.Lock()
 
-    def _engine(self, engine: str) -> None:
-        """Create an engine's children on first sight, so a new engine shows zeros, not gaps."""
-        if engine in self._engines:
-            return
+    def register_engine(self, engine: str, device: str) -> None:
+        """Name an engine's device before its first sample: its `gpu` label is the CUDA device index
+        ("0" for cuda:0; "" for the cpu and null engines, which have none)."""
+        self._devices[engine] = device
+        self._engine(engine)
+
+    def _engine(self, engine: str) -> dict[str, str]:
+        """The engine's label values; creates its children on first sight, so a new engine shows zeros,
+        not gaps."""
+        gpu = self._engines.get(engine)
+        if gpu is not None:
+            return {"engine": engine, "gpu": gpu}
         with self._lock:
-            if engine in self._engines:
-                return
-            self.batch_latency.labels(engine=engine)
-            self.batch_pairs.labels(engine=engine)
-            self.batches.labels(engine=engine)
-            self.inflight.labels(engine=engine)
-            self.engine_up.labels(engine=engine)
-            self.restarts.labels(engine=engine)
-            self.retries.labels(engine=engine)
-            self.device_memory.labels(engine=engine)
+            device = self._devices.get(engine, "")
+            gpu = device.split(":", 1)[1] if device.startswith("cuda:") else ""
+            e = {"engine": engine, "gpu": gpu}
+            for metric in (self.batch_latency, self.batch_pairs, self.batches, self.inflight, self.engine_up,
+                           self.restarts, self.retries, self.device_memory):
+                metric.labels(**e)
             for stage in STAGES:
-                self.stage_latency.labels(stage=stage, engine=engine)
+                self.stage_latency.labels(stage=stage, **e)
             for tier in TIERS:
-                self.lookups.labels(engine=engine, tier=tier)
-            self._engines.add(engine)
+                self.lookups.labels(tier=tier, **e)
+            self._engines[engine] = gpu
+            return e
+
+    def set_engine_info(self, engine: str, device_name: str) -> None:
+        """The engine reported its device's name (EngineReady): one dlrm_engine_info series per engine."""
+        e = self._engine(engine)
+        device = self._devices.get(engine, "")
+        labels = (engine, e["gpu"], device, device_name)  # in labelnames order
+        with self._lock:
+            old = self._info.get(engine)
+            if old is not None and old != labels:  # a restart on another device name replaces the series
+                self.engine_info.remove(*old)
+            self.engine_info.labels(*labels).set(1)
+            self._info[engine] = labels
 
     def observe_query(self, kind: str, outcome: str, samples: int, pairs: int, latency_s: float) -> None:
         """One answered inference request; `outcome` is "ok" or the error code of its Error reply.
@@ -160,27 +184,25 @@ class DaemonMetrics:
     def observe_batch(self, engine: str, pairs: int, queue_wait_s: float, assembly_s: float,
                       compute_s: float, hot_lookups: int, cold_lookups: int) -> None:
         """One batch completed by `engine`; hot lookups were served from device memory."""
-        self._engine(engine)
-        self.stage_latency.labels(stage="queue_wait", engine=engine).observe(queue_wait_s)
-        self.stage_latency.labels(stage="batch_assembly", engine=engine).observe(assembly_s)
-        self.stage_latency.labels(stage="engine_compute", engine=engine).observe(compute_s)
-        self.batch_latency.labels(engine=engine).observe(queue_wait_s + assembly_s + compute_s)
-        self.batch_pairs.labels(engine=engine).observe(pairs)
-        self.batches.labels(engine=engine).inc()
-        self.lookups.labels(engine=engine, tier="device").inc(hot_lookups)
-        self.lookups.labels(engine=engine, tier="host").inc(cold_lookups)
+        e = self._engine(engine)
+        self.stage_latency.labels(stage="queue_wait", **e).observe(queue_wait_s)
+        self.stage_latency.labels(stage="batch_assembly", **e).observe(assembly_s)
+        self.stage_latency.labels(stage="engine_compute", **e).observe(compute_s)
+        self.batch_latency.labels(**e).observe(queue_wait_s + assembly_s + compute_s)
+        self.batch_pairs.labels(**e).observe(pairs)
+        self.batches.labels(**e).inc()
+        self.lookups.labels(tier="device", **e).inc(hot_lookups)
+        self.lookups.labels(tier="host", **e).inc(cold_lookups)
 
     def observe_reply(self, engine: str, seconds: float) -> None:
         """Time to split a batch's predictions (computed by `engine`) and send the replies."""
-        self._engine(engine)
-        self.stage_latency.labels(stage="reply", engine=engine).observe(seconds)
+        self.stage_latency.labels(stage="reply", **self._engine(engine)).observe(seconds)
 
     def set_build_info(self, version: str, model: str) -> None:
         self.build_info.labels(version=version, model=model).set(1)
 
     def batch_retried(self, engine: str) -> None:
-        self._engine(engine)
-        self.retries.labels(engine=engine).inc()
+        self.retries.labels(**self._engine(engine)).inc()
 
     def queries_dropped(self, reason: str, n: int) -> None:
         self.dropped.labels(reason=reason).inc(n)
@@ -190,20 +212,16 @@ class DaemonMetrics:
         self.queue_pairs.set(pairs)
 
     def set_inflight(self, engine: str, batches: int) -> None:
-        self._engine(engine)
-        self.inflight.labels(engine=engine).set(batches)
+        self.inflight.labels(**self._engine(engine)).set(batches)
 
     def set_engine_up(self, engine: str, up: bool) -> None:
-        self._engine(engine)
-        self.engine_up.labels(engine=engine).set(1 if up else 0)
+        self.engine_up.labels(**self._engine(engine)).set(1 if up else 0)
 
     def engine_restarted(self, engine: str) -> None:
-        self._engine(engine)
-        self.restarts.labels(engine=engine).inc()
+        self.restarts.labels(**self._engine(engine)).inc()
 
     def set_device_memory(self, engine: str, nbytes: int) -> None:
-        self._engine(engine)
-        self.device_memory.labels(engine=engine).set(nbytes)
+        self.device_memory.labels(**self._engine(engine)).set(nbytes)
 
 
 def daemon_version() -> str:

@@ -91,6 +91,7 @@ class Engine:
         self.counts = EngineCounters()
         self.last_error = ""
         self.load_error = ""  # its current process's EngineLoadFailed message ("" if none)
+        self.device_name = ""  # the GPU's name, from EngineReady ("" for cpu and null engines)
         self.failures_in_row = 0
         self.started_at = 0.0
         self.ready_at = 0.0
@@ -404,6 +405,7 @@ class Supervisor:
             e.ever_ready = e.settled = True
             e.counts.device_memory_bytes = msg.device_memory_bytes
             e.live.work_tids = list(msg.work_tids)
+            e.device_name = msg.device_name
             log.info("engine %s ready (pid %d, %d bytes of device memory)", e.name, msg.pid,
                      msg.device_memory_bytes)
             self.events.on_engine_ready(e)

@@ -37,3 +37,12 @@ def create_backend(device: str, artifact: Path | str, *, gpu_part: float = 1.0, 
     if mlp_precision is not None:
         options["mlp_precision"] = str(mlp_precision)
     return GpuBackend(device, artifact, gpu_part, **options)  # type: ignore[arg-type]
+
+
+def device_name(device: str) -> str:
+    """The name of a cuda:N device ("NVIDIA H200"), "" for the cpu and null engines (they have no GPU)."""
+    if EngineKind.of_device(device) is not EngineKind.CUDA:
+        return ""
+    import torch
+
+    return str(torch.cuda.get_device_name(torch.device(device)))

@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from engines.backend import EngineBackend, PendingBatch
-from engines.factory import create_backend
+from engines.factory import create_backend, device_name
 from wire import messages as P
 from wire.exitcodes import ExitCode
 from wire.shm import Region
@@ -123,6 +123,7 @@ class _Worker(threading.Thread):
         self._completer_started.wait()
         self._send(P.EngineReady(device=self.spec.device, pid=os.getpid(),
                                  device_memory_bytes=int(backend.device_memory_bytes()),
+                                 device_name=device_name(self.spec.device),
                                  work_tids=[threading.get_native_id(), self._completer_tid]))
         while True:
             msg = self.inbox.get()

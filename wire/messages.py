@@ -244,6 +244,7 @@ class EngineReady(_Msg, frozen=True):
     device: str
     pid: int
     device_memory_bytes: int
+    device_name: str = ""  # the GPU's name ("NVIDIA H200"); "" for the cpu and null engines
     # Native ids of the threads that compute batches (work and completion threads): the dispatcher
     # reads their CPU and run-queue time to tell a long batch that progresses from a hung one.
     work_tids: list[int] = []

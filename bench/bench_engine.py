@@ -193,6 +193,7 @@ def main() -> int:
                     help="bench_gather.py JSON: use its fastest fused gather+interaction variant")
     ap.add_argument("--mlp", default="fp16,int8", help="MLP precisions to time (GpuBackend mlp_precision)")
     ap.add_argument("--unfused", action="store_true", help="also time v1's unfused kernels and separate ReLU")
+    ap.add_argument("--batches", default="2048,8192,32768,131072,262144", help="batch sizes timed (pairs)")
     ap.add_argument("--compile", action="store_true", help="also time the baseline under torch.compile")
     ap.add_argument("--before", action="store_true",
                     help="also time each MLP precision with the kernels before issue 13's round 2 (the fp16-row "
@@ -215,7 +216,7 @@ def main() -> int:
           f"built in {extra['artifact_s']:.1f} s", flush=True)
     dense, sparse, offsets = extra["dense"], extra["sparse"], extra["offsets"]
     art = Artifact.open(art_path)
-    batches = [b for b in (2048, 8192, 32768, 131072, 262144) if b <= args.max_batch]
+    batches = [b for b in (int(x) for x in args.batches.split(",")) if b <= args.max_batch]
 
     # Baseline first: the same batches through the fp16 PyTorch module.
     model = baseline_model(art)

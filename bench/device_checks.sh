@@ -6,8 +6,10 @@
 #   bash bench/device_checks.sh perf       # full-size Offline and a Server sweep, fp16 vs fp8
 #   bash bench/device_checks.sh fp8acc     # the fp8 engine's AUC on the demo day (LoadGen accuracy run),
 #                                          # its stage times, a higher fp8 Server sweep
-#   bash bench/device_checks.sh probe      # issue 13 round 2: each stage's candidates (bench/stage_probe.py)
-#                                          # and the kernel GPU tests
+#   bash bench/device_checks.sh probe      # issue 13 round 2: each stage's candidates (bench/stage_probe.py),
+#                                          # the GPU tests, the trained model's accuracy per profile
+#   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
+#                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
 # Needs .whl/ (../shared/bin/gpu-wheels) carried; results and logs go to $OUT (the device tool's folder).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -26,6 +28,20 @@ first_server_run() {  # a daemon just started on a cold Triton cache, then at on
   python3 -m loadgen_driver.cli --scenario Server --target-qps 20000 --short --quiet --dataset /tmp/demo/dataset \
     --dataset-name demo --endpoint "ipc://$rt/dlrm.sock" --output-dir "$OUT/first_server" | grep -E "latency|result|throughput"
   kill -TERM $d; wait $d; echo "daemon exit $?"
+}
+
+accuracy_run() {  # $1 artifact, $2 dataset, $3 accuracy_target, $4 fp32 AUC, $5 name: a LoadGen accuracy run
+  local rt; rt=$(mktemp -d /tmp/dlrmacc-XXXX)
+  DLRM_ACCURACY_TARGET=$3 python3 -m daemon.cli --runtime-dir "$rt" --model "$1" --datasets acc="$2" \
+    --engines cuda:0 --log-level INFO > "$OUT/acc_$5.log" 2>&1 &
+  local d=$!
+  python3 -c "from wire.client import wait_until_serving as w; w('ipc://$rt/dlrm.sock', 120)" \
+    || { tail -5 "$OUT/acc_$5.log"; kill -TERM $d; return; }
+  grep -oE "accuracy_target.*" "$OUT/acc_$5.log" | head -1 | sed "s/^/$5: /"
+  timeout 90 python3 -m loadgen_driver.cli --scenario Offline --mode AccuracyOnly --fp32-auc "$4" --short --quiet \
+    --dataset "$2" --dataset-name acc --endpoint "ipc://$rt/dlrm.sock" --output-dir "/tmp/acc_$5" 2>&1 \
+    | grep -E "AUC" | sed "s/^/$5: /"
+  kill -TERM $d; wait $d
 }
 
 case "${1:-}" in
@@ -98,49 +114,41 @@ fp8acc)
     --target-qps 420000,450000,480000 --duration-s 8 --out "$OUT/server_fp8_high.json" 2>&1 | tail -4
   ;;
 probe)
+  # issue 13 round 2, call 1: each stage's candidates, the GPU test suite, the trained model's accuracy
+  # (carried: var/trained/art, calibrated on the CPU, var/trained/test100k_ds, var/trained/fp32_auc.txt)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  timeout 270 python3 bench/stage_probe.py --out "$OUT/stages.json" > "$OUT/stages.log" 2>&1; echo "probe exit $?"
-  timeout 80 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_bottom_mlp.py -p no:cacheprovider 2>&1 | tail -6
+  timeout 220 python3 bench/stage_probe.py --out "$OUT/stages.json" > "$OUT/stages.log" 2>&1; echo "probe exit $?"
+  timeout 220 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+  fp32_trained=$(cat var/trained/fp32_auc.txt)
+  accuracy_run var/trained/art var/trained/test100k_ds 99 "$fp32_trained" trained_99
+  accuracy_run var/trained/art var/trained/test100k_ds 99.9 "$fp32_trained" trained_99.9
   sed -n '/== summary ==/,$p' "$OUT/stages.log"
   ;;
 headline)
-  # issue 13 round 2 in one call: full-size data made in the background (its own session) while the GPU
-  # demo, the accuracy runs and the engine bench run; then Offline before/now and Server sweeps.
-  # Carried: .before/ (the tree before round 2), var/trained/art + var/trained/test100k_ds (the trained model,
-  # calibrated on the CPU, and 100k pairs of its test day; fp32 AUC in var/trained/fp32_auc.txt).
+  # issue 13 round 2, call 2: full-size data made in the background (its own session) while the planted
+  # model's GPU accuracy and the engine bench (with the plain PyTorch and torch.compile baselines) run;
+  # then full-size Offline runs and Server sweeps in both profiles' arithmetic.
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 65536 --out $FS > /tmp/fs.log 2>&1 &
-  timeout 150 python3 -m prepare.demo --dir /tmp/demo > "$OUT/demo.log" 2>&1; echo "demo exit $?"
-  grep -E "^(Server|Accuracy|dlrm-daemon:)" "$OUT/demo.log"
-  accuracy_run() {  # $1 artifact, $2 dataset, $3 accuracy_target, $4 fp32 AUC, $5 name
-    local rt; rt=$(mktemp -d /tmp/dlrmacc-XXXX)
-    DLRM_ACCURACY_TARGET=$3 python3 -m daemon.cli --runtime-dir "$rt" --model "$1" --datasets acc="$2" \
-      --engines cuda:0 --log-level INFO > "$OUT/acc_$5.log" 2>&1 &
-    local d=$!
-    python3 -c "from wire.client import wait_until_serving as w; w('ipc://$rt/dlrm.sock', 120)" || return
-    grep -oE "accuracy_target.*" "$OUT/acc_$5.log" | head -1
-    timeout 90 python3 -m loadgen_driver.cli --scenario Offline --mode AccuracyOnly --fp32-auc "$4" --short --quiet \
-      --dataset "$2" --dataset-name acc --endpoint "ipc://$rt/dlrm.sock" --output-dir "/tmp/acc_$5" 2>&1 \
-      | grep -E "AUC" | sed "s/^/$5: /"
-    kill -TERM $d; wait $d
-  }
-  fp32_demo=$(grep -oE "^AUC [0-9.]+" "$OUT/demo.log" | head -1 | cut -d' ' -f2)
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  python3 -c "from pathlib import Path; from prepare.demo import prepare_data; prepare_data(Path('/tmp/demo'))" \
+    > "$OUT/demo_data.log" 2>&1 || tail -5 "$OUT/demo_data.log"
+  fp32_demo=$(python3 -m prepare.cli eval --dataset /tmp/demo/dataset --precision fp32 \
+    --checkpoint /tmp/demo/synthetic/model.pt | grep -oE "^AUC [0-9.]+" | cut -d' ' -f2)
   last_train=$(python3 -c "import json; print(json.load(open('/tmp/demo/synthetic/manifest.json'))['train_days'][-1])")
   python3 -m prepare.cli criteo /tmp/demo/synthetic/$last_train --model /tmp/demo/artifact --out /tmp/calib | tail -1
   timeout 120 python3 -m prepare.cli calibrate --model /tmp/demo/artifact --dataset /tmp/calib --pairs 30000 | head -1
   accuracy_run /tmp/demo/artifact /tmp/demo/dataset 99 "$fp32_demo" planted_99
-  fp32_trained=$(cat var/trained/fp32_auc.txt)
-  accuracy_run var/trained/art var/trained/test100k_ds 99 "$fp32_trained" trained_99
-  accuracy_run var/trained/art var/trained/test100k_ds 99.9 "$fp32_trained" trained_99.9
+  accuracy_run /tmp/demo/artifact /tmp/demo/dataset 99.9 "$fp32_demo" planted_99.9
   timeout 200 python3 bench/bench_engine.py --scale 0.05 --pairs 600000 --parts 1.0 --mlp fp16,fp8 --before --compile \
-    --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1; echo "engine exit $?"
+    --batches 32768,262144 --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1; echo "engine exit $?"
   grep -E "stages|torch.compile|baseline fp16 DLRM forward batch 262144|Error|error" "$OUT/engine.log" | tail -8
   for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
   tail -2 /tmp/fs.log | cut -c1-200
-  for spec in "fp8 ." "fp16 ." "fp8 .before"; do
-    set -- $spec
-    python3 $2/bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp $1 --target-qps 600000 \
-      --duration-s 10 --out "$OUT/e2e_offline_$1_$(basename $(realpath $2)).json" 2>&1 | tail -1
+  timeout 150 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
+    | tail -1  # the fp8 scales (a synthetic model: no accuracy profile, runs use accuracy_target none)
+  for mlp in fp8 fp16; do
+    python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp $mlp --target-qps 600000 \
+      --duration-s 10 --out "$OUT/e2e_offline_$mlp.json" 2>&1 | tail -1
   done
   python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 --scenario Server \
     --target-qps 420000,480000,540000 --duration-s 8 --out "$OUT/e2e_server_fp8.json" 2>&1 | tail -4

@@ -178,6 +178,12 @@ class Batcher:
     def pending(self) -> bool:
         return bool(self._retry) or self.queued_pairs > 0
 
+    def head_partial(self) -> bool:
+        """The oldest queued query already has pieces in batches: the rest of it follows them before
+        anything else (a model swap waits for this to be False, so no query is computed by two models)."""
+        q = self._head()
+        return q is not None and q.cursor > 0
+
     def should_close(self, now: float, engine_idle: bool) -> bool:
         if self._retry:
             return True

@@ -18,6 +18,8 @@ _EPILOG = """subcommands:
   dlrm-daemon status [--endpoint E | --config FILE]   show a running daemon's engines, queue, rates
                                   (default endpoint: daemon/endpoints.py; DLRM_ENDPOINT overrides it)
   dlrm-daemon keygen DIR [--name NAME]   write a CURVE key pair NAME.key / NAME.key_secret (0600)
+  dlrm-daemon reload [--config FILE] [--endpoint E]   swap in the model of the daemon's re-read config
+                                  while it serves; waits for the outcome (systemctl reload runs it)
 
 exit codes: 0 ok (also after SIGTERM/SIGINT drain), 1 runtime failure, 2 usage,
             70 no engine could load the model, 78 configuration error"""
@@ -39,7 +41,9 @@ def _config_or_exit(path: str | None, args: argparse.Namespace | None) -> Daemon
         raise SystemExit(ExitCode.CONFIG_ERROR) from None
 
 
-def serve(cfg: DaemonConfig) -> int:
+def serve(cfg: DaemonConfig, config_path: str | None = None, overrides: dict[str, Any] | None = None) -> int:
+    """Run the daemon; a reload re-reads `config_path` (or the file it names) with the same command-line
+    `overrides` (a key given as a flag keeps its value across reloads)."""
     from daemon.dispatcher import Dispatcher, StartupError
 
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
@@ -81,7 +85,16 @@ def serve(cfg: DaemonConfig) -> int:
     except ImportError:  # uvloop is a dependency; asyncio's loop is the same API, slower
         runner = asyncio.run
     try:
-        code = runner(Dispatcher(cfg, metrics, notifier).run())
+        def reload_config(path: str | None) -> DaemonConfig:
+            from daemon.reload_plan import ReloadRefused
+
+            source = path or config_path
+            if source is None:
+                raise ReloadRefused("the daemon was started without --config: name the file to reload from "
+                                    "(dlrm-daemon reload --config FILE)")
+            return load_config(source, overrides)
+
+        code = runner(Dispatcher(cfg, metrics, notifier, reload_config).run())
     except StartupError as exc:
         log.error("%s", exc)
         code = exc.code
@@ -160,6 +173,45 @@ def status(argv: Sequence[str]) -> int:
     return ExitCode.OK
 
 
+def reload_command(argv: Sequence[str]) -> int:
+    from wire.client import Client
+    from wire.errors import ConnectionFailed, DaemonError
+
+    p = argparse.ArgumentParser(
+        prog="dlrm-daemon reload", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="make a running daemon re-read its config file and swap in its model while it serves: "
+                    "new engines load the new model beside the old ones, are verified (checksums, accuracy "
+                    "profile, canary predictions), take the traffic, and the old ones drain and stop. Waits for "
+                    "the outcome; exit 0 when the new model serves, 1 with the reason when it was refused (the "
+                    "old model then serves on)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="the config file the daemon reads (default: the one it was started with); also where "
+                        "its endpoint is found")
+    p.add_argument("--endpoint", default=None, help="daemon endpoint (default: from --config, else as `status`)")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds to wait for the outcome (the daemon's own limit is reload_timeout_s)")
+    args = p.parse_args(argv)
+    try:
+        endpoint = args.endpoint or find_endpoint(args.config)
+    except ConfigError as exc:
+        print(f"dlrm-daemon reload: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    config = os.path.abspath(args.config) if args.config else ""
+    try:
+        with Client(endpoint, timeout_s=args.timeout) as c:
+            done = c.reload(config)
+    except ConnectionFailed as exc:
+        print(f"dlrm-daemon reload: {exc}", file=sys.stderr)
+        return ExitCode.RUNTIME_FAILURE
+    except DaemonError as exc:
+        print(f"dlrm-daemon reload: refused: {exc.message}", file=sys.stderr)
+        return ExitCode.RUNTIME_FAILURE
+    print(f"reloaded: {done['previous_model']} -> {done['model']} in {done['seconds']:.1f} s")
+    for line in done["checks"]:
+        print(f"  {line}")
+    return ExitCode.OK
+
+
 def keygen_command(argv: Sequence[str]) -> int:
     from wire.curve import keygen as make_keys
 
@@ -195,8 +247,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return status(argv[1:])
     if argv and argv[0] == "keygen":
         return keygen_command(argv[1:])
+    if argv and argv[0] == "reload":
+        return reload_command(argv[1:])
     args = _serve_parser().parse_args(argv)
-    return serve(_config_or_exit(args.config, args))
+    return serve(_config_or_exit(args.config, args), os.path.abspath(args.config) if args.config else None,
+                 overrides_from_args(args))
 
 
 if __name__ == "__main__":

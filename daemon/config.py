@@ -127,6 +127,16 @@ class DaemonConfig:
         "this long for a restarted engine, each within its own deadline; 0 = fail them at once"))
     restart_backoff_s: float = field(default=1.0, metadata=_h(
         "first delay before restarting a failed engine; doubles per consecutive failure (max 60 s)"))
+    reload_canary_dataset: str = field(default="", metadata=_h(
+        "registered dataset a reload's new engines predict before traffic moves to them, checked against "
+        "the reference of their arithmetic (engines/canary.py); default: the first configured dataset "
+        "(none configured: no canary, said in the reload's checks)"))
+    reload_canary_pairs: int = field(default=2000, metadata=_h("pairs of the canary dataset a reload predicts"))
+    reload_min_auc_ratio: float = field(default=0.0, metadata=_h(
+        "a reload is refused when the new model's AUC on the canary pairs is below this share of the served "
+        "model's on the same pairs (e.g. 0.99); 0 = no AUC gate"))
+    reload_timeout_s: float = field(default=900.0, metadata=_h(
+        "a reload whose new engines are not loaded and verified within this fails (the old model serves on)"))
     metrics_host: str = field(default="127.0.0.1", metadata=_h("Prometheus exporter address"))
     metrics_port: int = field(default=0, metadata=_h("Prometheus exporter port; 0 = off"))
     log_level: str = field(default="INFO", metadata=_h("DEBUG, INFO, WARNING or ERROR"))
@@ -208,10 +218,11 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
         return ConfigError(key, msg, sources.get(key, "default"))
 
     for key in ("max_batch_pairs", "inflight_batches", "max_queue_pairs", "max_pairs_per_query",
-                "max_message_bytes", "max_client_backlog_bytes"):
+                "max_message_bytes", "max_client_backlog_bytes", "reload_canary_pairs"):
         if getattr(cfg, key) <= 0:
             raise bad(key, f"must be positive, got {getattr(cfg, key)}")
-    for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "restart_backoff_s", "batch_timeout_s"):
+    for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "restart_backoff_s", "batch_timeout_s",
+                "reload_timeout_s"):
         if not getattr(cfg, key) > 0:
             raise bad(key, f"must be > 0 seconds, got {getattr(cfg, key)}")
     for key in ("max_queue_delay_s", "drain_timeout_s", "engine_restart_wait_s", "latency_target_s"):
@@ -223,6 +234,11 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
         raise bad("max_pairs_per_query", f"must be <= max_queue_pairs={cfg.max_queue_pairs}")
     if cfg.max_queue_pairs < cfg.max_batch_pairs:
         raise bad("max_queue_pairs", f"must be >= max_batch_pairs={cfg.max_batch_pairs}")
+    if not 0.0 <= cfg.reload_min_auc_ratio <= 1.0:
+        raise bad("reload_min_auc_ratio", f"must lie in [0, 1], got {cfg.reload_min_auc_ratio}")
+    if cfg.reload_canary_dataset and cfg.reload_canary_dataset not in cfg.datasets:
+        raise bad("reload_canary_dataset", f"{cfg.reload_canary_dataset!r} is not one of the configured datasets "
+                                           f"{sorted(cfg.datasets)}")
     if not 0.0 <= cfg.embedding_weights_on_gpu_part <= 1.0:
         raise bad("embedding_weights_on_gpu_part", f"must lie in [0, 1], got {cfg.embedding_weights_on_gpu_part}")
     if not 0 <= cfg.metrics_port <= 65535:

@@ -155,6 +155,10 @@ class DatasetRegistry:
             for c in clients & ds.loaded.keys():
                 del ds.loaded[c]
 
+    def ready_names(self) -> list[str]:
+        """Names of the datasets every engine has (configured first, then by registration)."""
+        return [name for name, ds in self.entries.items() if ds.state is DatasetState.READY]
+
     def paths(self) -> dict[str, str]:
         """name -> path of every dataset, for an engine that starts now."""
         return {name: ds.path for name, ds in self.entries.items()}

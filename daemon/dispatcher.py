@@ -21,7 +21,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -30,13 +30,15 @@ from daemon.config import DaemonConfig
 from daemon.datasets import DatasetRegistry
 from daemon.memory import IdleTrimmer
 from daemon.metrics import DaemonMetrics
+from daemon.model_swap import ModelSwap, reloaded_reply
+from daemon.reload_plan import ReloadRefused
 from daemon.peers import PeerWatch
 from daemon.replies import PIPE_HWM, ReplySender, Totals
 from daemon.requests import RequestHandler
 from daemon.scheduling import Scheduler
 from daemon.sdnotify import Notifier
 from daemon.security import ServerCurve, maybe_server_curve, remove_stale_sockets
-from daemon.supervisor import Engine, InFlightBatch, Supervisor
+from daemon.supervisor import Engine, EngineRole, InFlightBatch, Supervisor
 from daemon.zmq_fd import fd_of, has_input
 from formats.artifact import ArtifactError, read_model_config
 from formats.model_config import DLRMConfig
@@ -147,10 +149,14 @@ class ClientSocket:
 
 class Dispatcher:
     def __init__(self, config: DaemonConfig, metrics: DaemonMetrics | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None,
+                 reload_config: Callable[[str | None], DaemonConfig] | None = None) -> None:
+        """`reload_config(path)`: the config a reload serves (path None: the daemon's own file, with its
+        command-line overrides); without it a reload re-reads nothing and only the given path counts."""
         self.cfg = config
         self.metrics = metrics
         self.notifier = notifier
+        self.reload_config = reload_config
 
     async def run(self) -> int:
         _keep_large_allocations()
@@ -166,7 +172,7 @@ class Dispatcher:
             sock = ClientSocket(self.cfg)
             try:
                 serving = _Serving(self.cfg, asyncio.get_running_loop(), sock, datasets, self.metrics,
-                                   self.notifier)
+                                   self.notifier, self.reload_config)
                 try:
                     return await serving.serve()
                 finally:
@@ -191,7 +197,8 @@ class _Serving:
     """The serving dispatcher: its parts, the I/O pass, the ticker, and the engines' events."""
 
     def __init__(self, cfg: DaemonConfig, loop: asyncio.AbstractEventLoop, sock: ClientSocket,
-                 datasets: DatasetRegistry, metrics: DaemonMetrics | None, notifier: Notifier | None) -> None:
+                 datasets: DatasetRegistry, metrics: DaemonMetrics | None, notifier: Notifier | None,
+                 reload_config: Callable[[str | None], DaemonConfig] | None = None) -> None:
         self.cfg = cfg
         self.loop = loop
         self.sock = sock
@@ -206,11 +213,13 @@ class _Serving:
         self.batcher = Batcher(cfg.max_batch_pairs, cfg.max_queue_pairs, cfg.max_queue_delay_s)
         self.sup = Supervisor(cfg, sock.ctx, loop, self, run_prefix())
         if metrics is not None:
-            for engine in self.sup.engines:  # each engine's gpu label, before its first sample
-                metrics.register_engine(engine.name, engine.device)
+            for engine in self.sup.engines:  # each engine's gpu and model labels, before its first sample
+                metrics.register_engine(engine.name, engine.device, engine.model.model_id)
         self.scheduler = Scheduler(self.batcher, self.sup, self.replies, metrics, loop, self.after_io)
         self.requests = RequestHandler(cfg, datasets, self.scheduler, self.sup, self.replies,
-                                       lambda: self.state, self.started_mono)
+                                       lambda: self.state, self.started_mono, self._on_reload)
+        self.swap = ModelSwap(self, reload_config or _load_named, loop)
+        self._reload_requested = False  # SIGHUP: the ticker starts a reload (handlers only record)
         self._trimmer = IdleTrimmer(cfg.malloc_trim_interval_s)  # returns heap freed after bursts to the OS (daemon/memory.py)
         self._io_scheduled = False
         self._closed = False
@@ -226,6 +235,7 @@ class _Serving:
     async def serve(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         self.loop.add_reader(fd_of(self.router), self._on_io)
         self._notify("status", f"loading model on {len(self.sup.engines)} engine(s)")
         for e in self.sup.engines:
@@ -250,13 +260,52 @@ class _Serving:
             return ExitCode.OK
         finally:
             tick.cancel()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: int) -> None:
         # Only record it; the main coroutine does the work.
         self._signal = sig
         self._stop.set()
+
+    def _on_sighup(self) -> None:
+        self._reload_requested = True  # the ticker starts the reload
+
+    # ================= reload (daemon/model_swap.py) =================
+    def set_config(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        self.sup.config = cfg
+        self.requests.cfg = cfg
+
+    def dataset_names(self) -> list[str]:
+        return self.datasets.ready_names()
+
+    def serving(self) -> bool:
+        return self.state is M.DaemonState.SERVING
+
+    def _on_reload(self, client: bytes | None, request_id: int, config_path: str) -> None:
+        """A Reload request (client None: SIGHUP): runs as a task, answered when it ends."""
+        self._notify("reloading")
+        task = self.loop.create_task(self.swap.run(config_path or None))
+
+        def finished(t: asyncio.Task[M.Reloaded]) -> None:
+            ok = not t.cancelled() and t.exception() is None
+            self._notify("ready", self._status_line())
+            self._last_status = self._status_line()
+            if client is None:
+                return
+            if ok:
+                self.replies.send(client, reloaded_reply(request_id, t.result()))
+            else:
+                exc = t.exception() if not t.cancelled() else None
+                why = str(exc) if isinstance(exc, ReloadRefused) else (
+                    "cancelled (the daemon is shutting down)" if exc is None else f"{type(exc).__name__}: {exc}")
+                if exc is not None and not isinstance(exc, ReloadRefused):
+                    log.error("reload failed: %s", why)
+                self.replies.error(client, request_id, ErrorCode.RELOAD_FAILED, why)
+            self.replies.flush()
+
+        task.add_done_callback(finished)
 
     async def _drain(self) -> None:
         self.state = M.DaemonState.DRAINING
@@ -304,6 +353,10 @@ class _Serving:
                 self._extend_start(now)
             if self.metrics is not None:
                 self.metrics.set_queue_depth(self.batcher.queued_queries, self.batcher.queued_pairs)
+            if self._reload_requested and self.state is M.DaemonState.SERVING:
+                self._reload_requested = False
+                log.info("SIGHUP: reloading the configuration")
+                self._on_reload(None, 0, "")
             # Also a safety net for ZeroMQ's edge-like FDs: a full I/O pass every tick.
             self.after_io()
 
@@ -319,13 +372,19 @@ class _Serving:
     def _status_line(self) -> str:
         """systemd's STATUS=: how many engines serve (or are ready, while starting), and why each
         other one does not."""
-        engines = self.sup.engines
+        engines = [e for e in self.sup.engines if e.role is EngineRole.ACTIVE]
         up = sum(e.serving for e in engines)
         down = [f"{e.name} {e.state}" + (f" ({e.last_error})" if e.last_error else "")
                 for e in engines if not e.serving]
         head = ("serving with {}/{} engines" if self.state is M.DaemonState.SERVING else
                 "loading the model: {}/{} engines ready")
-        return head.format(up, len(engines)) + (": " + "; ".join(down) if down else "")
+        line = head.format(up, len(engines)) + (": " + "; ".join(down) if down else "")
+        if self.swap.running_since is not None:
+            others = [f"{e.name} {e.role} {e.state}" for e in self.sup.engines if e.role is not EngineRole.ACTIVE]
+            line += "; reloading" + (f" ({', '.join(others)})" if others else "")
+        elif self.swap.last_outcome:
+            line += f"; last {self.swap.last_outcome}"
+        return line
 
     def _report_engines(self) -> None:
         """Send STATUS= when an engine became ready, was lost or came back (only on a change)."""
@@ -351,7 +410,7 @@ class _Serving:
             return
         # Engines first: their BatchDone frees slots and their heartbeats must not wait behind a
         # burst of client requests.
-        for e in self.sup.engines:
+        for e in list(self.sup.engines):  # a retired engine may leave the list meanwhile
             self.sup.drain(e)
         gone = self.sock.peers.take_gone()
         if gone:
@@ -374,7 +433,7 @@ class _Serving:
             self.requests.handle(frames)
             if i & 15 == 15 and time.monotonic() > t_end:
                 break  # let engine messages and timers in (large by-value requests)
-        for e in self.sup.engines:
+        for e in list(self.sup.engines):
             self.sup.drain(e)
         self.scheduler.pump()
         self.replies.flush()
@@ -398,6 +457,8 @@ class _Serving:
         self._check_started()
 
     def on_engine_lost(self, engine: Engine, reason: str, batches: list[InFlightBatch]) -> None:
+        if engine.role is EngineRole.CANDIDATE:
+            self.swap.engine_lost(engine, reason)
         self.scheduler.on_engine_lost(engine, reason, batches, self.state is M.DaemonState.SERVING)
         self.requests.engine_gone(engine)
         if self.metrics is not None:
@@ -423,6 +484,28 @@ class _Serving:
     def datasets_for_new_engine(self) -> dict[str, str]:
         return self.datasets.paths()
 
+    def on_engine_released(self, engine: Engine, batches: list[InFlightBatch]) -> None:
+        """A retired engine left for good: its metric series go; what it still held is retried."""
+        if batches:
+            self.scheduler.on_engine_lost(engine, "stopped by a reload", batches, self.state is M.DaemonState.SERVING)
+        self.requests.engine_gone(engine)
+        if self.metrics is not None:
+            self.metrics.remove_engine(engine.name)
+        self._report_engines()
+        self.loop.call_soon(self.after_io)
+
+    def on_canary_done(self, engine: Engine, msg: M.CanaryDone) -> None:
+        self.swap.canary_done(engine, msg)
+
     def _check_started(self) -> None:
         if not self._started.done() and self.sup.all_settled():
             self._started.set_result(True)
+
+
+def _load_named(path: str | None) -> DaemonConfig:
+    """A reload's config without the daemon's own loader (tests, embedders): the named file, or refused."""
+    from daemon.config import load_config
+
+    if path is None:
+        raise ReloadRefused("this daemon was started without a config file to re-read: name one (reload --config)")
+    return load_config(path)

@@ -15,7 +15,9 @@ Label values the dispatcher uses:
            CPU engine reads every row from host memory)
   engine   the engine's name from the config (e.g. "cuda0", "cpu0")
   gpu      beside engine: the CUDA device index of the engine ("0" for cuda:0; "" for cpu and null
-           engines); dlrm_engine_info{engine, gpu, device, gpu_name} carries the GPU's name
+           engines); dlrm_engine_info{engine, gpu, model, device, gpu_name} carries the GPU's name
+  model    beside engine: the model the engine serves (model_id: directory @ 12 hex digits of its
+           meta.json's sha256); a reload starts engines of the new model (names cuda0.m2, ...)
   reason   why work was dropped: "client_disconnected" (queued queries of a client that is gone) or
            "client_not_reading" (error replies beyond twice max_client_backlog_bytes of unread replies)
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
@@ -66,9 +69,11 @@ class DaemonMetrics:
             PlatformCollector(registry=r)
         self.build_info = Gauge("dlrm_build_info", "1, labelled with the daemon's version and the model served.",
                                 ["version", "model"], registry=r)
+        self.reloads = Counter("dlrm_reloads_total", "Model reloads, by outcome (ok: the new model serves; failed: "
+                               "refused or a check failed, the old one serves on).", ["outcome"], registry=r)
         self.retries = Counter("dlrm_batch_retries_total",
                                "Batches of a lost engine queued again (each runs at most twice), by that engine.",
-                               ["engine", "gpu"], registry=r)
+                               ["engine", "gpu", "model"], registry=r)
         self.dropped = Counter("dlrm_dropped_queries_total",
                                "Queued queries dropped unanswered, by reason (their client is gone).",
                                ["reason"], registry=r)
@@ -83,82 +88,108 @@ class DaemonMetrics:
                                  ["kind"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.stage_latency = Histogram("dlrm_stage_latency_seconds",
                                        "Latency of one stage of the query path, per engine.",
-                                       ["stage", "engine", "gpu"], buckets=LATENCY_BUCKETS_S, registry=r)
+                                       ["stage", "engine", "gpu", "model"], buckets=LATENCY_BUCKETS_S, registry=r)
         # Queries are packed into batches, so per-engine latency is measured per batch: from the
         # oldest query's enqueue to the engine's BatchDone (queue wait + assembly + compute).
         self.batch_latency = Histogram("dlrm_batch_latency_seconds",
                                        "Batch latency per engine: queue wait + assembly + compute.",
-                                       ["engine", "gpu"], buckets=LATENCY_BUCKETS_S, registry=r)
+                                       ["engine", "gpu", "model"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.batch_pairs = Histogram("dlrm_batch_size_pairs", "Pairs per batch sent to an engine.",
-                                     ["engine", "gpu"], buckets=BATCH_PAIRS_BUCKETS, registry=r)
-        self.batches = Counter("dlrm_batches_total", "Batches completed by an engine.", ["engine", "gpu"],
+                                     ["engine", "gpu", "model"], buckets=BATCH_PAIRS_BUCKETS, registry=r)
+        self.batches = Counter("dlrm_batches_total", "Batches completed by an engine.", ["engine", "gpu", "model"],
                                registry=r)
         self.queue_queries = Gauge("dlrm_queue_depth_queries", "Queries waiting in the batcher queue.",
                                    registry=r)
         self.queue_pairs = Gauge("dlrm_queue_depth_pairs", "Pairs waiting in the batcher queue.",
                                  registry=r)
         self.inflight = Gauge("dlrm_engine_inflight_batches", "Batches sent to an engine, not yet done.",
-                              ["engine", "gpu"], registry=r)
+                              ["engine", "gpu", "model"], registry=r)
         self.engine_up = Gauge("dlrm_engine_up", "1 while the engine is ready and heartbeating.",
-                               ["engine", "gpu"], registry=r)
+                               ["engine", "gpu", "model"], registry=r)
         self.restarts = Counter("dlrm_engine_restarts_total", "Engine process restarts by the supervisor.",
-                                ["engine", "gpu"], registry=r)
+                                ["engine", "gpu", "model"], registry=r)
         self.errors = Counter("dlrm_errors_total", "Error replies, by wire-protocol error code.",
                               ["code"], registry=r)
         self.lookups = Counter("dlrm_embedding_lookups_total",
                                "Embedding rows read, by where they were read from (device = hot rows).",
-                               ["engine", "gpu", "tier"], registry=r)
+                               ["engine", "gpu", "model", "tier"], registry=r)
         self.device_memory = Gauge("dlrm_device_memory_used_bytes", "Device memory held by an engine.",
-                                   ["engine", "gpu"], registry=r)
+                                   ["engine", "gpu", "model"], registry=r)
         self.engine_info = Gauge("dlrm_engine_info",
                                  "1 per engine, labelled with its device and the GPU's name (from the engine).",
-                                 ["engine", "gpu", "device", "gpu_name"], registry=r)
+                                 ["engine", "gpu", "model", "device", "gpu_name"], registry=r)
         # Pre-create every fixed-label child so rate() and dashboards see 0 rather than no series.
         for code in ERROR_CODES:
             self.errors.labels(code=code)
         for reason in DROP_REASONS:
             self.dropped.labels(reason=reason)
+        for outcome in ("ok", "failed"):
+            self.reloads.labels(outcome=outcome)
         for kind in KINDS:
             self.latency.labels(kind=kind)
             self.queries.labels(kind=kind, outcome="ok")
             self.samples.labels(kind=kind, outcome="ok")
             self.pairs.labels(kind=kind, outcome="ok")
-        self._engines: dict[str, str] = {}  # engine name -> its gpu label
-        self._devices: dict[str, str] = {}  # engine name -> configured device (register_engine)
-        self._info: dict[str, tuple[str, str, str, str]] = {}  # engine name -> its dlrm_engine_info labels
+        self._engines: dict[str, dict[str, str]] = {}  # engine name -> its label values
+        self._devices: dict[str, tuple[str, str]] = {}  # engine name -> (device, model id) (register_engine)
+        self._info: dict[str, tuple[str, ...]] = {}  # engine name -> its dlrm_engine_info labels
+        self._build: tuple[str, str] | None = None
         self._lock = threading.Lock()
 
-    def register_engine(self, engine: str, device: str) -> None:
-        """Name an engine's device before its first sample: its `gpu` label is the CUDA device index
-        ("0" for cuda:0; "" for the cpu and null engines, which have none)."""
-        self._devices[engine] = device
+    def _per_engine(self) -> tuple[Any, ...]:
+        return (self.batch_latency, self.batch_pairs, self.batches, self.inflight, self.engine_up, self.restarts,
+                self.retries, self.device_memory)
+
+    def register_engine(self, engine: str, device: str, model: str = "") -> None:
+        """Name an engine's device and model before its first sample: its `gpu` label is the CUDA device
+        index ("0" for cuda:0; "" for the cpu and null engines, which have none), `model` the model id
+        it serves (daemon.metrics.model_id; an engine serves one model for its life)."""
+        self._devices[engine] = (device, model)
         self._engine(engine)
 
     def _engine(self, engine: str) -> dict[str, str]:
         """The engine's label values; creates its children on first sight, so a new engine shows zeros,
         not gaps."""
-        gpu = self._engines.get(engine)
-        if gpu is not None:
-            return {"engine": engine, "gpu": gpu}
+        e = self._engines.get(engine)
+        if e is not None:
+            return e
         with self._lock:
-            device = self._devices.get(engine, "")
+            device, model = self._devices.get(engine, ("", ""))
             gpu = device.split(":", 1)[1] if device.startswith("cuda:") else ""
-            e = {"engine": engine, "gpu": gpu}
-            for metric in (self.batch_latency, self.batch_pairs, self.batches, self.inflight, self.engine_up,
-                           self.restarts, self.retries, self.device_memory):
+            e = {"engine": engine, "gpu": gpu, "model": model}
+            for metric in self._per_engine():
                 metric.labels(**e)
             for stage in STAGES:
                 self.stage_latency.labels(stage=stage, **e)
             for tier in TIERS:
                 self.lookups.labels(tier=tier, **e)
-            self._engines[engine] = gpu
+            self._engines[engine] = e
             return e
+
+    def remove_engine(self, engine: str) -> None:
+        """An engine left for good (a reload retired it): its series go, so dashboards show the engines
+        that exist (its counts stay in the engines' sums until Prometheus's next scrape)."""
+        with self._lock:
+            e = self._engines.pop(engine, None)
+            self._devices.pop(engine, None)
+            info = self._info.pop(engine, None)
+            if info is not None:
+                self.engine_info.remove(*info)
+            if e is None:
+                return
+            values = (e["engine"], e["gpu"], e["model"])
+            for metric in self._per_engine():
+                metric.remove(*values)
+            for stage in STAGES:
+                self.stage_latency.remove(stage, *values)
+            for tier in TIERS:
+                self.lookups.remove(*values, tier)
 
     def set_engine_info(self, engine: str, device_name: str) -> None:
         """The engine reported its device's name (EngineReady): one dlrm_engine_info series per engine."""
         e = self._engine(engine)
-        device = self._devices.get(engine, "")
-        labels = (engine, e["gpu"], device, device_name)  # in labelnames order
+        device = self._devices.get(engine, ("", ""))[0]
+        labels = (engine, e["gpu"], e["model"], device, device_name)  # in labelnames order
         with self._lock:
             old = self._info.get(engine)
             if old is not None and old != labels:  # a restart on another device name replaces the series
@@ -199,7 +230,15 @@ class DaemonMetrics:
         self.stage_latency.labels(stage="reply", **self._engine(engine)).observe(seconds)
 
     def set_build_info(self, version: str, model: str) -> None:
-        self.build_info.labels(version=version, model=model).set(1)
+        """The version and the model served (after a reload: the new model's series replaces the old)."""
+        with self._lock:
+            if self._build is not None and self._build != (version, model):
+                self.build_info.remove(*self._build)
+            self.build_info.labels(version=version, model=model).set(1)
+            self._build = (version, model)
+
+    def reload_done(self, ok: bool) -> None:
+        self.reloads.labels(outcome="ok" if ok else "failed").inc()
 
     def batch_retried(self, engine: str) -> None:
         self.retries.labels(**self._engine(engine)).inc()

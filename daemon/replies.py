@@ -188,15 +188,16 @@ class ReplySender:
             q.frames = q.dense = q.sparse = q.result = None
         return True
 
-    def result(self, q: Query, preds: np.ndarray, now: float) -> None:
+    def result(self, q: Query, preds: np.ndarray, now: float, model: str = "") -> None:
+        """`model`: the id of the model that computed `preds` (named in the reply)."""
         if q.client in self._backlogs and self._refuse_unread([q], preds.nbytes):
             return
-        self.send(q.client, M.InferResult(request_id=q.request_id, num_pairs=q.num_pairs), preds,
+        self.send(q.client, M.InferResult(request_id=q.request_id, num_pairs=q.num_pairs, model=model), preds,
                   owned=preds is q.result)
         self._count([q], now)
 
     def results(self, client: bytes, items: list[tuple[Query, np.ndarray, int]], preds: np.ndarray,
-                now: float) -> None:
+                now: float, model: str = "") -> None:
         """One InferResults message for several queries of one client finished by the same batch."""
         qs = [it[0] for it in items]
         if client in self._backlogs and self._refuse_unread(qs, 4 * sum(q.num_pairs for q in qs)):
@@ -213,7 +214,7 @@ class ReplySender:
         else:
             frame = np.concatenate([it[1] for it in items])
         self.send(client, M.InferResults(request_ids=[q.request_id for q in qs],
-                                         num_pairs=[q.num_pairs for q in qs]), frame, owned=not adjacent)
+                                         num_pairs=[q.num_pairs for q in qs], model=model), frame, owned=not adjacent)
         self._count(qs, now)
 
     def _count(self, qs: list[Query], now: float) -> None:

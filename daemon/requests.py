@@ -28,7 +28,8 @@ log = logging.getLogger("dlrm.dispatcher")
 
 class RequestHandler:
     def __init__(self, cfg: DaemonConfig, datasets: DatasetRegistry, scheduler: Scheduler, supervisor: Supervisor,
-                 replies: ReplySender, state: Callable[[], M.DaemonState], started_mono: float) -> None:
+                 replies: ReplySender, state: Callable[[], M.DaemonState], started_mono: float,
+                 reload: Callable[[bytes | None, int, str], None] | None = None) -> None:
         self.cfg = cfg
         self.datasets = datasets
         self.scheduler = scheduler
@@ -36,12 +37,13 @@ class RequestHandler:
         self.replies = replies
         self._state = state
         self.started_mono = started_mono
+        self._reload = reload  # starts a reload and answers it when done (daemon/model_swap.py)
         model = datasets.model
         self._rows = None if model is None else np.asarray(model.table_rows, np.int64)
         self._handlers: dict[type, Callable[[bytes, Any, list[Any]], None]] = {
             M.InferByRef: self._infer_by_ref, M.InferByValue: self._infer_by_value,
             M.LoadSamples: self._load_samples, M.UnloadSamples: self._load_samples,
-            M.RegisterDataset: self._register, M.GetStatus: self._status,
+            M.RegisterDataset: self._register, M.GetStatus: self._status, M.Reload: self._reload_request,
         }
 
     def handle(self, frames: list[Any]) -> None:
@@ -106,6 +108,12 @@ class RequestHandler:
 
     def _starting(self) -> bool:
         return self._state() is M.DaemonState.STARTING
+
+    def _reload_request(self, client: bytes, req: M.Reload, frames: list[Any]) -> None:
+        self._frames(frames, 0, "Reload")
+        if self._reload is None:
+            raise BadRequest("this dispatcher cannot reload")
+        self._reload(client, req.request_id, req.config)
 
     # ---- inference ----
     def _infer_by_ref(self, client: bytes, req: M.InferByRef, frames: list[Any]) -> None:
@@ -200,7 +208,8 @@ class RequestHandler:
             endpoint=self.cfg.endpoint, engines=engines, queue_queries=batcher.queued_queries,
             queue_pairs=batcher.queued_pairs, inflight_batches=sum(len(e.inflight) for e in self.sup.engines),
             datasets={n: d.num_samples for n, d in self.datasets.entries.items()}, rates=totals.rates(now),
-            totals=dict(totals.counts), recent_errors=list(totals.recent_errors)))
+            totals=dict(totals.counts), recent_errors=list(totals.recent_errors),
+            model=next((e.model.model_id for e in self.sup.engines if e.role == "active"), "")))
 
     def _engine_status(self, e: Engine, now: float) -> M.EngineStatus:
         c = e.counts
@@ -208,10 +217,10 @@ class RequestHandler:
         alive = e.serving or e.state is M.EngineState.STARTING
         return M.EngineStatus(
             name=e.name, device=e.device, state=e.state, pid=e.pid,
-            gpu_part=self.cfg.embedding_weights_on_gpu_part if e.kind is M.EngineKind.CUDA else 0.0,
+            gpu_part=e.model.gpu_part if e.kind is M.EngineKind.CUDA else 0.0,
             inflight=len(e.inflight), restarts=c.restarts, batches_done=c.batches_done,
             last_heartbeat_age_s=(now - e.live.last_heard) if alive else None,
             device_memory_bytes=c.device_memory_bytes, last_error=e.last_error,
             hot_lookups=c.hot_lookups, cold_lookups=c.cold_lookups,
             hot_ratio=c.hot_lookups / (c.hot_lookups + c.cold_lookups) if c.hot_lookups + c.cold_lookups else None,
-            oldest_batch_s=None if head is None else head[1])
+            oldest_batch_s=None if head is None else head[1], model=e.model.model_id, role=str(e.role))

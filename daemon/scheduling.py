@@ -21,7 +21,7 @@ from daemon.batcher import Batch, Batcher, Query, fill_slot
 from daemon.metrics import DaemonMetrics
 from daemon.replies import ReplySender
 from daemon.routing import Candidate, pick
-from daemon.supervisor import Engine, InFlightBatch, Supervisor
+from daemon.supervisor import Engine, EngineRole, InFlightBatch, Supervisor
 from wire import messages as M
 from wire.errors import EngineFailed, ErrorCode, Overloaded, Timeout
 
@@ -38,6 +38,8 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._no_engine_since: float | None = None  # the last serving engine was lost then (None: one serves)
+        # a reload's model switch waiting for a batch boundary: (new engines, old engines, done)
+        self._switch: tuple[list[Engine], list[Engine], asyncio.Future[None]] | None = None
         self.admission = Admission(supervisor.config.latency_target_s, supervisor.config.max_batch_pairs)
 
     # ---- intake ----
@@ -59,7 +61,7 @@ class Scheduler:
         """Overloaded (no deadline: the daemon's target) or Timeout (its deadline) when the work ahead,
         at the engines' measured rate, would not let `q` finish within its budget."""
         engines = self.sup.engines
-        capacity = self.admission.capacity([e.name for e in engines if e.serving])
+        capacity = self.admission.capacity([e.name for e in engines if e.takes_batches])
         if capacity is None:
             return
         ahead = self.batcher.queued_pairs + sum(entry.batch.num_pairs for e in engines for entry in e.inflight.values())
@@ -86,6 +88,33 @@ class Scheduler:
     def busy(self) -> bool:
         return self.batcher.pending() or any(e.inflight for e in self.sup.engines)
 
+    # ---- a reload's switch ----
+    def switch_model(self, new: list[Engine], old: list[Engine]) -> asyncio.Future[None]:
+        """Make `new` the engines that take batches and `old` retiring, at the first batch boundary
+        where no queued query is partly dispatched (so each query is computed by one model); the
+        future is done once switched."""
+        done: asyncio.Future[None] = self.loop.create_future()
+        self._switch = (new, old, done)
+        self._wake()
+        return done
+
+    def cancel_switch(self) -> None:
+        if self._switch is not None and not self._switch[2].done():
+            self._switch[2].cancel()
+        self._switch = None
+
+    def _maybe_switch(self) -> None:
+        if self._switch is None or self.batcher.head_partial():
+            return
+        new, old, done = self._switch
+        self._switch = None
+        for e in old:
+            e.role = EngineRole.RETIRING
+        for e in new:
+            e.role = EngineRole.ACTIVE
+        if not done.done():
+            done.set_result(None)
+
     # ---- batches out ----
     def pump(self) -> None:
         now = time.monotonic()
@@ -96,7 +125,9 @@ class Scheduler:
             self.fail_queued(ErrorCode.ENGINE_FAILED, "no engine came back within engine_restart_wait_s="
                              f"{self.sup.config.engine_restart_wait_s:g} s: "
                              + "; ".join(f"{e.name}: {e.last_error}" for e in self.sup.engines))
+        self._maybe_switch()
         while self.batcher.pending():
+            self._maybe_switch()
             best = self.best_engine()
             if best is None or not self.batcher.should_close(now, engine_idle=not best.inflight):
                 break
@@ -107,8 +138,8 @@ class Scheduler:
         self._arm_timer(now)
 
     def best_engine(self) -> Engine | None:
-        """The serving engine with a free slot whose work in flight drains first (daemon/routing.py)."""
-        free = [e for e in self.sup.engines if e.serving and e.free_slots]
+        """The active serving engine with a free slot whose work in flight drains first (daemon/routing.py)."""
+        free = [e for e in self.sup.engines if e.takes_batches and e.free_slots]
         if len(free) <= 1:
             return free[0] if free else None
         i = pick([Candidate(e.name, sum(x.batch.num_pairs for x in e.inflight.values()), len(e.inflight),
@@ -130,7 +161,7 @@ class Scheduler:
     def _arm_timer(self, now: float) -> None:
         # With every slot busy (or no engine up) only deadlines need a timer: a freed slot or a ready
         # engine wakes the dispatcher, which pumps; a batch-close timer would fire every millisecond.
-        t = self.batcher.next_wakeup(engine_free=any(e.serving and e.free_slots for e in self.sup.engines))
+        t = self.batcher.next_wakeup(engine_free=any(e.takes_batches and e.free_slots for e in self.sup.engines))
         if t is None:
             return
         if self._timer is not None and self._timer_at <= t + 1e-4:
@@ -161,11 +192,12 @@ class Scheduler:
             else:
                 by_client.setdefault(q.client, []).append(item)
         t0 = time.perf_counter()
+        model = e.model.model_id
         for client, items in by_client.items():
             if len(items) == 1:
-                self.replies.result(items[0][0], items[0][1], now)
+                self.replies.result(items[0][0], items[0][1], now, model)
             else:
-                self.replies.results(client, items, preds, now)
+                self.replies.results(client, items, preds, now, model)
         if self.metrics is not None:
             self.metrics.observe_reply(e.name, time.perf_counter() - t0)
             self.metrics.observe_batch(e.name, b.num_pairs, entry.sent_at - b.oldest_arrival, entry.assembly_s,

@@ -7,6 +7,7 @@ one datagram. With NOTIFY_SOCKET unset (not run by systemd, or in tests) every c
 from __future__ import annotations
 
 import os
+import time
 import socket
 import threading
 from collections.abc import Mapping
@@ -90,6 +91,11 @@ class Notifier:
 
     def stopping(self) -> None:
         self.notify("STOPPING=1")
+
+    def reloading(self) -> None:
+        """A reload starts (READY=1 follows when it ends, either way); MONOTONIC_USEC as systemd's
+        Type=notify-reload wants it beside RELOADING=1."""
+        self.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
     def extend_timeout(self, seconds: float) -> None:
         """Ask for more start/stop time (e.g. while loading a 24 GB model): EXTEND_TIMEOUT_USEC."""

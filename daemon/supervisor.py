@@ -18,6 +18,7 @@ making progress, never merely slow:
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import time
@@ -38,6 +39,24 @@ from wire.shm import Region
 log = logging.getLogger("dlrm.supervisor")
 _MAX_BACKOFF_S = 60.0
 _STABLE_S = 30.0  # a run this long resets the backoff
+
+
+class EngineRole(enum.StrEnum):
+    """Where an engine stands in a model swap (daemon/model_swap.py); ACTIVE outside one."""
+
+    ACTIVE = "active"  # serves the current model: new batches go to it
+    CANDIDATE = "candidate"  # loads or is verified for a reload: no traffic yet
+    RETIRING = "retiring"  # replaced by a reload: finishes the batches it holds, then stops
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """What an engine process loads: the model and the daemon keys a reload may change with it."""
+
+    artifact: str
+    model_id: str  # daemon.metrics.model_id: directory @ checksum, named in every reply
+    gpu_part: float
+    gpu_mlp_precision: M.MlpPrecision
 
 
 @dataclass(eq=False)
@@ -74,10 +93,13 @@ class EngineCounters:
 class Engine:
     """One configured device: its current process (if any), lifecycle, slots and in-flight batches."""
 
-    def __init__(self, index: int, name: str, device: str, region: Region) -> None:
+    def __init__(self, index: int, name: str, device: str, region: Region, model: EngineModel,
+                 role: EngineRole = EngineRole.ACTIVE) -> None:
         self.index = index
         self.name = name
         self.device = device
+        self.model = model
+        self.role = role
         self.kind = M.EngineKind.of_device(device)
         self.region = region
         self.lifecycle = EngineLifecycle()
@@ -98,6 +120,7 @@ class Engine:
         self.ever_ready = False
         self.settled = False  # its first start ended: ready, or failed (the dispatcher waits for all)
         self.restart_handle: asyncio.TimerHandle | None = None
+        self.retired = False  # stopped for good (Supervisor.retire): its exit releases it, no restart
 
     @property
     def state(self) -> M.EngineState:
@@ -106,6 +129,11 @@ class Engine:
     @property
     def serving(self) -> bool:
         return self.lifecycle.serving
+
+    @property
+    def takes_batches(self) -> bool:
+        """Serving and active: the scheduler may give it new batches."""
+        return self.role is EngineRole.ACTIVE and self.lifecycle.serving
 
     @property
     def pid(self) -> int:
@@ -129,6 +157,8 @@ class EngineEvents(Protocol):
     def on_batch_done(self, engine: Engine, entry: InFlightBatch, msg: M.BatchDone) -> None: ...
     def on_batch_failed(self, engine: Engine, entry: InFlightBatch, msg: M.BatchFailed) -> None: ...
     def on_dataset_added(self, engine: Engine, msg: M.DatasetAdded) -> None: ...
+    def on_engine_released(self, engine: Engine, batches: list[InFlightBatch]) -> None: ...
+    def on_canary_done(self, engine: Engine, msg: M.CanaryDone) -> None: ...
     def datasets_for_new_engine(self) -> dict[str, str]: ...
     def after_io(self) -> None: ...
 
@@ -142,14 +172,26 @@ class Supervisor:
         self.events = events
         self.engines: list[Engine] = []
         self.stopping = False
-        for i, (name, dev) in enumerate(zip(config.engine_names, config.engines)):
-            path = Path("/dev/shm") / f"{shm_prefix}{i}"
-            region = Region(path, config.inflight_batches, config.max_batch_pairs, owner=True)
-            self.engines.append(Engine(i, name, dev, region))
+        self.shm_prefix = shm_prefix
+        self._next_index = 0
+        model = model_of(config)
+        for name, dev in zip(config.engine_names, config.engines):
+            self.add_engine(name, dev, model, EngineRole.ACTIVE)
+
+    def add_engine(self, name: str, device: str, model: EngineModel, role: EngineRole) -> Engine:
+        """A new engine (not started) with its own shared-memory region; `start` runs it."""
+        i = self._next_index
+        self._next_index += 1
+        path = Path("/dev/shm") / f"{self.shm_prefix}{i}"
+        region = Region(path, self.config.inflight_batches, self.config.max_batch_pairs, owner=True)
+        e = Engine(i, name, device, region, model, role)
+        self.engines.append(e)
+        return e
 
     # ---- views ----
     def any_serving(self, exclude: Engine | None = None) -> bool:
-        return any(e.serving for e in self.engines if e is not exclude)
+        """An active engine serves (one that takes new batches)."""
+        return any(e.takes_batches for e in self.engines if e is not exclude)
 
     def all_settled(self) -> bool:
         return all(e.settled for e in self.engines)
@@ -193,13 +235,13 @@ class Supervisor:
         sock.bind(e.endpoint)
         e.sock = sock
         spec = M.EngineSpec(
-            name=e.name, device=e.device, artifact=self.config.model,
-            gpu_part=self.config.embedding_weights_on_gpu_part, control_endpoint=e.endpoint,
+            name=e.name, device=e.device, artifact=e.model.artifact,
+            gpu_part=e.model.gpu_part, control_endpoint=e.endpoint,
             shm_path=str(e.region.path), slots=self.config.inflight_batches,
             max_batch_pairs=self.config.max_batch_pairs,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             datasets=self.events.datasets_for_new_engine(), parent_pid=os.getpid(),
-            gpu_mlp_precision=self.config.gpu_mlp_precision)
+            gpu_mlp_precision=e.model.gpu_mlp_precision)
         e.proc = EngineProcess(spec)
         if e.lifecycle.state is not M.EngineState.STARTING:
             e.lifecycle.apply(EngineEvent.SPAWN)
@@ -226,8 +268,12 @@ class Supervisor:
             self.loop.remove_reader(e.proc.pidfd)
 
     def lose(self, e: Engine, reason: str, hung: bool = False) -> None:
-        """The engine's process is gone or hung: kill it, tell the dispatcher, schedule a restart."""
+        """The engine's process is gone or hung: kill it, tell the dispatcher, schedule a restart
+        (none for a retired engine, which is released, or a reload's candidate, whose reload fails)."""
         if e.sock is None:  # already lost (or stopped): its process was reaped then
+            return
+        if e.retired:
+            self._release(e, reason)
             return
         was_serving = e.serving
         if e.load_error:  # the engine said why before it exited: that is the cause, not the exit code
@@ -248,11 +294,47 @@ class Supervisor:
         e.inflight.clear()
         e.free_slots = []
         self.events.on_engine_lost(e, reason, batches)
-        if self.stopping or self.start_failed():
-            return  # (after a failed start the daemon exits: no restart to announce)
+        if self.stopping or self.start_failed() or e.role is EngineRole.CANDIDATE:
+            return  # (after a failed start the daemon exits; a failed candidate fails its reload)
         ran = time.monotonic() - (e.ready_at if was_serving else e.started_at)
         e.counts.restarts += 1
         self._schedule_restart(e, ran, was_serving)
+
+    def retire(self, e: Engine, grace_s: float = 10.0) -> None:
+        """Stop an engine for good (a replaced model's once drained, or a failed reload's candidate):
+        Shutdown, and at its exit (killed after `grace_s`) its process, socket and shared memory are
+        released and it leaves `engines`."""
+        e.retired = True
+        if e.restart_handle is not None:
+            e.restart_handle.cancel()
+            e.restart_handle = None
+        if e.sock is None or e.proc is None or not e.proc.alive():
+            self._release(e, "retired")
+            return
+        self.send(e, M.Shutdown())
+        self.loop.call_later(grace_s, self._kill_if_still_up, e, e.generation, grace_s)
+
+    def _kill_if_still_up(self, e: Engine, generation: int, grace_s: float) -> None:
+        if e.generation == generation and e.sock is not None:
+            self.lose(e, f"did not exit within {grace_s:g} s of Shutdown")
+
+    def _release(self, e: Engine, reason: str) -> None:
+        self._detach(e)
+        if e.proc is not None:
+            if e.proc.wait(0.5) is None:
+                e.proc.kill()
+                e.proc.wait(2.0)
+            e.proc.close()
+        batches = list(e.inflight.values())  # none when retired drained; a candidate holds none
+        e.inflight.clear()
+        e.free_slots = []
+        if e.lifecycle.can(EngineEvent.STOP):
+            e.lifecycle.apply(EngineEvent.STOP)
+        e.region.close()
+        if e in self.engines:
+            self.engines.remove(e)
+        log.info("engine %s (%s, model %s) released: %s", e.name, e.device, e.model.model_id, reason)
+        self.events.on_engine_released(e, batches)
 
     def _schedule_restart(self, e: Engine, ran_s: float, was_serving: bool) -> None:
         e.failures_in_row = 1 if (was_serving and ran_s > _STABLE_S) else e.failures_in_row + 1
@@ -266,7 +348,7 @@ class Supervisor:
 
     def poll_exits(self) -> None:
         """Where there is no pidfd: notice exited engine processes (called every tick)."""
-        for e in self.engines:
+        for e in list(self.engines):
             if e.proc is not None and e.proc.pidfd is None and e.sock is not None and not e.proc.alive():
                 self._exited(e, e.generation)
 
@@ -275,7 +357,7 @@ class Supervisor:
         """Declare hung engines lost. `stalled_s`: how long the dispatcher's own loop was late for
         this check; an engine is not blamed for time in which the dispatcher could not listen."""
         timeout = self.config.heartbeat_timeout_s
-        for e in self.engines:
+        for e in list(self.engines):  # lose() may release a retired engine
             if not e.serving:
                 continue
             live = e.live
@@ -416,6 +498,8 @@ class Supervisor:
             log.error("engine %s (%s) cannot load: %s", e.name, e.device, msg.message)
         elif isinstance(msg, M.DatasetAdded):
             self.events.on_dataset_added(e, msg)
+        elif isinstance(msg, M.CanaryDone):
+            self.events.on_canary_done(e, msg)
 
     def _returned(self, e: Engine, batch_id: int) -> InFlightBatch | None:
         entry = e.inflight.pop(batch_id, None)
@@ -451,7 +535,7 @@ class Supervisor:
     def add_dataset(self, name: str, path: str) -> set[str]:
         """Send AddDataset to every engine that is starting or serving; their names."""
         sent: set[str] = set()
-        for e in self.engines:
+        for e in list(self.engines):
             if e.sock is not None and (e.serving or e.state is M.EngineState.STARTING):
                 self.send(e, M.AddDataset(name=name, path=path))
                 sent.add(e.name)
@@ -481,3 +565,10 @@ class Supervisor:
                 e.proc.close()
             e.lifecycle.apply(EngineEvent.STOP)
             e.region.close()
+
+
+def model_of(config: DaemonConfig) -> EngineModel:
+    from daemon.metrics import model_id
+
+    return EngineModel(config.model, model_id(config.model), config.embedding_weights_on_gpu_part,
+                       config.gpu_mlp_precision)

@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 
 from engines.backend import EngineBackend, PendingBatch
+from engines.canary import run_canary
 from engines.factory import create_backend, device_name
 from wire import messages as P
 from wire.exitcodes import ExitCode
@@ -93,6 +94,7 @@ class _Worker(threading.Thread):
         self.backend: EngineBackend | None = None
         self._completer_tid = 0
         self._completer_started = threading.Event()
+        self.datasets = dict(spec.datasets)  # name -> path of every dataset registered here
 
     @property
     def busy_since(self) -> float:
@@ -134,10 +136,15 @@ class _Worker(threading.Thread):
             elif isinstance(msg, P.AddDataset):
                 try:
                     backend.register_dataset(msg.name, Path(msg.path))
+                    self.datasets[msg.name] = msg.path
                     reply: Any = P.DatasetAdded(name=msg.name, error="")
                 except Exception as exc:
                     reply = P.DatasetAdded(name=msg.name, error=f"{type(exc).__name__}: {exc}")
                 self.completions.put(_InFlight(time.monotonic(), time.perf_counter(), reply))
+            elif isinstance(msg, P.RunCanary):
+                # after the batches submitted before it (the completion thread answers in order)
+                done = run_canary(backend, self.spec, self.datasets, msg, msg.reference)
+                self.completions.put(_InFlight(time.monotonic(), time.perf_counter(), done))
         self.completions.put(None)
         completer.join()
         backend.close()

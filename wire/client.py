@@ -72,13 +72,30 @@ def _buffer(frame: Any) -> Any:
     return frame.buffer if isinstance(frame, zmq.Frame) else frame
 
 
-def _split(reply: M.InferResults, rest: list[Any]) -> list[tuple[int, np.ndarray]]:
+class Predictions(np.ndarray):
+    """float32 predictions (a read-only view of the reply) that also say which model computed them:
+    `.model` is the reply's model id (`directory@checksum`; "" from a daemon that does not send it)."""
+
+    model: str = ""
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.model = getattr(obj, "model", "")  # slices and views keep saying which model
+
+
+def predictions(values: np.ndarray, model: str) -> Predictions:
+    out = values.view(Predictions)
+    out.model = model
+    return out
+
+
+def _split(reply: M.InferResults, rest: list[Any]) -> list[tuple[int, Predictions]]:
     """(request id, predictions view) for each query of a multi-result reply."""
     if len(rest) != 1:
         raise DaemonError(f"InferResults with {len(rest)} frames")
     counts = np.asarray(reply.num_pairs, dtype=np.int64)
     preds = M.as_array(_buffer(rest[0]), M.PRED_DTYPE, int(counts.sum()))
-    return list(zip(reply.request_ids, np.split(preds, np.cumsum(counts)[:-1])))
+    return [(r, predictions(p, reply.model))
+            for r, p in zip(reply.request_ids, np.split(preds, np.cumsum(counts)[:-1]))]
 
 
 def _value(reply: Any, rest: list[Any]) -> Any:
@@ -88,7 +105,9 @@ def _value(reply: Any, rest: list[Any]) -> Any:
     if isinstance(reply, M.InferResult):
         if len(rest) != 1:
             raise DaemonError(f"InferResult with {len(rest)} frames")
-        return M.as_array(_buffer(rest[0]), M.PRED_DTYPE, reply.num_pairs)
+        return predictions(M.as_array(_buffer(rest[0]), M.PRED_DTYPE, reply.num_pairs), reply.model)
+    if isinstance(reply, M.Reloaded):
+        return msgspec.structs.asdict(reply)
     if isinstance(reply, M.Status):
         out = msgspec.structs.asdict(reply)
         out["engines"] = [msgspec.structs.asdict(e) for e in reply.engines]
@@ -134,12 +153,19 @@ def _status(rid: int) -> tuple[bytes, Frames]:
     return M.encode(M.GetStatus(request_id=rid)), ()
 
 
+def _reload(rid: int, config: str = "") -> tuple[bytes, Frames]:
+    return M.encode(M.Reload(request_id=rid, config=str(config))), ()
+
+
 REGISTER_DATASET = Call(_register, type(None))  # make a dataset directory servable by reference
 LOAD_SAMPLES = Call(_load, type(None))  # mark samples servable (the LoadGen working set)
 UNLOAD_SAMPLES = Call(_unload, type(None))  # withdraw them
-INFER_BY_REF = Call(_by_ref, np.ndarray)  # predictions of the pairs of samples of a registered dataset
-INFER_BY_VALUE = Call(_by_value, np.ndarray)  # predictions of pairs given inline
+INFER_BY_REF = Call(_by_ref, Predictions)  # predictions of the pairs of samples of a registered dataset
+INFER_BY_VALUE = Call(_by_value, Predictions)  # predictions of pairs given inline
 STATUS = Call(_status, dict)  # the daemon's engines, queue, rates and totals
+# swap in the model of the daemon's (re-read) config: {model, previous_model, seconds, checks}; minutes
+# for a large model, so give the client a timeout to match; ReloadFailed when refused
+RELOAD = Call(_reload, dict)
 
 
 class _SyncMethod(Generic[Params, Result]):
@@ -177,6 +203,7 @@ class Client:
     infer_by_ref = _SyncMethod(INFER_BY_REF)
     infer_by_value = _SyncMethod(INFER_BY_VALUE)
     status = _SyncMethod(STATUS)
+    reload = _SyncMethod(RELOAD)
 
     def __init__(self, endpoint: str, timeout_s: float = 30.0, curve: ClientCurve | None = None) -> None:
         self.endpoint = endpoint
@@ -223,6 +250,7 @@ class AsyncClient:
     infer_by_ref = _AsyncMethod(INFER_BY_REF)
     infer_by_value = _AsyncMethod(INFER_BY_VALUE)
     status = _AsyncMethod(STATUS)
+    reload = _AsyncMethod(RELOAD)
 
     def __init__(self, endpoint: str, timeout_s: float = 30.0, curve: ClientCurve | None = None) -> None:
         self.endpoint = endpoint
@@ -288,6 +316,7 @@ class PipelinedReply:
     request_id: int
     predictions: np.ndarray | None
     error: DaemonError | None
+    model: str = ""  # the model that computed the predictions (the reply's model id)
 
 
 class PipelinedClient:
@@ -349,12 +378,13 @@ class PipelinedClient:
                 if ends and ends[-1] == len(preds):
                     start = 0
                     for r, end in zip(reply.request_ids, ends):
-                        out.append(PipelinedReply(r, preds[start:end], None))
+                        out.append(PipelinedReply(r, preds[start:end], None, reply.model))
                         start = end
                 else:
                     out.append(PipelinedReply(-1, None, DaemonError("InferResults frame size does not match num_pairs")))
             elif t is M.InferResult and len(frames) == 2:
-                out.append(PipelinedReply(reply.request_id, np.frombuffer(frames[1].buffer, np.float32), None))
+                out.append(PipelinedReply(reply.request_id, np.frombuffer(frames[1].buffer, np.float32), None,
+                                          reply.model))
             elif isinstance(reply, M.Error):
                 out.append(PipelinedReply(reply.request_id, None, error_for(reply.code, reply.message)))
             else:

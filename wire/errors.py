@@ -13,6 +13,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "TIMEOUT"  # its deadline passed
     SHUTTING_DOWN = "SHUTTING_DOWN"  # the daemon is draining
     CLIENT_NOT_READING = "CLIENT_NOT_READING"  # this client's unread replies passed the daemon's bound
+    RELOAD_FAILED = "RELOAD_FAILED"  # a reload was refused or its model failed a check: the old one serves
 
 
 class DaemonError(Exception):
@@ -52,6 +53,13 @@ class ClientNotReading(DaemonError):
     code = ErrorCode.CLIENT_NOT_READING
 
 
+class ReloadFailed(DaemonError):
+    """The reload did not happen (config, artifact, load or canary check failed, or another reload runs);
+    the model served before is still served."""
+
+    code = ErrorCode.RELOAD_FAILED
+
+
 class ConnectionFailed(DaemonError):
     """Client side only: the daemon is unreachable or did not answer in time."""
 
@@ -60,7 +68,7 @@ class ConnectionFailed(DaemonError):
 
 _BY_CODE: dict[str, type[DaemonError]] = {
     c.code: c for c in (BadRequest, Overloaded, EngineFailed, Timeout, ShuttingDown, ClientNotReading,
-                        ConnectionFailed)
+                        ReloadFailed, ConnectionFailed)
 }
 
 

@@ -134,7 +134,16 @@ class GetStatus(_Msg, frozen=True):
     request_id: int
 
 
-Request = Union[InferByRef, InferByValue, LoadSamples, UnloadSamples, RegisterDataset, GetStatus]
+class Reload(_Msg, frozen=True):
+    """Re-read the daemon's config (or `config`, a path on the daemon's host) and swap in its model:
+    new engines load it beside the old ones, are verified, then take the traffic. Answered when done
+    (Reloaded) or refused (Error RELOAD_FAILED, the old model still serving)."""
+
+    request_id: int
+    config: str = ""  # "" = the file the daemon was started with
+
+
+Request = Union[InferByRef, InferByValue, LoadSamples, UnloadSamples, RegisterDataset, GetStatus, Reload]
 
 
 # ---- replies (dispatcher -> client) ----
@@ -143,6 +152,7 @@ class InferResult(_Msg, frozen=True):
 
     request_id: int
     num_pairs: int
+    model: str = ""  # the model that computed them (daemon.metrics.model_id: directory @ checksum)
 
 
 class InferResults(_Msg, frozen=True):
@@ -151,6 +161,7 @@ class InferResults(_Msg, frozen=True):
 
     request_ids: list[int]
     num_pairs: list[int]
+    model: str = ""  # as InferResult's: one batch, one model
 
 
 class Ack(_Msg, frozen=True):
@@ -176,6 +187,8 @@ class EngineStatus(msgspec.Struct, frozen=True):
     cold_lookups: int = 0
     hot_ratio: float | None = None
     oldest_batch_s: float | None = None
+    model: str = ""  # the model it serves (daemon.metrics.model_id)
+    role: str = "active"  # "active", or during a reload "candidate" (new model) / "retiring" (old)
 
 
 class Status(_Msg, frozen=True):
@@ -192,6 +205,7 @@ class Status(_Msg, frozen=True):
     rates: dict[str, float]  # queries/s, samples/s, pairs/s, batches/s over the last seconds
     totals: dict[str, int]  # counts by outcome since start
     recent_errors: list[str]
+    model: str = ""  # the model served (that of the active engines)
 
 
 class Error(_Msg, frozen=True):
@@ -200,7 +214,17 @@ class Error(_Msg, frozen=True):
     message: str
 
 
-Reply = Union[InferResult, InferResults, Ack, Status, Error]
+class Reloaded(_Msg, frozen=True):
+    """A Reload that took effect: `model` serves every query batched from now on."""
+
+    request_id: int
+    model: str
+    previous_model: str
+    seconds: float
+    checks: list[str]  # what was verified before traffic moved, one line each
+
+
+Reply = Union[InferResult, InferResults, Ack, Status, Error, Reloaded]
 
 
 # ---- control (dispatcher <-> engine process) ----
@@ -271,9 +295,27 @@ class Shutdown(_Msg, frozen=True):
     pass
 
 
+class RunCanary(_Msg, frozen=True):
+    """Predict the first `pairs` pairs of registered dataset `dataset` with the engine's backend and with
+    the plain reference of its arithmetic (engines.reference), before a reload moves traffic to it."""
+
+    dataset: str
+    pairs: int
+    reference: bool = True  # False: predictions and their AUC only (the serving engine, for the AUC gate)
+
+
+class CanaryDone(_Msg, frozen=True):
+    dataset: str
+    pairs: int
+    max_abs_diff: float  # backend vs its reference, over the pairs
+    tolerance: float  # what the engine's arithmetic allows (the GPU tests' bound for its precision)
+    auc: float | None  # the backend's AUC over the pairs (None: a single class in them)
+    error: str = ""  # the canary could not run (unknown dataset, a failure): why
+
+
 Control = Union[
     BatchReady, BatchDone, BatchFailed, Heartbeat, EngineReady, EngineLoadFailed, AddDataset,
-    DatasetAdded, Shutdown,
+    DatasetAdded, Shutdown, RunCanary, CanaryDone,
 ]
 
 

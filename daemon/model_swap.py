@@ -138,8 +138,11 @@ class ModelSwap:
                 check_shape(read_model_config(old.model), art.config)
         except ArtifactError as exc:
             raise ReloadRefused(f"new model {new.model}: {exc}") from None
-        return [f"artifact {new.model}: sizes and sampled checksums of its files, shape as served",
-                f"accuracy_target {new.accuracy_target}: GPU MLP precision {new.gpu_mlp_precision}"]
+        checks = [f"artifact {new.model}: sizes and sampled checksums of its files, shape as served"]
+        if any(M.EngineKind.of_device(d) is M.EngineKind.CUDA for d in new.engines):
+            checks.append(f"accuracy_target {new.accuracy_target}: GPU MLP precision {new.gpu_mlp_precision} "
+                          "(the artifact's calibration record allows it)")
+        return checks
 
     def _start_engine(self, old: Engine, model: EngineModel) -> Engine:
         base = old.name.split(".m", 1)[0]
@@ -216,7 +219,8 @@ class ModelSwap:
                     waiting.remove(e)
                     sup.retire(e)
             await asyncio.sleep(_POLL_S)
-        while any(e in sup.engines for e in old):
+        release_by = time.monotonic() + 30.0  # retire() kills an engine 10 s after its Shutdown
+        while any(e in sup.engines for e in old) and time.monotonic() < release_by:
             await asyncio.sleep(_POLL_S)
 
 

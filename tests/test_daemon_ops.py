@@ -50,11 +50,11 @@ def test_notify_metrics_and_status_command(tmp_path: Path) -> None:
         collect(0.6)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'dlrm_queries_total{kind="by_ref",outcome="ok"} 3.0' in body
-        assert 'dlrm_engine_up{engine="null0",gpu=""} 1.0' in body
-        assert 'dlrm_engine_info{device="null",engine="null0",gpu="",gpu_name=""} 1.0' in body
+        # the null engine has no GPU and no model: empty gpu and model "none"
+        assert 'dlrm_engine_up{engine="null0",gpu="",model="none"} 1.0' in body
+        assert 'dlrm_engine_info{device="null",engine="null0",gpu="",gpu_name="",model="none"} 1.0' in body
         # One reply-stage observation per batch (3 queries sent one by one: 3 batches).
-        assert 'dlrm_stage_latency_seconds_count{engine="null0",gpu="",stage="reply"} 3.0' in body \
-            or 'dlrm_stage_latency_seconds_count{stage="reply",engine="null0",gpu=""} 3.0' in body, body
+        assert 'dlrm_stage_latency_seconds_count{engine="null0",gpu="",model="none",stage="reply"} 3.0' in body, body
         from daemon.metrics import daemon_version
 
         assert f'dlrm_build_info{{model="none",version="{daemon_version()}"}} 1.0' in body \

@@ -21,8 +21,8 @@ def _tool(name: str) -> str:
 
 
 def _exercise(m: DaemonMetrics) -> None:
-    m.register_engine("cuda3", "cuda:3")
-    m.register_engine("cpu1", "cpu")
+    m.register_engine("cuda3", "cuda:3", "tb00_40M@0123456789ab")
+    m.register_engine("cpu1", "cpu", "tb00_40M@0123456789ab")
     m.set_engine_info("cuda3", "NVIDIA H200")
     m.set_engine_info("cuda3", "NVIDIA H100 80GB HBM3")  # a restart on another card replaces the series
     m.set_engine_info("cpu1", "")
@@ -88,10 +88,10 @@ def test_values_over_http(scrape_text: str) -> None:
     assert s[("dlrm_query_latency_seconds_sum", (("kind", "by_ref"),))] == pytest.approx(0.043)
     for stage, value in (("queue_wait", 0.002), ("batch_assembly", 0.001), ("engine_compute", 0.007),
                          ("reply", 0.0004)):
-        assert s[("dlrm_stage_latency_seconds_sum", (("engine", "cuda3"), ("gpu", "3"), ("stage", stage)))] == pytest.approx(value)
-        assert s[("dlrm_stage_latency_seconds_count", (("engine", "cpu1"), ("gpu", ""), ("stage", stage)))] == 0
-    assert s[("dlrm_batch_retries_total", (("engine", "cpu1"), ("gpu", ""),))] == 1
-    assert s[("dlrm_batch_retries_total", (("engine", "cuda3"), ("gpu", "3"),))] == 0
+        assert s[("dlrm_stage_latency_seconds_sum", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"), ("stage", stage)))] == pytest.approx(value)
+        assert s[("dlrm_stage_latency_seconds_count", (("engine", "cpu1"), ("gpu", ""), ("model", "tb00_40M@0123456789ab"), ("stage", stage)))] == 0
+    assert s[("dlrm_batch_retries_total", (("engine", "cpu1"), ("gpu", ""), ("model", "tb00_40M@0123456789ab"),))] == 1
+    assert s[("dlrm_batch_retries_total", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"),))] == 0
     assert s[("dlrm_dropped_queries_total", (("reason", "client_disconnected"),))] == 3
     assert s[("dlrm_build_info", (("model", "tb00_40M@0123456789ab"), ("version", "1.2.3")))] == 1
     # the dispatcher's own process (the soak tracks its memory), from prometheus_client's collectors
@@ -101,25 +101,27 @@ def test_values_over_http(scrape_text: str) -> None:
     # an overload's seconds are resolved, up to a minute
     assert 2.5 in LATENCY_BUCKETS_S and 60.0 in LATENCY_BUCKETS_S
     assert s[("dlrm_query_latency_seconds_bucket", (("kind", "by_value"), ("le", "0.5")))] == 1
-    assert s[("dlrm_batch_latency_seconds_sum", (("engine", "cuda3"), ("gpu", "3"),))] == pytest.approx(0.010)
-    assert s[("dlrm_batch_size_pairs_bucket", (("engine", "cuda3"), ("gpu", "3"), ("le", "1000.0")))] == 1
-    assert s[("dlrm_batch_size_pairs_bucket", (("engine", "cuda3"), ("gpu", "3"), ("le", "500.0")))] == 0
-    assert s[("dlrm_batches_total", (("engine", "cuda3"), ("gpu", "3"),))] == 1
-    assert s[("dlrm_embedding_lookups_total", (("engine", "cuda3"), ("gpu", "3"), ("tier", "device")))] == 900
-    assert s[("dlrm_embedding_lookups_total", (("engine", "cuda3"), ("gpu", "3"), ("tier", "host")))] == 100
-    assert s[("dlrm_embedding_lookups_total", (("engine", "cpu1"), ("gpu", ""), ("tier", "host")))] == 0
+    assert s[("dlrm_batch_latency_seconds_sum", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"),))] == pytest.approx(0.010)
+    assert s[("dlrm_batch_size_pairs_bucket", (("engine", "cuda3"), ("gpu", "3"), ("le", "1000.0"), ("model", "tb00_40M@0123456789ab")))] == 1
+    assert s[("dlrm_batch_size_pairs_bucket", (("engine", "cuda3"), ("gpu", "3"), ("le", "500.0"), ("model", "tb00_40M@0123456789ab")))] == 0
+    assert s[("dlrm_batches_total", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"),))] == 1
+    assert s[("dlrm_embedding_lookups_total", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"), ("tier", "device")))] == 900
+    assert s[("dlrm_embedding_lookups_total", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"), ("tier", "host")))] == 100
+    assert s[("dlrm_embedding_lookups_total", (("engine", "cpu1"), ("gpu", ""), ("model", "tb00_40M@0123456789ab"), ("tier", "host")))] == 0
     assert s[("dlrm_queue_depth_queries", ())] == 4
     assert s[("dlrm_queue_depth_pairs", ())] == 1080
-    assert s[("dlrm_engine_inflight_batches", (("engine", "cuda3"), ("gpu", "3"),))] == 2
-    assert s[("dlrm_engine_up", (("engine", "cuda3"), ("gpu", "3"),))] == 1
-    assert s[("dlrm_engine_up", (("engine", "cpu1"), ("gpu", ""),))] == 0
-    assert s[("dlrm_engine_restarts_total", (("engine", "cpu1"), ("gpu", ""),))] == 1
-    assert s[("dlrm_engine_restarts_total", (("engine", "cuda3"), ("gpu", "3"),))] == 0
-    assert s[("dlrm_device_memory_used_bytes", (("engine", "cuda3"), ("gpu", "3"),))] == 123456789
+    assert s[("dlrm_engine_inflight_batches", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"),))] == 2
+    assert s[("dlrm_engine_up", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"),))] == 1
+    assert s[("dlrm_engine_up", (("engine", "cpu1"), ("gpu", ""), ("model", "tb00_40M@0123456789ab"),))] == 0
+    assert s[("dlrm_engine_restarts_total", (("engine", "cpu1"), ("gpu", ""), ("model", "tb00_40M@0123456789ab"),))] == 1
+    assert s[("dlrm_engine_restarts_total", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"),))] == 0
+    assert s[("dlrm_device_memory_used_bytes", (("engine", "cuda3"), ("gpu", "3"), ("model", "tb00_40M@0123456789ab"),))] == 123456789
     # the GPU's name, once per engine: the latest the engine reported
     info = {k[1]: v for k, v in s.items() if k[0] == "dlrm_engine_info"}
-    assert info == {(("device", "cuda:3"), ("engine", "cuda3"), ("gpu", "3"), ("gpu_name", "NVIDIA H100 80GB HBM3")): 1,
-                    (("device", "cpu"), ("engine", "cpu1"), ("gpu", ""), ("gpu_name", "")): 1}
+    model = ("model", "tb00_40M@0123456789ab")
+    assert info == {(("device", "cuda:3"), ("engine", "cuda3"), ("gpu", "3"), ("gpu_name", "NVIDIA H100 80GB HBM3"),
+                     model): 1,
+                    (("device", "cpu"), ("engine", "cpu1"), ("gpu", ""), ("gpu_name", ""), model): 1}
 
 
 def test_every_metric_is_dlrm_and_typed(scrape_text: str) -> None:

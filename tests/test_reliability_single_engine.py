@@ -64,7 +64,7 @@ def test_offline_run_loses_nothing_when_the_only_engine_dies(tmp_path: Path, fau
     assert samples >= 400 and "errors: 0 samples" in out, out
     engine = st["engines"][0]
     assert engine["pid"] != pid and engine["restarts"] >= 1, engine
-    retried = float(re.search(r'^dlrm_batch_retries_total\{engine="null0",gpu=""\} (\S+)$', body, re.M).group(1))  # type: ignore[union-attr]
+    retried = float(re.search(r'^dlrm_batch_retries_total\{engine="null0",gpu="",model="[^"]*"\} (\S+)$', body, re.M).group(1))  # type: ignore[union-attr]
     assert retried >= 1, body  # the batches in flight when it died were queued again
     print(f"{fault}: {samples} samples, 0 errors; engine {engine['state']}, last error {engine['last_error']!r}")
 

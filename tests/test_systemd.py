@@ -127,3 +127,12 @@ def test_env_example_names_config_keys() -> None:
 
     names = set(re.findall(r"^#?(DLRM_[A-Z_]+)=", (SYSTEMD / "dlrm-daemon.env").read_text(), re.M))
     assert names and names <= {env_name(k) for k in FIELDS}
+
+
+def test_reload_swaps_the_model_with_the_start_config() -> None:
+    """`systemctl reload` runs `dlrm-daemon reload` on the config file ExecStart serves (issue 16)."""
+    d = _directives(UNIT.read_text())
+    start, reload = d["ExecStart"][0].split(), d["ExecReload"][0].split()
+    assert reload[0] == start[0] and reload[1] == "reload"
+    assert reload[reload.index("--config") + 1] == start[start.index("--config") + 1]
+    assert float(d["TimeoutStartSec"][0]) >= 300  # ExecReload's limit too: a second 24 GB model loads in it

@@ -157,29 +157,29 @@ headline)
   sed -n '/== engine summary/,$p' "$OUT/engine.log"
   ;;
 round2)
-  # issue 13 round 2 in one call (the machine was scarce): the engine before/now with the baselines, the
-  # GPU tests, full-size Offline in both profiles' arithmetic and an fp8 Server sweep, the trained model's
-  # accuracy per profile. Each step has its own timeout; results go to $OUT as they come.
+  # issue 13 round 2 in one call (the machine was scarce), most valuable first: the engine before/now with
+  # the baselines, full-size Offline in both profiles' arithmetic, an fp8 Server sweep, the GPU tests, the
+  # trained model's accuracy. Each step has its own timeout; results go to $OUT as they come.
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
   timeout 140 python3 bench/bench_engine.py --scale 0.05 --pairs 600000 --parts 1.0 --mlp fp16,fp8 --before --compile \
     --batches 262144 --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1; echo "engine exit $?"
   grep -E "stages|torch.compile|baseline fp16 DLRM forward batch 262144|rror" "$OUT/engine.log" | tail -10
-  sed -n '/== engine summary/,$p' "$OUT/engine.log"
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_bottom_mlp.py \
-    tests/test_gpu_backend.py tests/test_fp8_top_mlp.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
   for _ in $(seq 60); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
   tail -1 /tmp/fs.log | cut -c1-200
   timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
     | tail -1
   for mlp in fp8 fp16; do
-    timeout 60 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp $mlp --target-qps 600000 \
+    timeout 55 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp $mlp --target-qps 600000 \
       --duration-s 10 --out "$OUT/e2e_offline_$mlp.json" 2>&1 | tail -1
   done
-  timeout 90 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 --scenario Server \
+  timeout 85 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 --scenario Server \
     --target-qps 450000,520000,600000 --duration-s 8 --out "$OUT/e2e_server_fp8.json" 2>&1 | tail -4
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_bottom_mlp.py \
+    tests/test_gpu_backend.py tests/test_fp8_top_mlp.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
   fp32_trained=$(cat var/trained/fp32_auc.txt)
   accuracy_run var/trained/art var/trained/test100k_ds 99 "$fp32_trained" trained_99
+  sed -n '/== engine summary/,$p' "$OUT/engine.log"
   ;;
 *)
   echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|headline|round2" >&2; exit 2 ;;

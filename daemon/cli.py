@@ -116,6 +116,20 @@ def check_config(argv: Sequence[str]) -> int:
     return ExitCode.OK
 
 
+def _daemon_endpoint(command: str, endpoint: str | None, config: str | None) -> str | ExitCode:
+    """The running daemon's endpoint for a client subcommand, or the exit code after saying why not."""
+    try:
+        endpoint = endpoint or find_endpoint(config)
+    except ConfigError as exc:
+        print(f"dlrm-daemon {command}: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
+        print(f"dlrm-daemon {command}: no daemon at {endpoint} (no socket there); give --endpoint or --config",
+              file=sys.stderr)
+        return ExitCode.RUNTIME_FAILURE
+    return endpoint
+
+
 def status(argv: Sequence[str]) -> int:
     from wire.client import Client
     from wire.errors import DaemonError
@@ -130,15 +144,9 @@ def status(argv: Sequence[str]) -> int:
                         "else of it is needed")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon's answer")
     args = p.parse_args(argv)
-    try:
-        endpoint = args.endpoint or find_endpoint(args.config)
-    except ConfigError as exc:
-        print(f"dlrm-daemon status: configuration error: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG_ERROR
-    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
-        print(f"dlrm-daemon status: no daemon at {endpoint} (no socket there); give --endpoint or --config",
-              file=sys.stderr)
-        return ExitCode.RUNTIME_FAILURE
+    endpoint = _daemon_endpoint("status", args.endpoint, args.config)
+    if isinstance(endpoint, ExitCode):
+        return endpoint
     try:
         with Client(endpoint, timeout_s=args.timeout) as c:
             st = c.status()
@@ -191,11 +199,9 @@ def reload_command(argv: Sequence[str]) -> int:
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds to wait for the outcome (the daemon's own limit is reload_timeout_s)")
     args = p.parse_args(argv)
-    try:
-        endpoint = args.endpoint or find_endpoint(args.config)
-    except ConfigError as exc:
-        print(f"dlrm-daemon reload: configuration error: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG_ERROR
+    endpoint = _daemon_endpoint("reload", args.endpoint, args.config)
+    if isinstance(endpoint, ExitCode):
+        return endpoint
     config = os.path.abspath(args.config) if args.config else ""
     try:
         with Client(endpoint, timeout_s=args.timeout) as c:

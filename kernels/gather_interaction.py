@@ -41,6 +41,24 @@ def _add_counts(counts_ptr, pid, hot, bad, SLOTS: tl.constexpr):
 
 
 @triton.jit
+def _pair_tile_layout(offsets_ptr, scales_ptr, T: tl.constexpr, D: tl.constexpr, NP: tl.constexpr):
+    """A pair's tile: rows r (0 = bottom output, 1..T = lookups), columns c; each lookup row's table t,
+    its table's first file row and row count, its scale; where Z[i, j] (j < i) goes in the output row."""
+    r = tl.arange(0, NP)
+    c = tl.arange(0, D)
+    is_emb = (r >= 1) & (r <= T)
+    t = tl.where(is_emb, r - 1, 0)
+    offs = tl.load(offsets_ptr + t, mask=is_emb, other=0)
+    rows = tl.load(offsets_ptr + t + 1, mask=is_emb, other=1) - offs
+    scale = tl.load(scales_ptr + t, mask=is_emb, other=0.0)
+    ri = r[:, None]
+    rj = r[None, :]
+    tri_col = D + (ri * (ri - 1)) // 2 + rj
+    tri_mask = (rj < ri) & (ri <= T)
+    return r, c, is_emb, t, offs, rows, scale, rj, tri_col, tri_mask
+
+
+@triton.jit
 def _gather_interaction_pair_kernel(
     bottom_ptr, stride_bb, sparse_ptr, stride_sb,
     offsets_ptr, row_position_ptr, scales_ptr, hot_ptr, cold_ptr,
@@ -53,17 +71,7 @@ def _gather_interaction_pair_kernel(
     # One pair per loop step on plain 2-D tiles: measured faster than the [PB, NP, D] kernel below at
     # PB = 1 (whose reshapes cost layout conversions); same arguments and semantics.
     pid = tl.program_id(0)
-    r = tl.arange(0, NP)
-    c = tl.arange(0, D)
-    is_emb = (r >= 1) & (r <= T)
-    t = tl.where(is_emb, r - 1, 0)
-    offs = tl.load(offsets_ptr + t, mask=is_emb, other=0)
-    rows = tl.load(offsets_ptr + t + 1, mask=is_emb, other=1) - offs
-    scale = tl.load(scales_ptr + t, mask=is_emb, other=0.0)
-    ri = r[:, None]
-    rj = r[None, :]
-    tri_col = D + (ri * (ri - 1)) // 2 + rj
-    tri_mask = (rj < ri) & (ri <= T)
+    r, c, is_emb, t, offs, rows, scale, rj, tri_col, tri_mask = _pair_tile_layout(offsets_ptr, scales_ptr, T, D, NP)
     hot_total = tl.zeros((NP,), dtype=tl.int64)
     bad_total = tl.zeros((NP,), dtype=tl.int64)
     if COUNT:
@@ -211,18 +219,8 @@ def _gather_interaction_int8_kernel(
     # Z[i, j] = s_i s_j (Q Q^T)[i, j] in fp32, the bottom column the sum of its three parts. Row 0 is
     # hi, rows NP-1 and NP-2 lo and lo2, rows 1..T the lookups, the rest zero.
     pid = tl.program_id(0)
-    r = tl.arange(0, NP)
-    c = tl.arange(0, D)
     LO: tl.constexpr = NP - 1
-    is_emb = (r >= 1) & (r <= T)
-    t = tl.where(is_emb, r - 1, 0)
-    offs = tl.load(offsets_ptr + t, mask=is_emb, other=0)
-    rows = tl.load(offsets_ptr + t + 1, mask=is_emb, other=1) - offs
-    scale = tl.load(scales_ptr + t, mask=is_emb, other=0.0)
-    ri = r[:, None]
-    rj = r[None, :]
-    tri_col = D + (ri * (ri - 1)) // 2 + rj
-    tri_mask = (rj < ri) & (ri <= T)
+    r, c, is_emb, t, offs, rows, scale, rj, tri_col, tri_mask = _pair_tile_layout(offsets_ptr, scales_ptr, T, D, NP)
     hot_total = tl.zeros((NP,), dtype=tl.int64)
     bad_total = tl.zeros((NP,), dtype=tl.int64)
     if COUNT:

@@ -8,6 +8,7 @@
 #                                          # its stage times, a higher fp8 Server sweep
 #   bash bench/device_checks.sh probe      # issue 13 round 2: each stage's candidates (bench/stage_probe.py),
 #                                          # the GPU tests, the trained model's accuracy per profile
+#   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
 # Needs .whl/ (../shared/bin/gpu-wheels) carried; results and logs go to $OUT (the device tool's folder).
@@ -181,6 +182,18 @@ round2)
   accuracy_run var/trained/art var/trained/test100k_ds 99 "$fp32_trained" trained_99
   sed -n '/== engine summary/,$p' "$OUT/engine.log"
   ;;
+reload)
+  # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another
+  # model id) in the middle of a Server run at about 80% of the fp8 capacity (docs/RELIABILITY.md)
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
+  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
+    | tail -1
+  cp -r $FS/artifact $FS/artifact_b
+  timeout 300 python3 bench/bench_reload.py --artifact $FS/artifact --new-artifact $FS/artifact_b --dataset $FS/dataset \
+    --engines cuda:0 --mlp fp8 --target-qps "${RELOAD_QPS:-320000}" --duration-s 60 --reload-after-s 15 \
+    --out "$OUT/reload.json" 2>&1 | tail -25
+  ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|headline|round2" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|headline|round2|reload" >&2; exit 2 ;;
 esac

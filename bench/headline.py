@@ -83,7 +83,8 @@ def headline(engine: dict[str, Any], rows: list[dict[str, Any]], card: str, comm
             sps = float(best["samples_per_s"])
             pairs = sps * PAIRS_PER_SAMPLE if not best.get("pairs_per_s") else float(str(best["pairs_per_s"]).replace(",", ""))
             out.append(
-                f"| {scenario} | {profile_of(mlp)} ({mlp}) | {sps:,.0f} | {pairs / 1e6:.1f} M | {best['p99_ms']} | "
+                f"| {scenario} | {profile_of(mlp)} ({mlp}) | {sps:,.0f} | {pairs / 1e6:.1f} M | "
+                f"{best['p99_ms'] if scenario == 'Server' else '-'} | "
                 f"{best['result']} | {sps / NVIDIA[scenario]:.2f} | {pairs / ceiling.pairs_per_s(mlp):.0%} | "
                 f"{pairs / plain:.1f} | {pairs / compiled:.1f} |")
     out.append("")
@@ -116,11 +117,12 @@ def plot(rows: list[dict[str, Any]], card: str, png: Path) -> None:
                 ax_p99.annotate("INVALID", (xi, float(r["p99_ms"])), fontsize=7, color=color)
     ax_rate.plot([NVIDIA["Server"] / 1e3], [NVIDIA["Server"] / 1e3], "r*", markersize=14, label="NVIDIA v3.0, one H100")
     ax_p99.plot([NVIDIA["Server"] / 1e3], [NVIDIA_SERVER_P99_MS], "r*", markersize=14, label="NVIDIA v3.0, one H100")
+    ax_p99.set_yscale("log")  # an INVALID point's seconds beside the 30 ms bound
     ax_p99.axhline(30, color="gray", linestyle="--", linewidth=1)
-    ax_p99.text(ax_p99.get_xlim()[0], 30.5, "MLPerf bound 30 ms", fontsize=8, color="gray")
+    ax_p99.text(ax_p99.get_xlim()[0], 33, "MLPerf bound 30 ms", fontsize=8, color="gray")
     ax_rate.set(xlabel="offered rate (k samples/s)", ylabel="completed (k samples/s)",
                 title=f"Server sweep, one {card}")
-    ax_p99.set(xlabel="offered rate (k samples/s)", ylabel="p99 latency (ms)", title="Server p99 latency")
+    ax_p99.set(xlabel="offered rate (k samples/s)", ylabel="p99 latency (ms, log)", title="Server p99 latency")
     for ax in (ax_rate, ax_p99):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

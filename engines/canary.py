@@ -19,13 +19,15 @@ from formats.auc import roc_auc
 from formats.dataset import Dataset
 from wire import messages as P
 
-# Largest |backend - reference| a healthy engine shows, by engine kind and GPU MLP precision.
+# Largest |backend - reference| a healthy engine shows, by engine kind and GPU MLP precision: the GPU
+# tests' bounds; fp8 as the CPU simulation's test (tests/test_fp8_top_mlp.py, 0.15): on a sharp random
+# model one e4m3 rounding step moves a prediction by up to 0.07-0.08 (bench_engine, H100, 2026-12-07).
 TOLERANCE: dict[tuple[P.EngineKind, P.MlpPrecision | None], float] = {
     (P.EngineKind.CPU, None): 1e-4,  # fp32 against fp32, other summation order
     (P.EngineKind.CUDA, P.MlpPrecision.FP16): 4e-3,
     (P.EngineKind.CUDA, P.MlpPrecision.BF16): 3.2e-2,
     (P.EngineKind.CUDA, P.MlpPrecision.INT8): 8e-2,
-    (P.EngineKind.CUDA, P.MlpPrecision.FP8): 5e-2,
+    (P.EngineKind.CUDA, P.MlpPrecision.FP8): 0.15,
 }
 
 

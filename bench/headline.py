@@ -1,7 +1,7 @@
 """BENCHMARKS.md's `## Headline (one GPU)` table and the Server-sweep picture, from one device call's JSONs.
 
     python3 bench/headline.py --engine engine.json --runs e2e_*.json --card "NVIDIA H200" \
-        --command "bash bench/device_checks.sh headline" --png bench/server_sweep.png
+        --command "bash bench/device_checks.sh round2" --png server_sweep.png
 
 Inputs: `bench/bench_engine.py --compile --out` (the plain PyTorch fp16 DLRM forward and the same under
 torch.compile, pairs/s at the largest batch) and `bench/bench_e2e.py --out` rows (Offline runs and Server

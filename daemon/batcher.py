@@ -42,6 +42,7 @@ class Query:
     pieces_out: int = 0
     result: np.ndarray | None = None  # only for queries split over several batches
     finished: bool = False  # replied (result or error)
+    model: str = ""  # the model that computes its first piece: its other pieces go to the same model
     _cum: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -177,6 +178,16 @@ class Batcher:
 
     def pending(self) -> bool:
         return bool(self._retry) or self.queued_pairs > 0
+
+    def next_model(self) -> str:
+        """The model the next batch must go to ("" = any): a retried batch's, or the head query's when it
+        is partly dispatched, so that each query is computed by one model (also while two serve)."""
+        for b in self._retry:
+            for piece in b.pieces:
+                if not piece[0].finished:
+                    return piece[0].model
+        head = self._head()
+        return head.model if head is not None and head.cursor > 0 else ""
 
     def head_partial(self) -> bool:
         """The oldest queued query already has pieces in batches: the rest of it follows them before

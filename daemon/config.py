@@ -61,6 +61,14 @@ class AccuracyTarget(enum.StrEnum):
         return None if self is AccuracyTarget.NONE else float(self.value) / 100
 
 
+class ReloadStrategy(enum.StrEnum):
+    """How a reload brings in the new model (daemon/model_swap.py)."""
+
+    AUTO = "auto"  # side by side; engine by engine when a device has no room for both
+    PARALLEL = "parallel"  # side by side only (a device without room for both refuses the reload)
+    ROLLING = "rolling"  # engine by engine: each old engine stops before its replacement loads
+
+
 def _h(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -135,6 +143,10 @@ class DaemonConfig:
     reload_min_auc_ratio: float = field(default=0.0, metadata=_h(
         "a reload is refused when the new model's AUC on the canary pairs is below this share of the served "
         "model's on the same pairs (e.g. 0.99); 0 = no AUC gate"))
+    reload_strategy: ReloadStrategy = field(default=ReloadStrategy.AUTO, metadata=_h(
+        "how a reload brings the new model in: 'auto' (default: new engines beside the old ones, and engine "
+        "by engine where a device has no room for both), 'parallel' (side by side only) or 'rolling' (engine "
+        "by engine: each old engine stops before its replacement loads; with one engine queries queue meanwhile)"))
     reload_timeout_s: float = field(default=900.0, metadata=_h(
         "a reload whose new engines are not loaded and verified within this fails (the old model serves on)"))
     metrics_host: str = field(default="127.0.0.1", metadata=_h("Prometheus exporter address"))

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any, Callable, Protocol
 
-from daemon.config import ConfigError, DaemonConfig
+from daemon.config import ConfigError, DaemonConfig, ReloadStrategy
 from daemon.metrics import DaemonMetrics, daemon_version, model_id
 from daemon.reload_plan import CanaryOutcome, ReloadRefused, check_shape, judge_canaries, plan_reload
 from daemon.scheduling import Scheduler
@@ -33,6 +34,12 @@ from wire import messages as M
 
 log = logging.getLogger("dlrm.reload")
 _POLL_S = 0.02
+# how an engine says its device had no room for the model (torch, the CUDA runtime and driver)
+_OUT_OF_MEMORY = re.compile(r"out of memory|OutOfMemory|cudaErrorMemoryAllocation|CUDA_ERROR_OUT_OF_MEMORY", re.I)
+
+
+class NoRoom(ReloadRefused):
+    """A new engine could not load the model for want of device memory (both models do not fit)."""
 
 
 class SwapHost(Protocol):
@@ -58,7 +65,7 @@ class ModelSwap:
         self.loop = loop
         self.running_since: float | None = None
         self.last_outcome = ""  # one line for `status` and STATUS=
-        self._generation = 1  # the model generation served (1: the one the daemon started with)
+        self._generation = 1  # engines started so far by reloads, +1 (names cuda0.m2, cuda0.m3, ...)
         self._canaries: dict[Engine, asyncio.Future[M.CanaryDone]] = {}
 
     async def run(self, config_path: str | None) -> M.Reloaded:
@@ -102,32 +109,115 @@ class ModelSwap:
                               checks=[f"the engines keep model {old_id} ({what})"])
         checks = await self.loop.run_in_executor(None, self._check_artifact, old, new)
         model = EngineModel(new.model, new_id, new.embedding_weights_on_gpu_part, new.gpu_mlp_precision)
+        deadline = t0 + new.reload_timeout_s
         self._generation += 1
-        fresh = [self._start_engine(e, model) for e in active]
+        number = self._generation
         try:
-            deadline = t0 + new.reload_timeout_s
+            if new.reload_strategy is ReloadStrategy.ROLLING:
+                checks += await self._rolling(new, model, active, deadline, number)
+            else:
+                try:
+                    checks += await self._parallel(new, model, active, deadline, number)
+                except NoRoom as exc:
+                    if new.reload_strategy is not ReloadStrategy.AUTO:
+                        raise
+                    log.warning("reload: %s; swapping engine by engine", exc)
+                    checks.append(f"the two models do not fit side by side ({exc}): engine by engine")
+                    checks += await self._rolling(new, model, active, deadline, number)
+        except asyncio.TimeoutError:
+            raise ReloadRefused(f"the new engines were not loaded and verified within reload_timeout_s="
+                                f"{new.reload_timeout_s:g} s") from None
+        finally:
+            host.scheduler.hold(0)
+        host.set_config(new)
+        if host.metrics is not None:
+            host.metrics.set_build_info(daemon_version(), new_id)
+        return M.Reloaded(request_id=0, model=new_id, previous_model=old_id, seconds=time.monotonic() - t0,
+                          checks=checks)
+
+    async def _parallel(self, cfg: DaemonConfig, model: EngineModel, active: list[Engine],
+                        deadline: float, number: int) -> list[str]:
+        """Every new engine beside the old ones, verified, then all the traffic at once."""
+        host = self.host
+        fresh = [self._start_engine(e, model, number) for e in active]
+        try:
             await self._wait_loaded(fresh, deadline)
-            checks.append(f"{len(fresh)} new engine(s) loaded: {', '.join(e.name for e in fresh)}")
-            checks += await self._canary(new, fresh, active, deadline)
+            checks = [f"{len(fresh)} new engine(s) loaded beside the old: {', '.join(e.name for e in fresh)}"]
+            served = next((e for e in active if e.takes_batches), None) if cfg.reload_min_auc_ratio > 0 else None
+            checks += await self._canary(cfg, fresh, served, None, deadline)
             await asyncio.wait_for(host.scheduler.switch_model(fresh, active), max(1.0, deadline - time.monotonic()))
-        except BaseException as exc:
+        except BaseException:
             host.scheduler.cancel_switch()
             for e in fresh:
                 if e in host.sup.engines:
                     host.sup.retire(e)
-            if isinstance(exc, asyncio.TimeoutError):
-                raise ReloadRefused(f"the new engines were not loaded and verified within reload_timeout_s="
-                                    f"{new.reload_timeout_s:g} s") from None
+            await self._released(fresh)  # the reply then finds only the old model's engines
             raise
-        host.set_config(new)
-        if host.metrics is not None:
-            host.metrics.set_build_info(daemon_version(), new_id)
-        log.info("reload: traffic moved to model %s (%s); the old engines drain", new_id,
+        log.info("reload: traffic moved to model %s (%s); the old engines drain", model.model_id,
                  ", ".join(e.name for e in fresh))
-        await self._retire(active, new.drain_timeout_s)
-        checks.append(f"old engines drained and stopped: {', '.join(e.name for e in active)}")
-        return M.Reloaded(request_id=0, model=new_id, previous_model=old_id, seconds=time.monotonic() - t0,
-                          checks=checks)
+        await self._retire(active, cfg.drain_timeout_s)
+        return checks + [f"old engines drained and stopped: {', '.join(e.name for e in active)}"]
+
+    async def _rolling(self, cfg: DaemonConfig, model: EngineModel, active: list[Engine],
+                       deadline: float, number: int) -> list[str]:
+        """Engine by engine: each old engine drains and stops, a new one loads on its device and is
+        verified, then serves, while the others serve on (with one engine, queries queue meanwhile). A
+        failure puts the old model back on every device."""
+        checks: list[str] = []
+        served_auc = await self._served_auc(cfg, active, deadline) if cfg.reload_min_auc_ratio > 0 else None
+        swapped: list[Engine] = []
+        taken: list[Engine] = []
+        try:
+            for old in active:
+                await self._take_out(old, cfg, deadline)
+                taken.append(old)
+                fresh = self._start_engine(old, model, number)
+                try:
+                    await self._wait_loaded([fresh], deadline)
+                    checks += await self._canary(cfg, [fresh], None, served_auc, deadline)
+                except BaseException:
+                    self.host.sup.retire(fresh)
+                    await self._released([fresh])
+                    raise
+                fresh.role = EngineRole.ACTIVE
+                self.host.scheduler.hold(0)
+                self.host.scheduler.engine_back()
+                swapped.append(fresh)
+                checks.append(f"{old.name} replaced by {fresh.name} on {old.device}")
+        except BaseException as exc:
+            log.error("rolling reload failed (%s): the old model goes back on %d device(s)",
+                      exc if isinstance(exc, ReloadRefused) else type(exc).__name__, len(taken))
+            await self._roll_back(swapped, taken, cfg)
+            raise
+        return checks
+
+    async def _take_out(self, e: Engine, cfg: DaemonConfig, deadline: float) -> None:
+        """No new batches for `e`; once it holds none it stops and is released. When no other engine
+        takes batches, queries queue for the one that replaces it."""
+        sched = self.host.scheduler
+        others = [x for x in self.host.sup.engines if x.takes_batches and x is not e]
+        if not others:
+            sched.hold(max(1.0, deadline - time.monotonic()))
+        if any(x.model.model_id == e.model.model_id for x in others):
+            e.role = EngineRole.RETIRING  # the rest of its model's queries go to its model's other engines
+        else:  # the last engine of its model: at a batch boundary where no query is partly computed by it
+            await asyncio.wait_for(sched.switch_model([], [e]), max(1.0, deadline - time.monotonic()))
+        await self._retire([e], cfg.drain_timeout_s)
+
+    async def _roll_back(self, swapped: list[Engine], taken: list[Engine], cfg: DaemonConfig) -> None:
+        """The old model back on every device a rolling reload changed (best effort: the engines start;
+        the supervisor restarts one that fails, as any)."""
+        for e in swapped:
+            await self._take_out(e, cfg, time.monotonic() + cfg.reload_timeout_s)
+        self._generation += 1
+        back = [self._start_engine(e, e.model, self._generation, EngineRole.ACTIVE) for e in taken]
+        try:
+            await self._wait_loaded(back, time.monotonic() + cfg.reload_timeout_s)
+        except (ReloadRefused, asyncio.TimeoutError) as exc:
+            log.error("rolling back: %s", exc)
+        finally:
+            self.host.scheduler.hold(0)
+            self.host.scheduler.engine_back()
 
     @staticmethod
     def _check_artifact(old: DaemonConfig, new: DaemonConfig) -> list[str]:
@@ -144,9 +234,11 @@ class ModelSwap:
                           "(the artifact's calibration record allows it)")
         return checks
 
-    def _start_engine(self, old: Engine, model: EngineModel) -> Engine:
+    def _start_engine(self, old: Engine, model: EngineModel, number: int,
+                      role: EngineRole = EngineRole.CANDIDATE) -> Engine:
+        """An engine for `model` on `old`'s device, named after it with the reload's number (cuda0.m2, ...)."""
         base = old.name.split(".m", 1)[0]
-        e = self.host.sup.add_engine(f"{base}.m{self._generation}", old.device, model, EngineRole.CANDIDATE)
+        e = self.host.sup.add_engine(f"{base}.m{number}", old.device, model, role)
         if self.host.metrics is not None:
             self.host.metrics.register_engine(e.name, e.device, model.model_id)
         self.host.sup.start(e)
@@ -157,42 +249,62 @@ class ModelSwap:
             for e in fresh:
                 gone = e not in self.host.sup.engines or (e.sock is None and not e.serving)
                 if e.load_error or gone:
-                    raise ReloadRefused(f"new engine {e.name} ({e.device}) could not load the model: "
-                                        f"{e.load_error or e.last_error or 'its process exited'}")
+                    why = e.load_error or e.last_error or "its process exited"
+                    cls = NoRoom if _OUT_OF_MEMORY.search(why) else ReloadRefused
+                    raise cls(f"new engine {e.name} ({e.device}) could not load the model: {why}")
             if not self.host.serving():
                 raise ReloadRefused("the daemon is shutting down")
             if time.monotonic() > deadline:
                 raise asyncio.TimeoutError
             await asyncio.sleep(_POLL_S)
 
-    async def _canary(self, cfg: DaemonConfig, fresh: list[Engine], active: list[Engine],
-                      deadline: float) -> list[str]:
-        names = self.host.dataset_names()
-        dataset = cfg.reload_canary_dataset or (names[0] if names else "")
+    async def _canary(self, cfg: DaemonConfig, fresh: list[Engine], served: Engine | None,
+                      served_auc: float | None, deadline: float) -> list[str]:
+        """Each new engine's canary, judged (daemon/reload_plan.py); `served`: a serving engine of the old
+        model whose AUC on the same pairs is measured alongside, else `served_auc` (for the AUC gate)."""
+        dataset = self._canary_dataset(cfg)
         if not dataset:
             return ["no canary: no dataset is registered (reload_canary_dataset)"]
-        if dataset not in names:
-            raise ReloadRefused(f"reload_canary_dataset {dataset!r} is not registered")
-        asks = [(e, True) for e in fresh]
-        served = next((e for e in active if e.takes_batches), None) if cfg.reload_min_auc_ratio > 0 else None
+        asks = [(e, True) for e in fresh] + ([(served, False)] if served is not None else [])
+        done = await self._ask_canaries(asks, dataset, cfg.reload_canary_pairs, deadline)
+        outcomes = [CanaryOutcome(e.name, d.pairs, d.max_abs_diff, d.tolerance, d.auc, d.error)
+                    for (e, _), d in zip(asks, done)]
         if served is not None:
-            asks.append((served, False))
+            last = outcomes.pop()
+            if last.error:
+                raise ReloadRefused(f"canary on the serving engine {served.name} failed: {last.error}")
+            served_auc = last.auc
+        return [f"canary dataset {dataset}"] + judge_canaries(outcomes, served_auc, cfg.reload_min_auc_ratio)
+
+    async def _served_auc(self, cfg: DaemonConfig, active: list[Engine], deadline: float) -> float | None:
+        """The serving model's AUC on the canary pairs (for the AUC gate of a rolling reload)."""
+        dataset = self._canary_dataset(cfg)
+        served = next((e for e in active if e.takes_batches), None)
+        if not dataset or served is None:
+            return None
+        (done,) = await self._ask_canaries([(served, False)], dataset, cfg.reload_canary_pairs, deadline)
+        if done.error:
+            raise ReloadRefused(f"canary on the serving engine {served.name} failed: {done.error}")
+        return done.auc
+
+    def _canary_dataset(self, cfg: DaemonConfig) -> str:
+        names = self.host.dataset_names()
+        dataset = cfg.reload_canary_dataset or (names[0] if names else "")
+        if dataset and dataset not in names:
+            raise ReloadRefused(f"reload_canary_dataset {dataset!r} is not registered")
+        return dataset
+
+    async def _ask_canaries(self, asks: list[tuple[Engine, bool]], dataset: str, pairs: int,
+                            deadline: float) -> list[M.CanaryDone]:
         for e, ref in asks:
             self._canaries[e] = self.loop.create_future()
-            self.host.sup.send(e, M.RunCanary(dataset=dataset, pairs=cfg.reload_canary_pairs, reference=ref))
+            self.host.sup.send(e, M.RunCanary(dataset=dataset, pairs=pairs, reference=ref))
         try:
-            done = await asyncio.wait_for(asyncio.gather(*(self._canaries[e] for e, _ in asks)),
-                                          max(0.1, deadline - time.monotonic()))
+            return list(await asyncio.wait_for(asyncio.gather(*(self._canaries[e] for e, _ in asks)),
+                                               max(0.1, deadline - time.monotonic())))
         finally:
             for e, _ in asks:
                 self._canaries.pop(e, None)
-        outcomes = [CanaryOutcome(e.name, d.pairs, d.max_abs_diff, d.tolerance, d.auc, d.error)
-                    for (e, _), d in zip(asks, done)]
-        new = [o for o, (e, _) in zip(outcomes, asks) if e in fresh]
-        served_auc = outcomes[-1].auc if served is not None else None
-        if served is not None and outcomes[-1].error:
-            raise ReloadRefused(f"canary on the serving engine {served.name} failed: {outcomes[-1].error}")
-        return [f"canary dataset {dataset}"] + judge_canaries(new, served_auc, cfg.reload_min_auc_ratio)
 
     def canary_done(self, e: Engine, msg: M.CanaryDone) -> None:
         fut = self._canaries.get(e)
@@ -219,8 +331,12 @@ class ModelSwap:
                     waiting.remove(e)
                     sup.retire(e)
             await asyncio.sleep(_POLL_S)
-        release_by = time.monotonic() + 30.0  # retire() kills an engine 10 s after its Shutdown
-        while any(e in sup.engines for e in old) and time.monotonic() < release_by:
+        await self._released(old)
+
+    async def _released(self, engines: list[Engine], within_s: float = 30.0) -> None:
+        """Until these retired engines left (retire() kills one 10 s after its Shutdown)."""
+        by = time.monotonic() + within_s
+        while any(e in self.host.sup.engines for e in engines) and time.monotonic() < by:
             await asyncio.sleep(_POLL_S)
 
 

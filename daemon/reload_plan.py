@@ -19,7 +19,7 @@ from formats.model_config import DLRMConfig
 # The model and the keys that describe how it is served and verified: everything else needs a restart.
 RELOADABLE = frozenset({
     "model", "embedding_weights_on_gpu_part", "gpu_mlp_precision", "accuracy_target",
-    "reload_canary_dataset", "reload_canary_pairs", "reload_min_auc_ratio", "reload_timeout_s",
+    "reload_canary_dataset", "reload_canary_pairs", "reload_min_auc_ratio", "reload_timeout_s", "reload_strategy",
 })
 # What makes engines load something else (a change of the reload_* keys alone just takes effect).
 ENGINE_KEYS = ("model", "embedding_weights_on_gpu_part", "gpu_mlp_precision")

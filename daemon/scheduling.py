@@ -40,6 +40,7 @@ class Scheduler:
         self._no_engine_since: float | None = None  # the last serving engine was lost then (None: one serves)
         # a reload's model switch waiting for a batch boundary: (new engines, old engines, done)
         self._switch: tuple[list[Engine], list[Engine], asyncio.Future[None]] | None = None
+        self._hold_until = 0.0  # a rolling reload took the only engine out: work waits until then
         self.admission = Admission(supervisor.config.latency_target_s, supervisor.config.max_batch_pairs)
 
     # ---- intake ----
@@ -76,10 +77,18 @@ class Scheduler:
         raise Overloaded(f"{why}, the daemon's latency_target_s (send deadline_s=inf for throughput work)")
 
     def waiting_for_restart(self, now: float) -> bool:
-        """No engine serves, one is restarting, and work may still wait for it."""
+        """No engine serves, one is restarting (or a rolling reload replaces it), and work may still wait."""
+        if now < self._hold_until and not self.sup.stopping:
+            return True
         since = self._no_engine_since
         return (since is not None and not self.sup.stopping
                 and now - since <= self.sup.config.engine_restart_wait_s)
+
+    def hold(self, seconds: float) -> None:
+        """Queue work (new queries too) for up to `seconds` while no engine takes batches on purpose (a
+        rolling reload of the only engine); 0 ends the hold."""
+        self._hold_until = time.monotonic() + seconds if seconds > 0 else 0.0
+        self._wake()
 
     def engine_back(self) -> None:
         """An engine is ready (again): what waited for it is dispatched by the next pump."""
@@ -128,7 +137,7 @@ class Scheduler:
         self._maybe_switch()
         while self.batcher.pending():
             self._maybe_switch()
-            best = self.best_engine()
+            best = self.best_engine(self.batcher.next_model())
             if best is None or not self.batcher.should_close(now, engine_idle=not best.inflight):
                 break
             b = self.batcher.take(now)
@@ -137,9 +146,12 @@ class Scheduler:
             self._dispatch(best, b, now)
         self._arm_timer(now)
 
-    def best_engine(self) -> Engine | None:
-        """The active serving engine with a free slot whose work in flight drains first (daemon/routing.py)."""
+    def best_engine(self, model: str = "") -> Engine | None:
+        """The active serving engine with a free slot whose work in flight drains first (daemon/routing.py);
+        of `model` when given and one of its engines serves (the rest of a query stays on its model)."""
         free = [e for e in self.sup.engines if e.takes_batches and e.free_slots]
+        if model and any(e.takes_batches and e.model.model_id == model for e in self.sup.engines):
+            free = [e for e in free if e.model.model_id == model]
         if len(free) <= 1:
             return free[0] if free else None
         i = pick([Candidate(e.name, sum(x.batch.num_pairs for x in e.inflight.values()), len(e.inflight),
@@ -147,6 +159,9 @@ class Scheduler:
         return None if i is None else free[i]
 
     def _dispatch(self, e: Engine, b: Batch, now: float) -> None:
+        for q, _, _ in b.pieces:
+            if not q.model:
+                q.model = e.model.model_id
         self.admission.dispatched(e.name, now, was_idle=not e.inflight)
         slot = self.sup.take_slot(e)
         t0 = time.perf_counter()

@@ -55,6 +55,9 @@ def run_canary(backend: EngineBackend, spec: P.EngineSpec, datasets: dict[str, s
         n = min(int(msg.pairs), ds.num_pairs)
         out = np.empty(n, np.float32)
         backend.infer_by_ref(msg.dataset, np.zeros(1, np.int64), np.full(1, n, np.int64), out)
+        if not np.isfinite(out).all():  # a diverged model: NaN or inf weights
+            return P.CanaryDone(dataset=msg.dataset, pairs=n, max_abs_diff=float("nan"), tolerance=0.0, auc=None,
+                                error=f"non-finite predictions on {int((~np.isfinite(out)).sum())} of {n} canary pairs")
         labels = np.asarray(ds.labels[:n])
         auc = roc_auc(labels, out) if 0 < labels.sum() < n else None
         diff, tolerance = 0.0, float("inf")
@@ -63,9 +66,6 @@ def run_canary(backend: EngineBackend, spec: P.EngineSpec, datasets: dict[str, s
             diff = float(np.abs(out - want).max()) if n else 0.0
             precision = spec.gpu_mlp_precision if spec.kind is P.EngineKind.CUDA else None
             tolerance = TOLERANCE[(spec.kind, precision)]
-        if not np.isfinite(out).all():
-            return P.CanaryDone(dataset=msg.dataset, pairs=n, max_abs_diff=float("nan"), tolerance=tolerance,
-                                auc=None, error=f"non-finite predictions on {n} canary pairs")
         return P.CanaryDone(dataset=msg.dataset, pairs=n, max_abs_diff=diff, tolerance=tolerance, auc=auc)
     except Exception as exc:
         return P.CanaryDone(dataset=msg.dataset, pairs=0, max_abs_diff=float("nan"), tolerance=0.0, auc=None,

@@ -41,9 +41,29 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data[len(data) // 2] ^= 0x55  # one byte of one row: the sampled checksum must see it
     emb.write_bytes(bytes(data))
     out["bad"] = bad
+    out["nan"] = _nan_artifact(d / "nan")
     out["ds"] = make_dataset(d / "ds", np.random.default_rng(1).integers(1, 40, size=300), seed=4,
                              table_rows=CONFIG.table_rows)
     return out
+
+
+def _nan_artifact(d: Path) -> Path:
+    """A model whose training diverged: NaN in a top-MLP weight. Its files are sound (checksums, shape);
+    only its predictions show it, which the reload's canary must catch."""
+    import torch
+
+    from engines.model import random_state_dict
+    from formats.frequencies import write_row_frequencies
+    from prepare.convert import convert
+
+    d.mkdir(parents=True)
+    state = random_state_dict(CONFIG, seed=8)
+    state["top_l.2.weight"][3, 5] = float("nan")
+    torch.save(state, d / "ckpt.pt")
+    write_row_frequencies(d / "f.bin", [np.random.default_rng(t).random(r).astype(np.float32)
+                                        for t, r in enumerate(CONFIG.table_rows)])
+    convert(d / "ckpt.pt", d / "art", d / "f.bin")
+    return d / "art"
 
 
 def _free_port() -> int:
@@ -151,6 +171,7 @@ def test_a_bad_new_model_is_refused_and_the_old_one_serves_on(models: dict[str, 
         cases = [
             ({"model": f'"{models["bad"]}"'}, "bad checksum"),
             ({"model": f'"{models["small"]}"'}, "another shape"),
+            ({"model": f'"{models["nan"]}"'}, "non-finite predictions"),
             ({"model": f'"{models["a"]}"', "max_batch_pairs": "1024"}, "need a restart"),
             ({"model": f'"{models["a"]}/missing"', "max_batch_pairs": "512"}, "configuration"),
         ]
@@ -173,3 +194,86 @@ def test_a_bad_new_model_is_refused_and_the_old_one_serves_on(models: dict[str, 
         assert d.terminate() == 0, d.log()[-3000:]
     finally:
         d.close()
+
+
+def _probe(d: DaemonProc, ds: Dataset, seen: list[tuple[str, np.ndarray, np.ndarray]], stop: threading.Event) -> None:
+    """A client asking all along, recording which model answered what (any error fails the test)."""
+    rng = np.random.default_rng(3)
+    with d.client(120) as c:
+        while not stop.is_set():
+            ids = rng.integers(0, ds.num_samples, size=3)
+            preds = c.infer_by_ref("ds", ids)
+            seen.append((preds.model, ids, np.array(preds)))
+            time.sleep(0.02)
+
+
+def _check_models(models: dict[str, Path], ds: Dataset, seen: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """Every reply equals the reference of the model it names (one model per query)."""
+    refs = {model_id(str(models[k])): Int8Reference(Artifact.open(models[k]), 1.0) for k in ("a", "b")}
+    off = ds.sample_offsets
+    for m, ids, preds in seen:
+        idx = np.concatenate([np.arange(off[s], off[s + 1]) for s in ids])
+        np.testing.assert_allclose(preds, refs[m].predict(ds.dense[idx], ds.sparse[idx]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("engines", [["cpu", "cpu"], ["cpu"]])
+def test_rolling_reload_engine_by_engine(models: dict[str, Path], engines: list[str]) -> None:
+    """reload_strategy = "rolling": each old engine stops before its replacement loads (for GPUs without
+    room for two models); the others serve meanwhile, and with one engine the queries wait for the new one.
+    Nothing fails, and each reply is one model's."""
+    ds = Dataset.open(models["ds"])
+    b_id = model_id(str(models["b"]))
+    d = DaemonProc({"engines": engines, "model": str(models["a"]), "datasets": {"ds": str(models["ds"])},
+                    "max_batch_pairs": 512, "heartbeat_timeout_s": 5.0, "reload_strategy": "rolling"})
+    seen: list[tuple[str, np.ndarray, np.ndarray]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    try:
+        d.wait_serving(60)
+        prober = threading.Thread(target=guarded(_probe, errors), args=(d, ds, seen, stop))
+        prober.start()
+        wait_for(lambda: len(seen) >= 10, 60, "replies of the first model")
+        r = _reload(d, model=f'"{models["b"]}"')
+        assert r.returncode == 0, r.stdout + r.stderr
+        names = [f"cpu{i}" for i in range(len(engines))]
+        for n in names:
+            assert f"{n} replaced by {n}.m2" in r.stdout, r.stdout
+        wait_for(lambda: sum(m == b_id for m, _, _ in seen) >= 10, 60, "replies of the new model")
+        stop.set()
+        prober.join(60)
+        st = d.status()
+    finally:
+        stop.set()
+        d.close()
+    assert not errors, errors
+    assert sorted((e["name"], e["model"]) for e in st["engines"]) == [(f"{n}.m2", b_id) for n in names]
+    _check_models(models, ds, seen)
+
+
+def test_rolling_reload_of_a_bad_model_puts_the_old_one_back(models: dict[str, Path]) -> None:
+    ds = Dataset.open(models["ds"])
+    a_id = model_id(str(models["a"]))
+    d = DaemonProc({"engines": ["cpu", "cpu"], "model": str(models["a"]), "datasets": {"ds": str(models["ds"])},
+                    "max_batch_pairs": 512, "heartbeat_timeout_s": 5.0, "reload_strategy": "rolling"})
+    seen: list[tuple[str, np.ndarray, np.ndarray]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    try:
+        d.wait_serving(60)
+        prober = threading.Thread(target=guarded(_probe, errors), args=(d, ds, seen, stop))
+        prober.start()
+        wait_for(lambda: len(seen) >= 10, 60, "replies")
+        r = _reload(d, model=f'"{models["nan"]}"')
+        assert r.returncode == 1 and "non-finite predictions" in r.stderr, r.stdout + r.stderr
+        wait_for(lambda: len(d.status()["engines"]) == 2 and all(e["state"] == "ready" and e["model"] == a_id
+                                                                 for e in d.status()["engines"]), 60, "the old model back")
+        n = len(seen)
+        wait_for(lambda: len(seen) >= n + 10, 60, "replies after the rollback")
+        stop.set()
+        prober.join(60)
+    finally:
+        stop.set()
+        d.close()
+    assert not errors, errors
+    assert {m for m, _, _ in seen} == {a_id}  # the bad model never answered
+    _check_models(models, ds, seen)

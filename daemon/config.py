@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import msgspec
 
-from daemon.security import curve_problem, exposure_problem
+from daemon.security import curve_problem, exposure_problem, oip_exposure_problem
 from daemon.precision_plan import PlanError, plan
 from formats.artifact import ArtifactError, read_calibration, read_model_config
 from wire.endpoints import client_endpoint, default_runtime_dir, endpoint_in
@@ -149,11 +149,18 @@ class DaemonConfig:
         "by engine: each old engine stops before its replacement loads; with one engine queries queue meanwhile)"))
     reload_timeout_s: float = field(default=900.0, metadata=_h(
         "a reload whose new engines are not loaded and verified within this fails (the old model serves on)"))
+    oip_http_port: int = field(default=0, metadata=_h(
+        "Open Inference Protocol (KServe v2) REST port of the front end process (oip/: model `oip_model_name`, "
+        "inputs dense/sparse or sample_ids, output probability); 0 = off"))
+    oip_grpc_port: int = field(default=0, metadata=_h("Open Inference Protocol gRPC port of the front end; 0 = off"))
+    oip_host: str = field(default="127.0.0.1", metadata=_h(
+        "address the front end's ports bind; beyond loopback needs allow_remote"))
+    oip_model_name: str = field(default="dlrm", metadata=_h("the model name the front end serves"))
     metrics_host: str = field(default="127.0.0.1", metadata=_h("Prometheus exporter address"))
     metrics_port: int = field(default=0, metadata=_h("Prometheus exporter port; 0 = off"))
     log_level: str = field(default="INFO", metadata=_h("DEBUG, INFO, WARNING or ERROR"))
     allow_remote: bool = field(default=False, metadata=_h(
-        "allow a tcp endpoint or metrics_host beyond loopback (default: loopback / ipc only)"))
+        "allow a tcp endpoint, metrics_host or oip_host beyond loopback (default: loopback / ipc only)"))
     curve_secret_key_file: str = field(default="", metadata=_h(
         "the daemon's CURVE key pair (NAME.key_secret from `dlrm-daemon keygen`): clients must authenticate"))
     curve_authorized_keys_dir: str = field(default="", metadata=_h(
@@ -253,8 +260,13 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
                                            f"{sorted(cfg.datasets)}")
     if not 0.0 <= cfg.embedding_weights_on_gpu_part <= 1.0:
         raise bad("embedding_weights_on_gpu_part", f"must lie in [0, 1], got {cfg.embedding_weights_on_gpu_part}")
-    if not 0 <= cfg.metrics_port <= 65535:
-        raise bad("metrics_port", f"must be a TCP port 0..65535, got {cfg.metrics_port}")
+    for key in ("metrics_port", "oip_http_port", "oip_grpc_port"):
+        if not 0 <= getattr(cfg, key) <= 65535:
+            raise bad(key, f"must be a TCP port 0..65535, got {getattr(cfg, key)}")
+    if (cfg.oip_http_port or cfg.oip_grpc_port) and cfg.oip_http_port == cfg.oip_grpc_port:
+        raise bad("oip_grpc_port", f"must differ from oip_http_port ({cfg.oip_http_port})")
+    if not cfg.oip_model_name or not cfg.oip_model_name.replace("-", "").replace("_", "").isalnum():
+        raise bad("oip_model_name", f"use letters, digits, '-' and '_', got {cfg.oip_model_name!r}")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
     if not cfg.engines:
@@ -287,6 +299,7 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
     if scheme == "ipc" and len(cfg.endpoint[6:]) > _IPC_PATH_MAX:
         raise bad("endpoint", f"ipc path longer than {_IPC_PATH_MAX} bytes (unix socket limit)")
     for problem in (exposure_problem(cfg.endpoint, cfg.metrics_host, cfg.metrics_port, cfg.allow_remote),
+                    oip_exposure_problem(cfg.oip_host, cfg.oip_http_port or cfg.oip_grpc_port, cfg.allow_remote),
                     curve_problem(cfg.curve_secret_key_file, cfg.curve_authorized_keys_dir)):
         if problem is not None:
             raise bad(*problem)

@@ -31,6 +31,7 @@ from daemon.datasets import DatasetRegistry
 from daemon.memory import IdleTrimmer
 from daemon.metrics import DaemonMetrics
 from daemon.model_swap import ModelSwap, reloaded_reply
+from daemon.oip_frontend import OipFrontend
 from daemon.reload_plan import ReloadRefused
 from daemon.peers import PeerWatch
 from daemon.replies import PIPE_HWM, ReplySender, Totals
@@ -219,6 +220,7 @@ class _Serving:
         self.requests = RequestHandler(cfg, datasets, self.scheduler, self.sup, self.replies,
                                        lambda: self.state, self.started_mono, self._on_reload)
         self.swap = ModelSwap(self, reload_config or _load_named, loop)
+        self.oip = OipFrontend(cfg, loop)  # the Open Inference Protocol front end, when configured
         self._reload_requested = False  # SIGHUP: the ticker starts a reload (handlers only record)
         self._trimmer = IdleTrimmer(cfg.malloc_trim_interval_s)  # returns heap freed after bursts to the OS (daemon/memory.py)
         self._io_scheduled = False
@@ -255,6 +257,7 @@ class _Serving:
                          ", ".join(f"{e.name}={e.state}" for e in self.sup.engines))
                 self._notify("ready", self._status_line())
                 self._last_status = self._status_line()
+                self.oip.start()  # a client of ours: once we serve
                 await self._stop.wait()
             await self._drain()
             return ExitCode.OK
@@ -311,6 +314,7 @@ class _Serving:
         self.state = M.DaemonState.DRAINING
         log.info("signal %s: draining (up to %.1f s)", self._signal, self.cfg.drain_timeout_s)
         self._notify("stopping")
+        self.oip.request_stop()  # it takes no new requests; what it sent us is answered below
         deadline = time.monotonic() + self.cfg.drain_timeout_s
         while time.monotonic() < deadline and self.sup.any_serving() and self.scheduler.busy():
             self.scheduler.pump()
@@ -322,6 +326,7 @@ class _Serving:
     def close(self) -> None:
         """Stop the engines and stop watching the client socket (the caller closes it)."""
         self._closed = True
+        self.oip.stop()
         self.sup.stop_all()
         self.loop.remove_reader(fd_of(self.router))
 
@@ -337,6 +342,7 @@ class _Serving:
             if late > self.cfg.heartbeat_timeout_s / 2:
                 log.warning("dispatcher loop stalled for %.2f s (not counted against engines)", late)
             self.sup.poll_exits()
+            self.oip.poll()
             self.sup.check_liveness(now, stalled_s=late if late > _TICK_S else 0.0)
             self._trimmer.tick(now, not self.scheduler.busy())
             self.totals.mark(now)

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from wire import messages as M
 
@@ -21,23 +21,24 @@ ENGINE_MODULE = "engines.process"
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _engine_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The dispatcher's environment, with the directory that holds the engine package first on the
+def _child_env(module: str, env: Mapping[str, str]) -> dict[str, str]:
+    """The dispatcher's environment, with the directory that holds the module's package first on the
     path (found without importing it), so `-m engines.process` imports the same tree."""
     out = dict(env)
-    spec = importlib.util.find_spec(ENGINE_MODULE.split(".")[0])
+    spec = importlib.util.find_spec(module.split(".")[0])
     if spec is not None and spec.origin:
         root = str(Path(spec.origin).resolve().parents[1])
         out["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return out
 
 
-class EngineProcess:
-    """A started engine process. `pidfd` is readable once it has exited (None where unsupported)."""
+class ChildProcess:
+    """A process started as `python -m MODULE` with its spec (a wire struct) as msgpack on stdin.
+    `pidfd` is readable once it has exited (None where unsupported)."""
 
-    def __init__(self, spec: M.EngineSpec, env: Mapping[str, str] | None = None) -> None:
-        self.popen = subprocess.Popen([sys.executable, "-m", ENGINE_MODULE], stdin=subprocess.PIPE,
-                                      env=_engine_env(os.environ if env is None else env), close_fds=True)
+    def __init__(self, module: str, spec: Any, env: Mapping[str, str] | None = None) -> None:
+        self.popen = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
+                                      env=_child_env(module, os.environ if env is None else env), close_fds=True)
         assert self.popen.stdin is not None
         try:
             self.popen.stdin.write(M.encode(spec))
@@ -78,6 +79,13 @@ class EngineProcess:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+class EngineProcess(ChildProcess):
+    """A started engine process (`python -m engines.process`)."""
+
+    def __init__(self, spec: M.EngineSpec, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(ENGINE_MODULE, spec, env)
 
 
 def describe_exit(code: int | None) -> str:

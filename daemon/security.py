@@ -60,6 +60,15 @@ def exposure_problem(endpoint: str, metrics_host: str, metrics_port: int, allow_
     return None
 
 
+def oip_exposure_problem(host: str, port: int, allow_remote: bool) -> tuple[str, str] | None:
+    """(key, message) if the Open Inference Protocol front end would listen beyond loopback without
+    `allow_remote` (it has no authentication of its own: put it behind a gateway or KServe)."""
+    if port and not allow_remote and not host_is_loopback(host):
+        return ("oip_host", f"{host!r} is not a loopback address; set allow_remote = true to expose the Open "
+                            "Inference Protocol front end (it does not authenticate clients)")
+    return None
+
+
 def curve_problem(secret_key_file: str, authorized_dir: str) -> tuple[str, str] | None:
     """(key, message) if the CURVE settings are incomplete or unreadable."""
     if not secret_key_file and not authorized_dir:

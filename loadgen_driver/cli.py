@@ -42,8 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None,
                    help="daemon ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555 (default: the daemon's own default, "
                         f"found as daemon/endpoints.py says; here now {client_endpoint()})")
-    p.add_argument("--backend", choices=("daemon", "null"), default="daemon",
-                   help="null: answer in process at once (LoadGen's own ceiling; no model)")
+    p.add_argument("--backend", choices=("daemon", "oip", "null"), default="daemon",
+                   help="daemon: dlrm-daemon's native ZeroMQ protocol; oip: any Open Inference Protocol (KServe v2) "
+                        "server over gRPC (--url), as the seed's Triton configuration; null: answer in process at "
+                        "once (LoadGen's own ceiling; no model)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="--backend oip: the server's gRPC HOST:PORT")
+    p.add_argument("--oip-model", default="dlrm", help="--backend oip: the model name")
+    p.add_argument("--oip-inputs", choices=("value", "reference"), default="value",
+                   help="--backend oip: send each request's pairs (dense, sparse), or sample_ids into the dataset "
+                        "the server knows by --dataset-name (dlrm-daemon's front end)")
+    p.add_argument("--oip-parameters", default="deadline_s=inf",
+                   help="--backend oip: request parameters (k=v,k=v; empty for none); deadline_s=inf marks "
+                        "throughput work for dlrm-daemon's admission, as the native path does")
     p.add_argument("--user-conf", type=Path, default=None, help="LoadGen user.conf (model name `dlrm`)")
     p.add_argument("--target-qps", type=float, default=None,
                    help="Server target / Offline expected samples per second")
@@ -72,10 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _make_backend(args: argparse.Namespace, offsets: np.ndarray) -> Backend:
+def _make_backend(args: argparse.Namespace, offsets: np.ndarray, dataset: Dataset) -> Backend:
     if args.backend == "null":
         return InProcessBackend(offsets)
     name = args.dataset_name or args.dataset.resolve().name
+    if args.backend == "oip":
+        from loadgen_driver.oip_backend import OipBackend
+
+        params = dict(kv.split("=", 1) for kv in args.oip_parameters.split(",") if kv)
+        return OipBackend(args.url, dataset, name, args.oip_model, args.oip_inputs, timeout_s=min(args.timeout_s, 10.0),
+                          parameters=params)
     return DaemonBackend(args.endpoint or client_endpoint(), name, str(args.dataset.resolve()), timeout_s=min(args.timeout_s, 10.0))
 
 
@@ -104,7 +120,7 @@ def _main(argv: list[str] | None) -> int:
             args.scenario, args.mode, dataset.num_samples, args.target_qps, args.user_conf, args.short,
             None if args.min_duration_s is None else int(args.min_duration_s * 1000),
             args.min_query_count, args.latency_ms))
-        backend = _make_backend(args, offsets)
+        backend = _make_backend(args, offsets, dataset)
     except (SettingsError, DriverBackendError) as exc:
         print(f"loadgen_driver: {exc}", file=sys.stderr)
         return 2

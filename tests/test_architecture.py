@@ -1,7 +1,8 @@
 """The package picture of docs/ARCHITECTURE.md, asserted from the code.
 
 Layers, bottom up: `formats` (numpy only) and `wire` (what crosses a process boundary) at the bottom,
-`kernels` beside them, `engines` (engine processes) and `daemon` (the dispatcher) above, drivers and
+`kernels` beside them, `engines` (engine processes), `daemon` (the dispatcher) and `oip` (its Open Inference
+Protocol front end process, a client of it) above, drivers and
 tools (`loadgen_driver`, `prepare`) on top. A package imports only packages below it (and itself);
 `daemon` and `engines` never import each other (the daemon starts engines by module name). Checked two
 ways: every import statement of every module, function-level ones included (static), and importing
@@ -22,7 +23,7 @@ from formats.artifact import write_model_description
 from formats.model_config import DLRMConfig
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT = ("formats", "wire", "kernels", "engines", "daemon", "loadgen_driver", "prepare")
+PROJECT = ("formats", "wire", "kernels", "engines", "daemon", "oip", "loadgen_driver", "prepare")
 # What each package may import of the project (itself always), and third-party packages it must not.
 ALLOWED: dict[str, set[str]] = {
     "formats": set(),
@@ -30,11 +31,12 @@ ALLOWED: dict[str, set[str]] = {
     "kernels": set(),
     "engines": {"formats", "wire", "kernels"},
     "daemon": {"formats", "wire"},
+    "oip": {"formats", "wire"},  # the Open Inference Protocol front end process: a client of the dispatcher
     "loadgen_driver": {"formats", "wire"},
     "prepare": {"formats", "wire", "kernels", "engines"},
 }
 HEAVY = {"torch", "triton"}
-NO_HEAVY = {"formats", "wire", "daemon", "loadgen_driver"}
+NO_HEAVY = {"formats", "wire", "daemon", "oip", "loadgen_driver"}
 
 
 def _imports(path: Path) -> set[str]:

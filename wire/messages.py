@@ -340,12 +340,25 @@ class EngineSpec(msgspec.Struct, frozen=True):
         return EngineKind.of_device(self.device)
 
 
+class OipSpec(msgspec.Struct, frozen=True):
+    """What the Open Inference Protocol front end process (`python -m oip`) needs, on its stdin."""
+
+    endpoint: str  # the dispatcher's client endpoint: the front end is one of its clients
+    model_name: str
+    host: str  # what its ports bind
+    http_port: int  # 0: no REST server
+    grpc_port: int  # 0: no gRPC server
+    parent_pid: int  # the dispatcher: the front end exits when it is gone
+    log_level: str = "INFO"
+
+
 _ENC = msgspec.msgpack.Encoder()
 encode = _ENC.encode
 request_decoder = msgspec.msgpack.Decoder(Request)
 reply_decoder = msgspec.msgpack.Decoder(Reply)
 control_decoder = msgspec.msgpack.Decoder(Control)
 spec_decoder = msgspec.msgpack.Decoder(EngineSpec)
+oip_spec_decoder = msgspec.msgpack.Decoder(OipSpec)
 _raw_decoder = msgspec.msgpack.Decoder()
 
 

@@ -1,0 +1,123 @@
+"""The driver's backend for any Open Inference Protocol (KServe v2) server, through tritonclient's gRPC client.
+
+As NVIDIA's Triton configuration of the MLPerf harness, each `send` becomes one inference request for model
+`dlrm` (or --oip-model): by value (default; any server) the pairs of the samples as `dense` FP32 [n, 13]
+and `sparse` INT32 [n, 26] from the local dataset, or by reference (`--oip-inputs reference`, this project's
+front end) `sample_ids` INT64 [k] with the request parameter `dataset` naming a dataset registered on the
+daemon. The output `probability` FP32 [n] is the reply. Requests go out with tritonclient's `async_infer`
+from LoadGen's issue thread; its callbacks (tritonclient's threads) queue the replies for `poll`.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+
+from formats.dataset import Dataset
+from formats.pairs import pair_index
+from loadgen_driver.backend import BackendReply, DriverBackendError, Liveness
+
+
+class OipBackend:
+    def __init__(self, url: str, dataset: Dataset, dataset_name: str, model: str = "dlrm",
+                 inputs: str = "value", timeout_s: float = 10.0, parameters: dict[str, Any] | None = None) -> None:
+        try:
+            import tritonclient.grpc as grpcclient
+        except ImportError as exc:
+            raise DriverBackendError(f"--backend oip needs tritonclient (pip install 'dlrm-daemon[oip]'): {exc}") from exc
+        if inputs not in ("value", "reference"):
+            raise DriverBackendError(f"--oip-inputs must be value or reference, got {inputs!r}")
+        self._grpc = grpcclient
+        self.url = url
+        self.model = model
+        self.inputs = inputs
+        self.dataset_name = dataset_name
+        # request parameters of every request (the driver's default, deadline_s=inf, tells dlrm-daemon's front
+        # end that this is throughput work, never refused for latency: LoadGen measures it)
+        self.parameters: dict[str, Any] = dict(parameters or {})
+        self._offsets = np.asarray(dataset.sample_offsets, dtype=np.int64)
+        self._dense = dataset.dense
+        self._sparse = dataset.sparse
+        self._replies: queue.SimpleQueue[BackendReply] = queue.SimpleQueue()
+        self._outstanding = 0
+        self._lock = threading.Lock()
+        try:
+            self._client = grpcclient.InferenceServerClient(url)
+            if not self._client.is_server_live(client_timeout=timeout_s):
+                raise DriverBackendError(f"Open Inference Protocol server at {url} is not live")
+            if not self._client.is_model_ready(model, client_timeout=timeout_s):
+                raise DriverBackendError(f"model {model!r} is not ready at {url}")
+        except DriverBackendError:
+            raise
+        except Exception as exc:  # tritonclient raises InferenceServerException and grpc errors
+            raise DriverBackendError(f"Open Inference Protocol server at {url}: {exc}") from exc
+
+    def load_samples(self, sample_ids: np.ndarray) -> None:
+        pass  # by value the rows travel; by reference the front end loads its dataset itself
+
+    def unload_samples(self, sample_ids: np.ndarray) -> None:
+        pass
+
+    def _request(self, sample_ids: np.ndarray) -> tuple[list[Any], dict[str, Any] | None]:
+        g = self._grpc
+        if self.inputs == "reference":
+            ids = g.InferInput("sample_ids", [len(sample_ids)], "INT64")
+            ids.set_data_from_numpy(np.ascontiguousarray(sample_ids, dtype=np.int64))
+            return [ids], {"dataset": self.dataset_name, **self.parameters}
+        starts = self._offsets[sample_ids]
+        pairs = pair_index(starts, self._offsets[sample_ids + 1] - starts)
+        dense = np.ascontiguousarray(self._dense[pairs], dtype=np.float32)
+        sparse = np.ascontiguousarray(self._sparse[pairs], dtype=np.int32)
+        d = g.InferInput("dense", list(dense.shape), "FP32")
+        d.set_data_from_numpy(dense)
+        s = g.InferInput("sparse", list(sparse.shape), "INT32")
+        s.set_data_from_numpy(sparse)
+        return [d, s], self.parameters or None
+
+    def send(self, request_id: int, sample_ids: np.ndarray) -> None:
+        inputs, parameters = self._request(np.asarray(sample_ids, dtype=np.int64))
+
+        def done(result: Any, error: Any) -> None:
+            with self._lock:
+                self._outstanding -= 1
+            if error is not None:
+                self._replies.put(BackendReply(request_id, None, f"{type(error).__name__}: {error}"))
+            else:
+                self._replies.put(BackendReply(request_id, result.as_numpy("probability")))
+
+        with self._lock:
+            self._outstanding += 1
+        try:
+            self._client.async_infer(self.model, inputs, done, request_id=str(request_id), parameters=parameters,
+                                     outputs=[self._grpc.InferRequestedOutput("probability")])
+        except Exception as exc:
+            with self._lock:
+                self._outstanding -= 1
+            self._replies.put(BackendReply(request_id, None, f"send failed: {exc}"))
+
+    def poll(self, timeout_ms: int) -> list[BackendReply]:
+        try:
+            first = self._replies.get(timeout=timeout_ms / 1000.0)
+        except queue.Empty:
+            return []
+        out = [first]
+        try:
+            while True:
+                out.append(self._replies.get_nowait())
+        except queue.Empty:
+            return out
+
+    def liveness(self, timeout_s: float) -> Liveness:
+        with self._lock:
+            busy = self._outstanding > 0
+        try:
+            ready = bool(self._client.is_model_ready(self.model, client_timeout=timeout_s))
+        except Exception as exc:
+            return Liveness(False, False, f"Open Inference Protocol server at {self.url}: {exc}")
+        return Liveness(ready, busy, f"model {self.model} {'ready' if ready else 'not ready'}, "
+                                     f"{self._outstanding} requests outstanding")
+
+    def close(self) -> None:
+        self._client.close()

@@ -64,6 +64,21 @@ class Backend(Protocol):
         """Release sockets and threads."""
 
 
+def drain(replies: "queue.SimpleQueue[BackendReply]", timeout_ms: int) -> list[BackendReply]:
+    """Every reply queued now, waiting up to `timeout_ms` for the first (for backends whose replies
+    arrive on other threads)."""
+    try:
+        first = replies.get(timeout=timeout_ms / 1000.0)
+    except queue.Empty:
+        return []
+    out = [first]
+    try:
+        while True:
+            out.append(replies.get_nowait())
+    except queue.Empty:
+        return out
+
+
 class InProcessBackend:
     """Answers every request at once, in process.
 
@@ -98,16 +113,7 @@ class InProcessBackend:
         self._replies.put(BackendReply(request_id, ((pairs * 2654435761) % 1000003 / 1000003.0).astype(np.float32)))
 
     def poll(self, timeout_ms: int) -> list[BackendReply]:
-        try:
-            first = self._replies.get(timeout=timeout_ms / 1000.0)
-        except queue.Empty:
-            return []
-        out = [first]
-        try:
-            while True:
-                out.append(self._replies.get_nowait())
-        except queue.Empty:
-            return out
+        return drain(self._replies, timeout_ms)
 
     def liveness(self, timeout_s: float) -> Liveness:
         return Liveness(True, not self._replies.empty(), "in process")

@@ -17,7 +17,7 @@ import numpy as np
 
 from formats.dataset import Dataset
 from formats.pairs import pair_index
-from loadgen_driver.backend import BackendReply, DriverBackendError, Liveness
+from loadgen_driver.backend import BackendReply, DriverBackendError, Liveness, drain
 
 
 class OipBackend:
@@ -98,16 +98,7 @@ class OipBackend:
             self._replies.put(BackendReply(request_id, None, f"send failed: {exc}"))
 
     def poll(self, timeout_ms: int) -> list[BackendReply]:
-        try:
-            first = self._replies.get(timeout=timeout_ms / 1000.0)
-        except queue.Empty:
-            return []
-        out = [first]
-        try:
-            while True:
-                out.append(self._replies.get_nowait())
-        except queue.Empty:
-            return out
+        return drain(self._replies, timeout_ms)
 
     def liveness(self, timeout_s: float) -> Liveness:
         with self._lock:

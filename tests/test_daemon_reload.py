@@ -3,6 +3,7 @@ nothing and answers every query once, naming the model that computed it; a bad n
 with its reason while the old one serves on."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -102,15 +104,6 @@ def test_reload_during_a_loadgen_server_run(models: dict[str, Path], tmp_path: P
     errors: list[str] = []
     stop = threading.Event()
 
-    def probe() -> None:  # a second client beside LoadGen, recording which model answered what
-        rng = np.random.default_rng(3)
-        with d.client(60) as c:
-            while not stop.is_set():
-                ids = rng.integers(0, ds.num_samples, size=3)
-                preds = c.infer_by_ref("ds", ids)
-                seen.append((preds.model, ids, np.array(preds)))
-                time.sleep(0.05)
-
     try:
         d.wait_serving(60)
         # 60 queries/s for 12 s (720 queries: enough for LoadGen's early stopping) of ~20 pairs each. The
@@ -122,7 +115,7 @@ def test_reload_during_a_loadgen_server_run(models: dict[str, Path], tmp_path: P
              "--min-query-count", "700", "--latency-ms", "2000", "--quiet", "--output-dir", str(tmp_path / "o")],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
-        prober = threading.Thread(target=guarded(probe, errors))
+        prober = threading.Thread(target=guarded(_probe, errors), args=(d, ds, seen, stop))  # beside LoadGen
         prober.start()
         wait_for(lambda: len(seen) >= 20, 60, "replies of the first model")
         done = _reload(d, model=f'"{models["b"]}"')
@@ -146,11 +139,7 @@ def test_reload_during_a_loadgen_server_run(models: dict[str, Path], tmp_path: P
     names = [m for m, _, _ in seen]
     switch = names.index(b_id)
     assert set(names[:switch]) == {a_id} and set(names[switch:]) == {b_id}, names
-    refs = {a_id: Int8Reference(Artifact.open(models["a"]), 1.0), b_id: Int8Reference(Artifact.open(models["b"]), 1.0)}
-    off = ds.sample_offsets
-    for m, ids, preds in seen:
-        idx = np.concatenate([np.arange(off[s], off[s + 1]) for s in ids])
-        np.testing.assert_allclose(preds, refs[m].predict(ds.dense[idx], ds.sparse[idx]), rtol=1e-5, atol=1e-6)
+    _check_models(models, ds, seen)
     assert [(e["name"], e["role"], e["model"]) for e in st["engines"]] == [("cpu0.m2", "active", b_id)]
     assert st["model"] == b_id and ok == 1 and build == 1
 
@@ -216,64 +205,55 @@ def _check_models(models: dict[str, Path], ds: Dataset, seen: list[tuple[str, np
         np.testing.assert_allclose(preds, refs[m].predict(ds.dense[idx], ds.sparse[idx]), rtol=1e-5, atol=1e-6)
 
 
+@contextlib.contextmanager
+def _serving_with_probe(models: dict[str, Path], engines: list[str],
+                        **config: Any) -> Iterator[tuple[DaemonProc, list[tuple[str, np.ndarray, np.ndarray]]]]:
+    """A daemon on model a, a probing client asking all along (its replies in the list), both stopped after."""
+    d = DaemonProc({"engines": engines, "model": str(models["a"]), "datasets": {"ds": str(models["ds"])},
+                    "max_batch_pairs": 512, "heartbeat_timeout_s": 5.0, **config})
+    seen: list[tuple[str, np.ndarray, np.ndarray]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    prober = threading.Thread(target=guarded(_probe, errors), args=(d, Dataset.open(models["ds"]), seen, stop))
+    try:
+        d.wait_serving(60)
+        prober.start()
+        wait_for(lambda: len(seen) >= 10, 60, "replies of the first model")
+        yield d, seen
+    finally:
+        stop.set()
+        if prober.is_alive():
+            prober.join(60)
+        d.close()
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("engines", [["cpu", "cpu"], ["cpu"]])
 def test_rolling_reload_engine_by_engine(models: dict[str, Path], engines: list[str]) -> None:
     """reload_strategy = "rolling": each old engine stops before its replacement loads (for GPUs without
     room for two models); the others serve meanwhile, and with one engine the queries wait for the new one.
     Nothing fails, and each reply is one model's."""
-    ds = Dataset.open(models["ds"])
     b_id = model_id(str(models["b"]))
-    d = DaemonProc({"engines": engines, "model": str(models["a"]), "datasets": {"ds": str(models["ds"])},
-                    "max_batch_pairs": 512, "heartbeat_timeout_s": 5.0, "reload_strategy": "rolling"})
-    seen: list[tuple[str, np.ndarray, np.ndarray]] = []
-    errors: list[str] = []
-    stop = threading.Event()
-    try:
-        d.wait_serving(60)
-        prober = threading.Thread(target=guarded(_probe, errors), args=(d, ds, seen, stop))
-        prober.start()
-        wait_for(lambda: len(seen) >= 10, 60, "replies of the first model")
+    names = [f"cpu{i}" for i in range(len(engines))]
+    with _serving_with_probe(models, engines, reload_strategy="rolling") as (d, seen):
         r = _reload(d, model=f'"{models["b"]}"')
         assert r.returncode == 0, r.stdout + r.stderr
-        names = [f"cpu{i}" for i in range(len(engines))]
         for n in names:
             assert f"{n} replaced by {n}.m2" in r.stdout, r.stdout
         wait_for(lambda: sum(m == b_id for m, _, _ in seen) >= 10, 60, "replies of the new model")
-        stop.set()
-        prober.join(60)
         st = d.status()
-    finally:
-        stop.set()
-        d.close()
-    assert not errors, errors
     assert sorted((e["name"], e["model"]) for e in st["engines"]) == [(f"{n}.m2", b_id) for n in names]
-    _check_models(models, ds, seen)
+    _check_models(models, Dataset.open(models["ds"]), seen)
 
 
 def test_rolling_reload_of_a_bad_model_puts_the_old_one_back(models: dict[str, Path]) -> None:
-    ds = Dataset.open(models["ds"])
     a_id = model_id(str(models["a"]))
-    d = DaemonProc({"engines": ["cpu", "cpu"], "model": str(models["a"]), "datasets": {"ds": str(models["ds"])},
-                    "max_batch_pairs": 512, "heartbeat_timeout_s": 5.0, "reload_strategy": "rolling"})
-    seen: list[tuple[str, np.ndarray, np.ndarray]] = []
-    errors: list[str] = []
-    stop = threading.Event()
-    try:
-        d.wait_serving(60)
-        prober = threading.Thread(target=guarded(_probe, errors), args=(d, ds, seen, stop))
-        prober.start()
-        wait_for(lambda: len(seen) >= 10, 60, "replies")
+    with _serving_with_probe(models, ["cpu", "cpu"], reload_strategy="rolling") as (d, seen):
         r = _reload(d, model=f'"{models["nan"]}"')
         assert r.returncode == 1 and "non-finite predictions" in r.stderr, r.stdout + r.stderr
         wait_for(lambda: len(d.status()["engines"]) == 2 and all(e["state"] == "ready" and e["model"] == a_id
                                                                  for e in d.status()["engines"]), 60, "the old model back")
         n = len(seen)
         wait_for(lambda: len(seen) >= n + 10, 60, "replies after the rollback")
-        stop.set()
-        prober.join(60)
-    finally:
-        stop.set()
-        d.close()
-    assert not errors, errors
     assert {m for m, _, _ in seen} == {a_id}  # the bad model never answered
-    _check_models(models, ds, seen)
+    _check_models(models, Dataset.open(models["ds"]), seen)

@@ -8,6 +8,7 @@
 #                                          # its stage times, a higher fp8 Server sweep
 #   bash bench/device_checks.sh probe      # issue 13 round 2: each stage's candidates (bench/stage_probe.py),
 #                                          # the GPU tests, the trained model's accuracy per profile
+#   bash bench/device_checks.sh probe2     # issue 13 round 3: stage_probe, the whole GPU suite, syscall tools
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -182,6 +183,18 @@ round2)
   accuracy_run var/trained/art var/trained/test100k_ds 99 "$fp32_trained" trained_99
   sed -n '/== engine summary/,$p' "$OUT/engine.log"
   ;;
+probe2)
+  # issue 13 round 3, call 1: each stage's candidates (bench/stage_probe.py: launch shapes, nvmath autotune,
+  # per-layer times), the whole GPU test suite, and what the image offers for a syscall filter (issue 14)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  for t in strace perf systemd-analyze systemd-run bwrap; do printf "%s: %s\n" $t "$(command -v $t || echo none)"; done
+  ls /usr/lib/x86_64-linux-gnu/ 2>/dev/null | grep -E "libseccomp" | head -3
+  grep -E "^(Seccomp|NoNewPrivs|CapEff)" /proc/self/status
+  timeout 240 python3 bench/stage_probe.py --out "$OUT/stages.json" > "$OUT/stages.log" 2>&1; echo "probe exit $?"
+  sed -n '/== summary ==/,$p' "$OUT/stages.log"
+  timeout 260 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -6
+  ;;
 reload)
   # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another
   # model id) in the middle of a Server run at about 80% of the fp8 capacity (docs/RELIABILITY.md)
@@ -195,5 +208,5 @@ reload)
     --out "$OUT/reload.json" 2>&1 | tail -25
   ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|headline|round2|reload" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|headline|round2|reload" >&2; exit 2 ;;
 esac

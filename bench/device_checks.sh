@@ -9,6 +9,8 @@
 #   bash bench/device_checks.sh probe      # issue 13 round 2: each stage's candidates (bench/stage_probe.py),
 #                                          # the GPU tests, the trained model's accuracy per profile
 #   bash bench/device_checks.sh probe2     # issue 13 round 3: stage_probe, the whole GPU suite, syscall tools
+#   bash bench/device_checks.sh round3a    # issue 13 round 3: GPU tests, stage probe, engine before/now, trained acc.
+#   bash bench/device_checks.sh round3b    # then: full-size Offline/Server, reload under load (16), OIP (17)
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -195,6 +197,48 @@ probe2)
   sed -n '/== summary ==/,$p' "$OUT/stages.log"
   timeout 260 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -6
   ;;
+round3a)
+  # issue 13 round 3, call 1 of 2: the new kernels' GPU tests, the stage probe (top MLP with the fused tail,
+  # gather launch shapes), the engine before (.before/, the last landed tree) and now with the plain PyTorch
+  # baseline, and the trained model's accuracy in fp8 (carried: var/trained/*). Full-size data is made
+  # meanwhile in its own session for round3b on the same warm machine.
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_mlp_tail.py tests/test_fp8_top_mlp.py \
+    tests/test_kernels.py tests/test_gpu_backend.py tests/test_bottom_mlp.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  timeout 90 python3 bench/stage_probe.py --stages top,gather --out "$OUT/stages.json" > "$OUT/stages.log" 2>&1
+  sed -n '/== summary ==/,$p' "$OUT/stages.log"
+  timeout 150 python3 bench/bench_engine.py --scale 0.05 --pairs 600000 --parts 1.0 --mlp fp16,fp8 --before \
+    --batches 262144 --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1; echo "engine exit $?"
+  sed -n '/== engine summary/,$p' "$OUT/engine.log"
+  grep -E "rror" "$OUT/engine.log" | tail -3
+  fp32_trained=$(cat var/trained/fp32_auc.txt)
+  accuracy_run var/trained/art var/trained/test100k_ds 99 "$fp32_trained" trained_99
+  ;;
+round3b)
+  # issue 13 round 3, call 2 of 2 (the machine of round3a, still warm: its full-size data in /dev/shm):
+  # full-size Offline in both arithmetics, an fp8 Server sweep; issue 16's reload under load; issue 17's
+  # front end beside the native path (carried: .whl_oip, the kserve and tritonclient wheels)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_oip/*.whl \
+    > /dev/null 2>&1 || echo "oip wheels did not install"
+  for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
+  tail -1 /tmp/fs.log | cut -c1-200
+  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
+    | tail -1
+  for mlp in fp8 fp16; do
+    timeout 55 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp $mlp --target-qps 700000 \
+      --duration-s 10 --out "$OUT/e2e_offline_$mlp.json" 2>&1 | tail -1
+  done
+  timeout 75 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 --scenario Server \
+    --target-qps 460000,520000,580000 --duration-s 8 --out "$OUT/e2e_server_fp8.json" 2>&1 | tail -4
+  cp -r $FS/artifact $FS/artifact_b
+  timeout 130 python3 bench/bench_reload.py --artifact $FS/artifact --new-artifact $FS/artifact_b --dataset $FS/dataset \
+    --engines cuda:0 --mlp fp8 --target-qps "${RELOAD_QPS:-360000}" --duration-s 40 --reload-after-s 12 \
+    --out "$OUT/reload.json" 2>&1 | tail -12
+  timeout 150 python3 bench/bench_oip.py --artifact $FS/artifact --dataset $FS/dataset --engines cuda:0 --mlp fp8 \
+    --paths native,oip-reference --offline-qps 600000 --server-qps 150000,300000 --duration-s 8 \
+    --out "$OUT/oip.json" 2>&1 | tail -9
+  ;;
 reload)
   # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another
   # model id) in the middle of a Server run at about 80% of the fp8 capacity (docs/RELIABILITY.md)
@@ -208,5 +252,5 @@ reload)
     --out "$OUT/reload.json" 2>&1 | tail -25
   ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|headline|round2|reload" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|headline|round2|reload" >&2; exit 2 ;;
 esac

@@ -129,7 +129,8 @@ class Fp8TopMlpRunner:
     `forward(x0, pred, stream)` computes predictions for the rows of x0 (a view of a preallocated fp8
     buffer: its pointer must be the same at every call for a given row count, as in the engine)."""
 
-    def __init__(self, q: Fp8TopMlp, max_rows: int, device: torch.device, autotune_rows: int | None = None) -> None:
+    def __init__(self, q: Fp8TopMlp, max_rows: int, device: torch.device, autotune_rows: int | None = None,
+                 fused_tail: bool = True) -> None:
         try:
             import nvmath  # noqa: F401  (an optional GPU extra)
         except ImportError as exc:
@@ -147,6 +148,14 @@ class Fp8TopMlpRunner:
         self._b_last = torch.zeros(16, dtype=torch.float32, device=device)
         self._b_last[0] = self.q.final_bias
         self._plans: dict[int, list[Any]] = {}
+        # The last GEMM layer and the 1-wide layer in one Triton kernel (kernels/fp8_mlp_tail.py): the
+        # bf16 [M, 256] hidden output never goes to device memory. Where its shape does not fit the
+        # kernel (N a power of two, K a multiple of 128), the cuBLASLt chain does both.
+        n_tail, k_tail = (int(v) for v in self.q.weights[-1].shape)
+        self.fused_tail = (fused_tail and len(self.q.weights) > 1 and n_tail & (n_tail - 1) == 0
+                           and k_tail % 128 == 0)
+        self._tail_scale = torch.tensor([self.q.x_scales[-1] * self.q.w_scales[-1]], dtype=torch.float32,
+                                        device=device)
         # From this many rows up, each layer's plan times cuBLASLt's candidate algorithms once and keeps
         # the fastest (nvmath's autotune; a few ms a layer), instead of taking the heuristic's first.
         self.autotune_rows = autotune_rows
@@ -164,7 +173,7 @@ class Fp8TopMlpRunner:
         mms: list[Any] = []
         b: torch.Tensor = x0.t()  # column-major [K0, m]
         last = len(q.weights) - 1
-        for i, w in enumerate(q.weights):
+        for i, w in enumerate(q.weights[:last] if self.fused_tail else q.weights):
             n_out = int(w.shape[0])
             fp8_out = i < last
             scales = {"a": q.w_scales[i], "b": q.x_scales[i]}
@@ -178,6 +187,8 @@ class Fp8TopMlpRunner:
             mms.append(mm)
             # the next layer's B: this layer's output, column-major [n_out, m] (a stand-in until run)
             b = torch.empty((m, n_out), dtype=E4M3 if fp8_out else torch.bfloat16, device=self.device).t()
+        if self.fused_tail:
+            return mms
         mm = Matmul(self._w_last, b, options=MatmulOptions(result_type=cuda.CUDA_R_32F))
         mm.plan(epilog=MatmulEpilog.BIAS, epilog_inputs={"bias": self._b_last})
         mms.append(mm)
@@ -192,6 +203,13 @@ class Fp8TopMlpRunner:
         for mm in mms[1:]:
             mm.reset_operands(b=y)
             y = mm.execute(stream=stream)
+        if self.fused_tail:
+            from kernels.fp8_mlp_tail import fp8_mlp_tail
+            q = self.q
+            with torch.cuda.stream(stream):  # y: the last fp8 layer's output, column-major [K, m]
+                fp8_mlp_tail(y.t(), q.weights[-1], self._tail_scale, q.biases[-1], q.final_weight, q.final_bias,
+                             pred[:m])
+            return
         torch.sigmoid(y[0], out=pred[:m])  # row 0 of the 16-row last layer; its bias is in the epilogue
 
     def close(self) -> None:

@@ -290,7 +290,7 @@ def gather_interaction(
     cold: torch.Tensor | None,
     out: torch.Tensor,
     counts: torch.Tensor | None = None,
-    pairs_per_program: int = 2,
+    pairs_per_program: int | None = None,
     pairs_per_tile: int = 1,
     num_warps: int = 1,
     out_scale: torch.Tensor | None = None,
@@ -306,7 +306,9 @@ def gather_interaction(
     read nothing; the caller must treat the batch as failed), counts[2:] += hot lookups (read_counts).
     With row_position None, `sparse` already holds file positions (kernels.pair_rows.remap_ids, which
     checked them): the kernel skips the remap load and the table bounds check (counts[1] stays as is).
-    Defaults: the fastest variant measured on an H200 (docs/GPU_NOTES.md).
+    Defaults: the fastest variant measured (docs/GPU_NOTES.md): the int8 Gram kernel with one pair per
+    program and one warp (0.526 ms for 262,144 pairs on an H100, against 0.704 ms with two pairs per
+    program: bench/stage_probe.py, 2026-12-07); the "half" kernel with two pairs per program.
     `out_scale` (fp32 [1] on the device, 1 / the output's scale) writes `out` in float8 e4m3 (the fp8 top
     MLP's input): every value is multiplied by it and saturated at +-448 before rounding.
     `gram`: "int8" takes the Gram tile on the int8 matrix units in exact integer arithmetic (rows never
@@ -340,6 +342,8 @@ def gather_interaction(
         raise TypeError("hot and cold rows must be contiguous int8 [rows, D]")
     if counts is not None and (counts.dtype != torch.int64 or counts.numel() != 2 + COUNT_SLOTS):
         raise TypeError(f"counts must be int64 [{2 + COUNT_SLOTS}] (new_counts())")
+    if pairs_per_program is None:
+        pairs_per_program = 1 if gram == "int8" else 2
     if B == 0:
         return out
     np_ = max(16, triton.next_power_of_2(T + 1))

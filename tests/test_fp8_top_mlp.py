@@ -108,7 +108,8 @@ def test_demo_fp8_keeps_99_of_fp32_auc(demo_data, tmp_path: Path,  # type: ignor
 
 
 @pytest.mark.gpu
-def test_cublaslt_chain_matches_reference_eager_and_in_a_graph() -> None:
+@pytest.mark.parametrize("fused_tail", [True, False])
+def test_cublaslt_chain_matches_reference_eager_and_in_a_graph(fused_tail: bool) -> None:
     from engines.fp8_top_mlp import Fp8TopMlpRunner
 
     pytest.importorskip("nvmath")
@@ -120,7 +121,8 @@ def test_cublaslt_chain_matches_reference_eager_and_in_a_graph() -> None:
     q = quantize_fp8_top_mlp(mlp, _amax(mlp, x))
     x0 = quantize_top_input(q, x)
     want = fp8_top_mlp_reference(q, x0)
-    runner = Fp8TopMlpRunner(q, m, dev)
+    runner = Fp8TopMlpRunner(q, m, dev, fused_tail=fused_tail)
+    assert runner.fused_tail == fused_tail  # the DLRM widths (512 -> 256 -> 1) fit the fused tail kernel
     buf = torch.zeros((m, q.in_width_padded), dtype=E4M3, device=dev)
     buf.copy_(x0.to(dev))
     pred = torch.full((m,), float("nan"), device=dev)

@@ -22,6 +22,7 @@ import ctypes.util
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -126,6 +127,8 @@ def _run(mode: str, allowed: list[str], cmd: list[str], pid_file: Path | None) -
         finally:
             os._exit(98)
     child_sock.close()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a service manager signals us: pass it on
+        signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
     if pid_file is not None:
         pid_file.write_text(f"{pid}\n")
     _, fds, _, _ = socket.recv_fds(parent_sock, 1, 1)
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps({"exit_code": code, "outside": dict(seen)}, indent=1))
     print(f"command exit code {code} under the {args.mode} filter", file=sys.stderr)
-    return code
+    return code if code >= 0 else 128 - code  # killed by a signal: 128 + its number, as a shell says
 
 
 if __name__ == "__main__":

@@ -81,9 +81,10 @@ class DaemonProc:
     """A `python -m daemon.cli` subprocess with its own short runtime dir (unix socket path limit)."""
 
     def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None,
-                 default_runtime_dir: bool = False) -> None:
+                 default_runtime_dir: bool = False, wrapper: list[str] | None = None) -> None:
         """`default_runtime_dir`: configure no runtime_dir; the daemon takes its default, under
-        XDG_RUNTIME_DIR = our temp dir (see `client_env`)."""
+        XDG_RUNTIME_DIR = our temp dir (see `client_env`). `wrapper`: a command line the daemon's
+        command is appended to (it must exec or run it, e.g. bench/syscall_audit.py enforce --)."""
         self.rt = tempfile.mkdtemp(prefix="dlrmt-", dir="/tmp")
         cfg = {"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 0.8, "restart_backoff_s": 0.2, **config}
         if not default_runtime_dir:
@@ -101,7 +102,8 @@ class DaemonProc:
         self.client_env["PYTHONPATH"] = path
         self.log_path = Path(self.rt) / "daemon.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([*(wrapper or []), sys.executable, "-m", "daemon.cli", "--config",
+                                      str(self.config_path)],
                                      cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_serving(self, timeout_s: float = 30.0) -> dict:

@@ -11,6 +11,7 @@
 #   bash bench/device_checks.sh probe2     # issue 13 round 3: stage_probe, the whole GPU suite, syscall tools
 #   bash bench/device_checks.sh round3a    # issue 13 round 3: GPU tests, stage probe, engine before/now, trained acc.
 #   bash bench/device_checks.sh round3b    # then: full-size Offline/Server, reload under load (16), OIP (17)
+#   bash bench/device_checks.sh round3c    # the fused tail in a graph, e2e fp8 before/now, null-engine ceiling
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -239,6 +240,31 @@ round3b)
     --paths native,oip-reference --offline-qps 600000 --server-qps 150000,300000 --duration-s 8 \
     --out "$OUT/oip.json" 2>&1 | tail -9
   ;;
+round3c)
+  # issue 13 round 3, call 3: the fused tail's GPU test and its cost inside a CUDA graph; full-size fp8
+  # Offline end to end before (.before/) and now on one machine; the front end's ceiling with N null
+  # engines on this 16-core host (issues 15 and 18)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_mlp_tail.py tests/test_fp8_top_mlp.py \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -3
+  timeout 80 python3 bench/stage_probe.py --stages top --out "$OUT/stages_top.json" > "$OUT/stages_top.log" 2>&1
+  sed -n '/== summary ==/,$p' "$OUT/stages_top.log"
+  for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
+  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
+    | tail -1
+  for tree in .before . .before .; do
+    timeout 55 python3 $tree/bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
+      --target-qps 700000 --duration-s 10 --out "$OUT/e2e_fp8_$(basename $(realpath $tree))_$RANDOM.json" 2>&1 \
+      | tail -1 | sed "s|^|$tree |"
+  done
+  for n in 1 2 4 8; do
+    engines=$(python3 -c "print(','.join(['null'] * $n))")
+    timeout 75 python3 bench/bench_oip.py --dataset $FS/dataset --engines "$engines" --paths native \
+      --offline-qps 3000000 --server-qps 600000,900000,1200000 --duration-s 5 --out "$OUT/null_$n.json" 2>&1 \
+      | tail -4 | sed "s|^|null x$n: |"
+  done
+  ;;
 reload)
   # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another
   # model id) in the middle of a Server run at about 80% of the fp8 capacity (docs/RELIABILITY.md)
@@ -252,5 +278,5 @@ reload)
     --out "$OUT/reload.json" 2>&1 | tail -25
   ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|headline|round2|reload" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|headline|round2|reload" >&2; exit 2 ;;
 esac

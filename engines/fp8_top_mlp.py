@@ -22,6 +22,7 @@ layer's Matmul during the capture (reset_operands only changes host-side pointer
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -30,6 +31,10 @@ import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+# nvmath logs each plan's specification at INFO to the logger it is given (the root logger by default):
+# some thirty lines per layer and graph size at every engine start. Ours passes only its warnings on.
+NVMATH_LOG = logging.getLogger("dlrm.engine.nvmath")
+NVMATH_LOG.setLevel(logging.WARNING)
 
 
 class Fp8MlpError(ValueError):
@@ -179,7 +184,7 @@ class Fp8TopMlpRunner:
             scales = {"a": q.w_scales[i], "b": q.x_scales[i]}
             if fp8_out:
                 scales["d"] = 1.0 / q.x_scales[i + 1]
-            opts = MatmulOptions(result_type=cuda.CUDA_R_8F_E4M3 if fp8_out else cuda.CUDA_R_16BF)
+            opts = MatmulOptions(result_type=cuda.CUDA_R_8F_E4M3 if fp8_out else cuda.CUDA_R_16BF, logger=NVMATH_LOG)
             mm = Matmul(w, b, c=self._c_view(n_out, m), beta=0.0, quantization_scales=scales, options=opts)
             mm.plan(epilog=MatmulEpilog.RELU_BIAS, epilog_inputs={"bias": q.biases[i]})
             if self.autotune_rows is not None and m >= self.autotune_rows:
@@ -189,7 +194,7 @@ class Fp8TopMlpRunner:
             b = torch.empty((m, n_out), dtype=E4M3 if fp8_out else torch.bfloat16, device=self.device).t()
         if self.fused_tail:
             return mms
-        mm = Matmul(self._w_last, b, options=MatmulOptions(result_type=cuda.CUDA_R_32F))
+        mm = Matmul(self._w_last, b, options=MatmulOptions(result_type=cuda.CUDA_R_32F, logger=NVMATH_LOG))
         mm.plan(epilog=MatmulEpilog.BIAS, epilog_inputs={"bias": self._b_last})
         mms.append(mm)
         return mms

@@ -30,10 +30,16 @@ def _check(rows: int, k: int, n: int, device: str, **launch: int) -> None:
     fp8_mlp_tail(x, w, torch.tensor([scale], device=device), bias, w_last, b_last, out[:rows], **launch)
     ref = fp8_mlp_tail_reference(x, w, scale, bias, w_last, b_last)
     assert not torch.isnan(out[:rows]).any() and torch.isnan(out[rows])  # every row written, none past the end
-    # the same products summed in another order, then one bf16 rounding of the hidden layer: a bf16 step
-    # (2^-8 relative) on an odd hidden value moves a prediction by far less than 1e-3
-    diff = (out[:rows] - ref).abs().max().item()
-    assert diff < 1e-3, diff
+    # The same products summed in another order: exact in fp32 but for the last bits, which decide the
+    # bf16 rounding of a hidden value lying at a rounding boundary (a flip: one bf16 step, 2^-8 relative).
+    # A flip moves a prediction by at most sigmoid' (1/4) x |w_last| x one step; at 262,144 rows x 256 some
+    # rows see two flips (measured 1.26e-3 against a single-flip budget of ~8e-4 on an H200). Allow three in
+    # a row, and nearly none on average.
+    hidden_max = float(torch.relu((x.float() @ w.float().t()) * scale + bias.float()).max())
+    one_flip = 0.25 * float(w_last.abs().max()) * hidden_max * 2.0 ** -8
+    diff = (out[:rows] - ref).abs()
+    assert float(diff.max()) <= 3 * one_flip, (float(diff.max()), one_flip)
+    assert float(diff.mean()) < 1e-5, float(diff.mean())
     assert 0.02 < ref.std().item()  # the data makes predictions that differ (a test that can fail)
 
 

@@ -264,6 +264,10 @@ round3c)
       --offline-qps 3000000 --server-qps 600000,900000,1200000 --duration-s 5 --out "$OUT/null_$n.json" 2>&1 \
       | tail -4 | sed "s|^|null x$n: |"
   done
+  # the front end's Server VALID rate on the full-size model (it was INVALID at 150k in round3b)
+  timeout 100 python3 bench/bench_oip.py --artifact $FS/artifact --dataset $FS/dataset --engines cuda:0 --mlp fp8 \
+    --paths oip-reference --offline-qps 400000 --server-qps 40000,80000,120000 --duration-s 8 \
+    --out "$OUT/oip_server.json" 2>&1 | tail -5
   ;;
 reload)
   # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another

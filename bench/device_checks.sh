@@ -12,6 +12,7 @@
 #   bash bench/device_checks.sh round3a    # issue 13 round 3: GPU tests, stage probe, engine before/now, trained acc.
 #   bash bench/device_checks.sh round3b    # then: full-size Offline/Server, reload under load (16), OIP (17)
 #   bash bench/device_checks.sh round3c    # the fused tail in a graph, e2e fp8 before/now, null-engine ceiling
+#   bash bench/device_checks.sh round3d    # engine SIGKILL with/without a standby; e2e fp8 before/now
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -269,6 +270,24 @@ round3c)
     --paths oip-reference --offline-qps 400000 --server-qps 40000,80000,120000 --duration-s 8 \
     --out "$OUT/oip_server.json" 2>&1 | tail -5
   ;;
+round3d)
+  # the last call of the session (device time was short): the fused tail's GPU test with its new bound;
+  # the only engine SIGKILLed during a full-size fp8 Server run without and with a standby engine (issue 14
+  # item 3); full-size fp8 Offline before (.before/) and now on one machine
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_mlp_tail.py 2>&1 | tail -2
+  for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
+  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
+    | tail -1
+  timeout 170 python3 bench/bench_engine_kill.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
+    --standby 0,1 --target-qps 300000 --duration-s 25 --kill-after-s 8 --out "$OUT/kill.json" 2>&1 | tail -3
+  for tree in .before .; do
+    timeout 50 python3 $tree/bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
+      --target-qps 700000 --duration-s 10 --out "$OUT/e2e_fp8_$(basename $(realpath $tree)).json" 2>&1 \
+      | tail -1 | sed "s|^|$tree |"
+  done
+  ;;
 reload)
   # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another
   # model id) in the middle of a Server run at about 80% of the fp8 capacity (docs/RELIABILITY.md)
@@ -282,5 +301,5 @@ reload)
     --out "$OUT/reload.json" 2>&1 | tail -25
   ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|headline|round2|reload" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|round3d|headline|round2|reload" >&2; exit 2 ;;
 esac

@@ -135,6 +135,11 @@ class DaemonConfig:
         "this long for a restarted engine, each within its own deadline; 0 = fail them at once"))
     restart_backoff_s: float = field(default=1.0, metadata=_h(
         "first delay before restarting a failed engine; doubles per consecutive failure (max 60 s)"))
+    standby_engines: bool = field(default=False, metadata=_h(
+        "keep one loaded spare engine per device (the model a second time in its memory): when an active "
+        "engine of that device is lost, the spare takes its batches at once and the lost one restarts "
+        "as the new spare. For one-engine hosts where a restart (seconds on a full-size model) must not "
+        "stop the service"))
     reload_canary_dataset: str = field(default="", metadata=_h(
         "registered dataset a reload's new engines predict before traffic moves to them, checked against "
         "the reference of their arithmetic (engines/canary.py); default: the first configured dataset "

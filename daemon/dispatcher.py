@@ -385,8 +385,12 @@ class _Serving:
         head = ("serving with {}/{} engines" if self.state is M.DaemonState.SERVING else
                 "loading the model: {}/{} engines ready")
         line = head.format(up, len(engines)) + (": " + "; ".join(down) if down else "")
+        spares = [f"{e.name} {e.state}" for e in self.sup.engines if e.role is EngineRole.STANDBY]
+        if spares:
+            line += "; standby " + ", ".join(spares)
         if self.swap.running_since is not None:
-            others = [f"{e.name} {e.role} {e.state}" for e in self.sup.engines if e.role is not EngineRole.ACTIVE]
+            others = [f"{e.name} {e.role} {e.state}" for e in self.sup.engines
+                      if e.role not in (EngineRole.ACTIVE, EngineRole.STANDBY)]
             line += "; reloading" + (f" ({', '.join(others)})" if others else "")
         elif self.swap.last_outcome:
             line += f"; last {self.swap.last_outcome}"

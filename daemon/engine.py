@@ -26,6 +26,7 @@ class EngineRole(enum.StrEnum):
     ACTIVE = "active"  # serves the current model: new batches go to it
     CANDIDATE = "candidate"  # loads or is verified for a reload: no traffic yet
     RETIRING = "retiring"  # replaced by a reload: finishes the batches it holds, then stops
+    STANDBY = "standby"  # loaded and ready, no traffic: takes an active engine's place when it is lost
 
 
 @dataclass(frozen=True)

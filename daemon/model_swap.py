@@ -108,6 +108,23 @@ class ModelSwap:
             return M.Reloaded(request_id=0, model=old_id, previous_model=old_id, seconds=time.monotonic() - t0,
                               checks=[f"the engines keep model {old_id} ({what})"])
         checks = await self.loop.run_in_executor(None, self._check_artifact, old, new)
+        # Spare engines hold the old model and a second copy's memory: they go first (the new model then
+        # fits beside the old where it would beside one copy) and come back with the served model after.
+        spares = [e for e in host.sup.engines if e.role is EngineRole.STANDBY]
+        for e in spares:
+            host.sup.retire(e)
+        await self._released(spares)
+        try:
+            return await self._swap(new, old_id, new_id, checks, t0)
+        finally:
+            for e in host.sup.add_standbys():
+                if host.metrics is not None:
+                    host.metrics.register_engine(e.name, e.device, e.model.model_id)
+                host.sup.start(e)
+
+    async def _swap(self, new: DaemonConfig, old_id: str, new_id: str, checks: list[str], t0: float) -> M.Reloaded:
+        host = self.host
+        active = [e for e in host.sup.engines if e.role is EngineRole.ACTIVE]
         model = EngineModel(new.model, new_id, new.embedding_weights_on_gpu_part, new.gpu_mlp_precision)
         deadline = t0 + new.reload_timeout_s
         self._generation += 1

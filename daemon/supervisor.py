@@ -67,6 +67,25 @@ class Supervisor:
         model = model_of(config)
         for name, dev in zip(config.engine_names, config.engines):
             self.add_engine(name, dev, model, EngineRole.ACTIVE)
+        self.add_standbys()
+
+    def add_standbys(self) -> list[Engine]:
+        """With standby_engines: a spare (not started) for each device that has active engines and no
+        spare, with that device's model; the ones added."""
+        if not self.config.standby_engines:
+            return []
+        added = []
+        for e in list(self.engines):
+            if e.role is EngineRole.ACTIVE and not any(
+                    s.role is EngineRole.STANDBY and s.device == e.device for s in self.engines):
+                added.append(self.add_engine(f"{e.name.split('.')[0]}.standby", e.device, e.model,
+                                             EngineRole.STANDBY))
+        return added
+
+    def standby_for(self, e: Engine) -> Engine | None:
+        """A serving spare on `e`'s device with `e`'s model, if there is one."""
+        return next((s for s in self.engines if s.role is EngineRole.STANDBY and s.device == e.device
+                     and s.model == e.model and s.serving), None)
 
     def add_engine(self, name: str, device: str, model: EngineModel, role: EngineRole) -> Engine:
         """A new engine (not started) with its own shared-memory region; `start` runs it."""
@@ -183,6 +202,11 @@ class Supervisor:
         batches = list(e.inflight.values())
         e.inflight.clear()
         e.free_slots = []
+        spare = self.standby_for(e) if e.role is EngineRole.ACTIVE and not self.stopping else None
+        if spare is not None:  # before the dispatcher hears of the loss: its batches are retried on the spare
+            spare.role, e.role = EngineRole.ACTIVE, EngineRole.STANDBY
+            log.warning("engine %s lost; standby %s serves in its place, %s restarts as the standby",
+                        e.name, spare.name, e.name)
         self.events.on_engine_lost(e, reason, batches)
         if self.stopping or self.start_failed() or e.role is EngineRole.CANDIDATE:
             return  # (after a failed start the daemon exits; a failed candidate fails its reload)

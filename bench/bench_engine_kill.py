@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadgen_driver.summary import read_summary  # noqa: E402
+from bench.bench_daemon import BenchDaemon  # noqa: E402
 from wire.client import Client, wait_until_serving  # noqa: E402
 
 SERVING = ("ready", "busy", "starved")
@@ -37,34 +34,17 @@ def _engines(c: Client) -> dict[str, dict[str, Any]]:
 
 
 def run_one(args: argparse.Namespace, standby: bool) -> dict[str, Any]:
-    rt = Path(tempfile.mkdtemp(prefix="dlrm-kill-", dir="/tmp"))
-    config = rt / "daemon.toml"
-    engines = ", ".join(f'"{e}"' for e in args.engines.split(","))
-    config.write_text(f'runtime_dir = "{rt}"\nmodel = "{args.artifact}"\nengines = [{engines}]\n'
-                      f'max_batch_pairs = {args.max_batch_pairs}\ninflight_batches = 4\n'
-                      f'max_pairs_per_query = 2000000\nmax_queue_pairs = 16000000\nheartbeat_timeout_s = 10.0\n'
-                      f'gpu_mlp_precision = "{args.mlp}"\naccuracy_target = "none"\nrestart_backoff_s = 0.5\n'
-                      f'standby_engines = {"true" if standby else "false"}\n[datasets]\nbench = "{args.dataset}"\n')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    endpoint = f"ipc://{rt}/dlrm.sock"
-    log = open(rt / "daemon.log", "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config)], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    bench = BenchDaemon("dlrm-kill-", args.artifact, args.dataset, args.engines, args.mlp, args.max_batch_pairs,
+                        extra=f"restart_backoff_s = 0.5\nstandby_engines = {'true' if standby else 'false'}\n")
     res: dict[str, Any] = {"standby_engines": standby, "target_qps": args.target_qps}
-    try:
+    with bench:
         t0 = time.monotonic()
-        wait_until_serving(endpoint, args.start_timeout_s, daemon)
-        with Client(endpoint, timeout_s=10) as c:
+        wait_until_serving(bench.endpoint, args.start_timeout_s, bench.proc)
+        with Client(bench.endpoint, timeout_s=10) as c:
             while standby and not all(e["state"] in SERVING for e in _engines(c).values()):
                 time.sleep(0.2)  # the spare loads too
             res["ready_s"] = round(time.monotonic() - t0, 1)
-            out_dir = rt / "loadgen"
-            driver = subprocess.Popen(
-                [sys.executable, "-m", "loadgen_driver.cli", "--scenario", "Server", "--dataset", str(args.dataset),
-                 "--dataset-name", "bench", "--endpoint", endpoint, "--target-qps", f"{args.target_qps:g}",
-                 "--latency-ms", "30", "--min-duration-s", str(args.duration_s), "--min-query-count", "1",
-                 "--output-dir", str(out_dir), "--quiet"],
-                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            run = bench.server_run(args.dataset, args.target_qps, args.duration_s)
             time.sleep(args.kill_after_s)
             before = _engines(c)
             victim = next(e for e in before.values() if e["role"] == "active")
@@ -84,17 +64,8 @@ def run_one(args: argparse.Namespace, standby: bool) -> dict[str, Any]:
                 time.sleep(0.02)
             res.update(killed=victim["name"], service_gap_s=gap, restart_to_ready_s=restart,
                        roles_after={n: e["role"] for n, e in _engines(c).items()})
-        out, err = driver.communicate(timeout=args.duration_s * 4 + 120)
-        summary = read_summary(out_dir)
-        p99 = summary.number("99.00 percentile latency (ns)")
-        errors = re.search(r"errors: ([\d,]+) samples", out)
-        res.update(result=summary.result, p99_ms=None if p99 is None else round(p99 / 1e6, 2),
-                   completed_samples_per_s=float(summary.values.get("Completed samples per second", "nan")),
-                   error_samples=int(errors.group(1).replace(",", "")) if errors else None, driver_rc=driver.returncode)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        res["daemon_exit"] = daemon.wait(120)
-        log.close()
+        res.update(run.result())
+    res["daemon_exit"] = bench.exit_code
     print(json.dumps(res), flush=True)
     return res
 

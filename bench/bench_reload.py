@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadgen_driver.summary import read_summary  # noqa: E402
+from bench.bench_daemon import BenchDaemon  # noqa: E402
 from wire.client import wait_until_serving  # noqa: E402
 
 
@@ -45,54 +42,27 @@ def main() -> int:
     ap.add_argument("--start-timeout-s", type=float, default=300)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    rt = Path(tempfile.mkdtemp(prefix="dlrm-reload-", dir="/tmp"))
-    config = rt / "daemon.toml"
-    engines = ", ".join(f'"{e}"' for e in args.engines.split(","))
-    config.write_text(f'runtime_dir = "{rt}"\nmodel = "{args.artifact}"\nengines = [{engines}]\n'
-                      f'max_batch_pairs = {args.max_batch_pairs}\ninflight_batches = {args.inflight_batches}\n'
-                      f'max_pairs_per_query = 2000000\nmax_queue_pairs = 16000000\nheartbeat_timeout_s = 10.0\n'
-                      f'gpu_mlp_precision = "{args.mlp}"\naccuracy_target = "none"\n'
-                      f'[datasets]\nbench = "{args.dataset}"\n')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    endpoint = f"ipc://{rt}/dlrm.sock"
-    log = open(rt / "daemon.log", "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config)], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
     res: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
-    try:
+    bench = BenchDaemon("dlrm-reload-", args.artifact, args.dataset, args.engines, args.mlp, args.max_batch_pairs,
+                        args.inflight_batches)
+    with bench:
         t0 = time.monotonic()
-        wait_until_serving(endpoint, args.start_timeout_s, daemon)
+        wait_until_serving(bench.endpoint, args.start_timeout_s, bench.proc)
         res["ready_s"] = round(time.monotonic() - t0, 1)
-        out_dir = rt / "loadgen"
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "loadgen_driver.cli", "--scenario", "Server", "--mode", "PerformanceOnly",
-             "--dataset", str(args.dataset), "--dataset-name", "bench", "--endpoint", endpoint, "--target-qps",
-             f"{args.target_qps:g}", "--latency-ms", f"{args.latency_ms:g}", "--min-duration-s",
-             str(args.duration_s), "--min-query-count", "1", "--output-dir", str(out_dir), "--quiet"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = bench.server_run(args.dataset, args.target_qps, args.duration_s, args.latency_ms)
         time.sleep(args.reload_after_s)
-        config.write_text(re.sub(r'^model = .*$', f'model = "{args.new_artifact}"', config.read_text(), flags=re.M))
+        text = bench.config.read_text()
+        bench.config.write_text(re.sub(r'^model = .*$', f'model = "{args.new_artifact}"', text, flags=re.M))
         t1 = time.monotonic()
-        reload = subprocess.run([sys.executable, "-m", "daemon.cli", "reload", "--config", str(config)], cwd=ROOT,
-                                env=env, capture_output=True, text=True)
+        reload = subprocess.run([sys.executable, "-m", "daemon.cli", "reload", "--config", str(bench.config)],
+                                cwd=ROOT, env=bench.env, capture_output=True, text=True)
         res["reload_s"] = round(time.monotonic() - t1, 2)
         res["reload_rc"] = reload.returncode
         res["reload_output"] = (reload.stdout + reload.stderr).strip()
         print(res["reload_output"], flush=True)
-        out, err = driver.communicate(timeout=args.duration_s * 4 + 120)
-        print(out[-1500:], err[-1500:], sep="\n", flush=True)
-        summary = read_summary(out_dir)
-        p99 = summary.number("99.00 percentile latency (ns)")
-        errors = re.search(r"errors: ([\d,]+) samples", out)
-        res.update(driver_rc=driver.returncode, result=summary.result,
-                   completed_samples_per_s=float(summary.values.get("Completed samples per second", "nan")),
-                   p99_ms=None if p99 is None else round(p99 / 1e6, 2),
-                   error_samples=int(errors.group(1).replace(",", "")) if errors else None)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        res["daemon_exit"] = daemon.wait(120)
-        log.close()
-        res["daemon_log_tail"] = (rt / "daemon.log").read_text(errors="replace")[-2500:]
+        res.update(run.result())
+    res["daemon_exit"] = bench.exit_code
+    res["daemon_log_tail"] = bench.log_path.read_text(errors="replace")[-2500:]
     print(json.dumps({k: v for k, v in res.items() if k != "daemon_log_tail"}, indent=1))
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))

@@ -50,6 +50,13 @@ accuracy_run() {  # $1 artifact, $2 dataset, $3 accuracy_target, $4 fp32 AUC, $5
   kill -TERM $d; wait $d
 }
 
+fs_ready() {  # the full-size data made in the background (its own session): wait for it, then its fp8 scales
+  for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
+  tail -1 /tmp/fs.log | cut -c1-200
+  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
+    | tail -1  # a synthetic model: no accuracy profile, runs use accuracy_target none
+}
+
 case "${1:-}" in
 validate)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -223,10 +230,7 @@ round3b)
   # front end beside the native path (carried: .whl_oip, the kserve and tritonclient wheels)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_oip/*.whl \
     > /dev/null 2>&1 || echo "oip wheels did not install"
-  for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
-  tail -1 /tmp/fs.log | cut -c1-200
-  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
-    | tail -1
+  fs_ready
   for mlp in fp8 fp16; do
     timeout 55 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp $mlp --target-qps 700000 \
       --duration-s 10 --out "$OUT/e2e_offline_$mlp.json" 2>&1 | tail -1
@@ -251,9 +255,7 @@ round3c)
     2>&1 | tee "$OUT/gpu_tests.log" | tail -3
   timeout 80 python3 bench/stage_probe.py --stages top --out "$OUT/stages_top.json" > "$OUT/stages_top.log" 2>&1
   sed -n '/== summary ==/,$p' "$OUT/stages_top.log"
-  for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
-  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
-    | tail -1
+  fs_ready
   for tree in .before . .before .; do
     timeout 55 python3 $tree/bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
       --target-qps 700000 --duration-s 10 --out "$OUT/e2e_fp8_$(basename $(realpath $tree))_$RANDOM.json" 2>&1 \
@@ -277,9 +279,7 @@ round3d)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
   timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_mlp_tail.py 2>&1 | tail -2
-  for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
-  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
-    | tail -1
+  fs_ready
   timeout 150 python3 bench/bench_engine_kill.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
     --standby 0,1 --target-qps 300000 --duration-s 15 --kill-after-s 5 --out "$OUT/kill.json" 2>&1 | tail -3
   for tree in .before .; do
@@ -302,9 +302,7 @@ reload)
   # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another
   # model id) in the middle of a Server run at about 80% of the fp8 capacity (docs/RELIABILITY.md)
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
-  for _ in $(seq 100); do grep -q '^}\|rror' /tmp/fs.log 2>/dev/null && break; sleep 3; done
-  timeout 60 python3 -m prepare.cli calibrate --model $FS/artifact --dataset $FS/dataset --pairs 30000 --no-accuracy \
-    | tail -1
+  fs_ready
   cp -r $FS/artifact $FS/artifact_b
   timeout 300 python3 bench/bench_reload.py --artifact $FS/artifact --new-artifact $FS/artifact_b --dataset $FS/dataset \
     --engines cuda:0 --mlp fp8 --target-qps "${RELOAD_QPS:-320000}" --duration-s 60 --reload-after-s 15 \

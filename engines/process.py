@@ -123,6 +123,8 @@ class _Worker(threading.Thread):
         completer = threading.Thread(target=self._complete, name=f"engine-{self.spec.name}-done", daemon=True)
         completer.start()
         self._completer_started.wait()
+        log.info("engine %s ready on %s (model %s, %d dataset(s))", self.spec.name, self.spec.device,
+                 self.spec.artifact, len(self.spec.datasets))
         self._send(P.EngineReady(device=self.spec.device, pid=os.getpid(),
                                  device_memory_bytes=int(backend.device_memory_bytes()),
                                  device_name=device_name(self.spec.device),
@@ -265,7 +267,7 @@ def main() -> int:
     # sent to the whole process group must not kill batches that the dispatcher is draining.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=spec.log_level, stream=sys.stderr,
                         format=f"%(asctime)s engine[{spec.name}] %(levelname)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))
     # Before torch loads libgomp: an OpenMP thread that waits at a barrier spins 30k rounds (tens of

@@ -114,3 +114,18 @@ def test_help_texts_show_defaults() -> None:
     assert "(default: 2048)" in driver and "(default: 30.0)" in driver, driver
     prepare = _cli(["prepare.cli", "criteo", "--help"], env).stdout
     assert "(default: 8)" in prepare, prepare
+
+
+@pytest.mark.parametrize("level", ["INFO", "WARNING"])
+def test_engines_log_at_the_daemons_log_level(level: str, tmp_path: Path) -> None:
+    """log_level reaches the engine processes (they logged INFO whatever it was, and a GPU engine's
+    libraries dozens of lines per start)."""
+    art = tmp_path / "art"
+    write_model_description(art, DLRMConfig((50,) * 26))
+    d = DaemonProc({"engines": ["null"], "model": str(art), "log_level": level})
+    try:
+        d.wait_serving()
+        log = d.log()
+    finally:
+        d.terminate()
+    assert ("engine null0 ready on null" in log) == (level == "INFO"), log

@@ -334,6 +334,7 @@ class EngineSpec(msgspec.Struct, frozen=True):
     datasets: dict[str, str]
     parent_pid: int
     gpu_mlp_precision: MlpPrecision = MlpPrecision.FP16  # GPU engines (daemon.config)
+    log_level: str = "INFO"  # the daemon's log_level: DEBUG, INFO, WARNING or ERROR
 
     @property
     def kind(self) -> EngineKind:

@@ -4,6 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= var/demo
+# A real Triton Inference Server (nvidia-pytriton) for the driver's Open Inference Protocol test, in a venv
+# of the system's Python 3.11: the Triton Python-backend stub embeds the system libpython (tests/triton_toy_model.py).
+SYSTEM_PY ?= /usr/bin/python3.11
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
 
 .PHONY: demo test test-deps test-gpu install clean
 
@@ -14,10 +19,15 @@ $(STAMP): pyproject.toml constraints-ci.txt
 
 install: $(STAMP)
 
+$(TRITON_STAMP):
+	test -x $(TRITON_VENV)/bin/python || $(SYSTEM_PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --disable-pip-version-check nvidia-pytriton==0.6.0 'numpy<3'
+	touch $(TRITON_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m prepare.demo --dir $(DEMO_DIR)
 
-test: $(STAMP) test-deps
+test: $(STAMP) $(TRITON_STAMP) test-deps
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
@@ -32,4 +42,4 @@ test-gpu:
 	python3 -m pytest -q -m gpu
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) var build *.egg-info

@@ -85,7 +85,8 @@ class OipBackend:
             if error is not None:
                 self._replies.put(BackendReply(request_id, None, f"{type(error).__name__}: {error}"))
             else:
-                self._replies.put(BackendReply(request_id, result.as_numpy("probability")))
+                # [n] from dlrm-daemon's front end, [n, 1] from a Triton model with dims [1]: one value a pair
+                self._replies.put(BackendReply(request_id, result.as_numpy("probability").reshape(-1)))
 
         with self._lock:
             self._outstanding += 1

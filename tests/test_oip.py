@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +20,7 @@ from daemon.config import ConfigError, load_config
 from formats.dataset import Dataset
 from formats.model_config import DLRMConfig
 from loadgen_driver.cli import main as driver_main
-from test_daemon_support import DaemonProc, make_cpu_artifact, make_dataset
+from test_daemon_support import REPO, DaemonProc, make_cpu_artifact, make_dataset
 
 CONFIG = DLRMConfig.mlperf().scaled(1e-4, cap=1000)
 
@@ -153,3 +154,77 @@ def test_the_front_end_listens_on_loopback_unless_allowed(tmp_path: Path) -> Non
     assert load_config(None, {**base, "oip_host": "0.0.0.0", "allow_remote": "true"}, env={}).oip_host == "0.0.0.0"
     with pytest.raises(ConfigError, match="must differ"):
         load_config(None, {**base, "oip_grpc_port": "8080"}, env={})
+
+
+TRITON_PY = REPO / ".venv-triton" / "bin" / "python"
+
+
+def _three_free_ports() -> int:
+    """A port p with p, p + 1 and p + 2 free (Triton's gRPC, HTTP and metrics)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = int(s.getsockname()[1])
+        if p + 2 < 65536 and all(_port_free(q) for q in (p + 1, p + 2)):
+            return p
+    raise AssertionError("no three consecutive free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_the_driver_speaks_the_protocol_to_a_real_triton_server(served: dict[str, Any], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`loadgen_driver --backend oip` against NVIDIA's Triton Inference Server (nvidia-pytriton, set up by
+    `make test` in .venv-triton) serving a small Python model (tests/triton_toy_model.py), not our front
+    end: every prediction LoadGen logged is the model's for its sample's pairs, in order; and a request
+    the model cannot take (by reference: `sample_ids`) fails with Triton's own message."""
+    from loadgen_driver.accuracy import read_accuracy_log
+    from triton_toy_model import toy_probability
+
+    assert TRITON_PY.exists(), "`make test` makes .venv-triton (nvidia-pytriton in the system Python 3.11)"
+    port = _three_free_ports()
+    log = open(tmp_path / "triton.log", "wb")
+    triton = subprocess.Popen([str(TRITON_PY), str(REPO / "tests" / "triton_toy_model.py"), str(port)],
+                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        end = time.monotonic() + 180
+        while True:
+            assert triton.poll() is None, (tmp_path / "triton.log").read_text(errors="replace")[-3000:]
+            try:
+                if client.is_model_ready("dlrm"):
+                    break
+            except InferenceServerException:
+                pass
+            assert time.monotonic() < end, (tmp_path / "triton.log").read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        common = ["--scenario", "Offline", "--dataset", str(served["ds_path"]), "--dataset-name", "ds", "--quiet",
+                  "--samples-per-request", "32", "--backend", "oip", "--url", f"127.0.0.1:{port}"]
+        assert driver_main(common + ["--mode", "AccuracyOnly", "--oip-inputs", "value",
+                                     "--output-dir", str(tmp_path / "acc")]) == 0
+        out = capsys.readouterr().out
+        assert "errors: 0 samples" in out, out
+        preds, _, order = read_accuracy_log(tmp_path / "acc" / "mlperf_log_accuracy.json")
+        ds = served["ds"]
+        off = ds.sample_offsets
+        idx = np.concatenate([np.arange(off[s], off[s + 1]) for s in order])
+        np.testing.assert_allclose(preds, toy_probability(ds.dense[idx], ds.sparse[idx]), rtol=1e-6, atol=1e-7)
+        assert driver_main(common + ["--mode", "PerformanceOnly", "--oip-inputs", "reference",
+                                     "--output-dir", str(tmp_path / "ref")]) != 0
+        err = capsys.readouterr().err
+        assert "RUN FAILED" in err and "sample_ids" in err, err
+        client.close()
+    finally:
+        triton.terminate()
+        try:
+            triton.wait(60)
+        except subprocess.TimeoutExpired:
+            triton.kill()
+        log.close()

@@ -161,6 +161,9 @@ class DaemonConfig:
     oip_host: str = field(default="127.0.0.1", metadata=_h(
         "address the front end's ports bind; beyond loopback needs allow_remote"))
     oip_model_name: str = field(default="dlrm", metadata=_h("the model name the front end serves"))
+    oip_workers: int = field(default=1, metadata=_h(
+        "front end processes sharing its ports (SO_REUSEPORT: the kernel spreads client connections over "
+        "them); one Python process serves about a core's worth of requests"))
     metrics_host: str = field(default="127.0.0.1", metadata=_h("Prometheus exporter address"))
     metrics_port: int = field(default=0, metadata=_h("Prometheus exporter port; 0 = off"))
     log_level: str = field(default="INFO", metadata=_h("DEBUG, INFO, WARNING or ERROR"))
@@ -268,6 +271,8 @@ def _validate(cfg: DaemonConfig, sources: Mapping[str, str]) -> None:
     for key in ("metrics_port", "oip_http_port", "oip_grpc_port"):
         if not 0 <= getattr(cfg, key) <= 65535:
             raise bad(key, f"must be a TCP port 0..65535, got {getattr(cfg, key)}")
+    if not 1 <= cfg.oip_workers <= 64:
+        raise bad("oip_workers", f"must be 1 to 64, got {cfg.oip_workers}")
     if (cfg.oip_http_port or cfg.oip_grpc_port) and cfg.oip_http_port == cfg.oip_grpc_port:
         raise bad("oip_grpc_port", f"must differ from oip_http_port ({cfg.oip_http_port})")
     if not cfg.oip_model_name or not cfg.oip_model_name.replace("-", "").replace("_", "").isalnum():

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oip-inputs", choices=("value", "reference"), default="value",
                    help="--backend oip: send each request's pairs (dense, sparse), or sample_ids into the dataset "
                         "the server knows by --dataset-name (dlrm-daemon's front end)")
+    p.add_argument("--oip-channels", type=int, default=1,
+                   help="--backend oip: gRPC connections the requests take turns on (a server of several processes "
+                        "on one port, as dlrm-daemon's oip_workers, spreads connections over them)")
     p.add_argument("--oip-parameters", default="deadline_s=inf",
                    help="--backend oip: request parameters (k=v,k=v; empty for none); deadline_s=inf marks "
                         "throughput work for dlrm-daemon's admission, as the native path does")
@@ -91,7 +94,7 @@ def _make_backend(args: argparse.Namespace, offsets: np.ndarray, dataset: Datase
 
         params = dict(kv.split("=", 1) for kv in args.oip_parameters.split(",") if kv)
         return OipBackend(args.url, dataset, name, args.oip_model, args.oip_inputs, timeout_s=min(args.timeout_s, 10.0),
-                          parameters=params)
+                          parameters=params, channels=args.oip_channels)
     return DaemonBackend(args.endpoint or client_endpoint(), name, str(args.dataset.resolve()), timeout_s=min(args.timeout_s, 10.0))
 
 

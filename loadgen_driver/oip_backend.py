@@ -22,7 +22,8 @@ from loadgen_driver.backend import BackendReply, DriverBackendError, Liveness, d
 
 class OipBackend:
     def __init__(self, url: str, dataset: Dataset, dataset_name: str, model: str = "dlrm",
-                 inputs: str = "value", timeout_s: float = 10.0, parameters: dict[str, Any] | None = None) -> None:
+                 inputs: str = "value", timeout_s: float = 10.0, parameters: dict[str, Any] | None = None,
+                 channels: int = 1) -> None:
         try:
             import tritonclient.grpc as grpcclient
         except ImportError as exc:
@@ -43,8 +44,18 @@ class OipBackend:
         self._replies: queue.SimpleQueue[BackendReply] = queue.SimpleQueue()
         self._outstanding = 0
         self._lock = threading.Lock()
+        if channels < 1:
+            raise DriverBackendError(f"--oip-channels must be at least 1, got {channels}")
+        self._next = 0
         try:
-            self._client = grpcclient.InferenceServerClient(url)
+            # Several channels, each its own connection (a local subchannel pool: gRPC would otherwise share
+            # one connection between equal channels), take turns: a server of several processes on one port
+            # (SO_REUSEPORT, as dlrm-daemon's oip_workers) gets connections spread over its processes.
+            args = None if channels == 1 else [("grpc.use_local_subchannel_pool", 1),
+                                               ("grpc.max_send_message_length", 2**31 - 1),
+                                               ("grpc.max_receive_message_length", 2**31 - 1)]
+            self._clients = [grpcclient.InferenceServerClient(url, channel_args=args) for _ in range(channels)]
+            self._client = self._clients[0]
             if not self._client.is_server_live(client_timeout=timeout_s):
                 raise DriverBackendError(f"Open Inference Protocol server at {url} is not live")
             if not self._client.is_model_ready(model, client_timeout=timeout_s):
@@ -90,8 +101,10 @@ class OipBackend:
 
         with self._lock:
             self._outstanding += 1
+        client = self._clients[self._next]
+        self._next = (self._next + 1) % len(self._clients)
         try:
-            self._client.async_infer(self.model, inputs, done, request_id=str(request_id), parameters=parameters,
+            client.async_infer(self.model, inputs, done, request_id=str(request_id), parameters=parameters,
                                      outputs=[self._grpc.InferRequestedOutput("probability")])
         except Exception as exc:
             with self._lock:
@@ -112,4 +125,5 @@ class OipBackend:
                                      f"{self._outstanding} requests outstanding")
 
     def close(self) -> None:
-        self._client.close()
+        for client in self._clients:
+            client.close()

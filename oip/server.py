@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -55,13 +56,15 @@ async def serve(spec: M.OipSpec) -> int:
         app.config.host = spec.host
         # (uvicorn takes SIGTERM while it serves, stops, then raises it again for our handler above)
         rest = uvicorn.Server(app.config)
-        tasks.append(asyncio.create_task(rest.serve()))
-        log.info("Open Inference Protocol REST on http://%s:%d (model %s)", spec.host, spec.http_port, spec.model_name)
+        tasks.append(asyncio.create_task(rest.serve(sockets=[_listening_socket(spec, spec.http_port)])))
+        log.info("Open Inference Protocol REST on http://%s:%d (model %s, worker %d/%d)", spec.host, spec.http_port,
+                 spec.model_name, spec.worker + 1, spec.workers)
     grpc_server = None
     if spec.grpc_port:
         grpc_server = grpc.aio.server(interceptors=(ExceptionToStatusInterceptor(),),  # errors -> gRPC status codes
                                       options=[("grpc.max_send_message_length", 256 << 20),
-                                               ("grpc.max_receive_message_length", 256 << 20)])
+                                               ("grpc.max_receive_message_length", 256 << 20),
+                                               ("grpc.so_reuseport", int(spec.workers > 1))])
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(dataplane, extension), grpc_server)
         host = f"[{spec.host}]" if ":" in spec.host else spec.host
@@ -81,6 +84,19 @@ async def serve(spec: M.OipSpec) -> int:
     await asyncio.gather(*tasks, return_exceptions=True)
     model.close()
     return 0
+
+
+def _listening_socket(spec: M.OipSpec, port: int) -> socket.socket:
+    """The REST port's socket; shared by the workers (SO_REUSEPORT) when there are several (only processes
+    of the same user can join it)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in spec.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if spec.workers > 1:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((spec.host, port))
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
 
 
 async def _watch_parent(pid: int, stop: asyncio.Event) -> None:

@@ -3,7 +3,9 @@ over REST and gRPC gets what the native client gets, by value and by reference; 
 protocol's error with our message; `loadgen_driver --backend oip` scores the AUC of the native path."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -228,3 +230,58 @@ def test_the_driver_speaks_the_protocol_to_a_real_triton_server(served: dict[str
         except subprocess.TimeoutExpired:
             triton.kill()
         log.close()
+
+
+def _front_end_pids(daemon_pid: int) -> list[int]:
+    """The dispatcher's `python -m oip` children."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == daemon_pid and cmd[1:3] == [b"-m", b"oip"]:
+            pids.append(int(d.name))
+    return sorted(pids)
+
+
+def test_several_front_end_workers_share_the_port(served: dict[str, Any], tmp_path: Path) -> None:
+    """oip_workers = 2: two processes on one gRPC port (SO_REUSEPORT); the driver's connections
+    (--oip-channels) are spread over them; one killed, the other serves on and it is restarted."""
+    from test_daemon_support import wait_for
+
+    grpc_port = _free_port()
+    from formats.artifact import write_model_description
+
+    write_model_description(tmp_path / "art", CONFIG)
+    d = DaemonProc({"engines": ["null"], "model": str(tmp_path / "art"), "datasets": {"ds": str(served["ds_path"])},
+                    "oip_grpc_port": grpc_port, "oip_workers": 2, "heartbeat_timeout_s": 5.0})
+    try:
+        d.wait_serving(60)
+        workers = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(_front_end_pids(d.proc.pid)), 60,
+                           "two front end workers")
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        wait_for(lambda: _ready(client), 60, "the front end ready")
+        run = ["--scenario", "Offline", "--dataset", str(served["ds_path"]), "--dataset-name", "ds", "--quiet",
+               "--samples-per-request", "8", "--backend", "oip", "--url", f"127.0.0.1:{grpc_port}",
+               "--oip-inputs", "reference", "--oip-channels", "4", "--mode", "AccuracyOnly"]
+        assert driver_main(run + ["--output-dir", str(tmp_path / "a")]) == 0
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: workers[0] not in _front_end_pids(d.proc.pid), 30, "the killed worker gone")
+        assert driver_main(run + ["--output-dir", str(tmp_path / "b")]) == 0  # on the worker left (and a new one)
+        back = wait_for(lambda: (lambda p: p if len(p) == 2 and workers[0] not in p else None)(
+            _front_end_pids(d.proc.pid)), 60, "the killed worker restarted")
+        assert workers[1] in back
+        client.close()
+    finally:
+        d.close()
+
+
+def _ready(client: Any) -> bool:
+    try:
+        return bool(client.is_model_ready("dlrm"))
+    except InferenceServerException:
+        return False

@@ -351,6 +351,8 @@ class OipSpec(msgspec.Struct, frozen=True):
     grpc_port: int  # 0: no gRPC server
     parent_pid: int  # the dispatcher: the front end exits when it is gone
     log_level: str = "INFO"
+    worker: int = 0  # which of the `workers` processes sharing the ports (SO_REUSEPORT) this is
+    workers: int = 1
 
 
 _ENC = msgspec.msgpack.Encoder()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ class OipBackend:
                                                ("grpc.max_receive_message_length", 2**31 - 1)]
             self._clients = [grpcclient.InferenceServerClient(url, channel_args=args) for _ in range(channels)]
             self._client = self._clients[0]
-            if not self._client.is_server_live(client_timeout=timeout_s):
+            if not self._live(timeout_s):
                 raise DriverBackendError(f"Open Inference Protocol server at {url} is not live")
             if not self._client.is_model_ready(model, client_timeout=timeout_s):
                 raise DriverBackendError(f"model {model!r} is not ready at {url}")
@@ -64,6 +65,18 @@ class OipBackend:
             raise
         except Exception as exc:  # tritonclient raises InferenceServerException and grpc errors
             raise DriverBackendError(f"Open Inference Protocol server at {url}: {exc}") from exc
+
+    def _live(self, timeout_s: float) -> bool:
+        """Whether the server says it is live, asked again within `timeout_s` while it cannot be reached
+        (a server process of several on one port that just died resets the connections it was handed)."""
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                return bool(self._client.is_server_live(client_timeout=max(0.1, end - time.monotonic())))
+            except Exception:  # tritonclient raises InferenceServerException (UNAVAILABLE) and grpc errors
+                if time.monotonic() + 0.2 >= end:
+                    raise
+                time.sleep(0.2)
 
     def load_samples(self, sample_ids: np.ndarray) -> None:
         pass  # by value the rows travel; by reference the front end loads its dataset itself

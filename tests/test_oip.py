@@ -270,7 +270,9 @@ def test_several_front_end_workers_share_the_port(served: dict[str, Any], tmp_pa
                "--oip-inputs", "reference", "--oip-channels", "4", "--mode", "AccuracyOnly"]
         assert driver_main(run + ["--output-dir", str(tmp_path / "a")]) == 0
         os.kill(workers[0], signal.SIGKILL)
-        wait_for(lambda: workers[0] not in _front_end_pids(d.proc.pid), 30, "the killed worker gone")
+        # reaped, not only exiting: an exiting process has closed its memory (no cmdline) before its sockets,
+        # and a connection the kernel hands its listening socket meanwhile is reset
+        wait_for(lambda: not Path(f"/proc/{workers[0]}").exists(), 30, "the killed worker reaped")
         assert driver_main(run + ["--output-dir", str(tmp_path / "b")]) == 0  # on the worker left (and a new one)
         back = wait_for(lambda: (lambda p: p if len(p) == 2 and workers[0] not in p else None)(
             _front_end_pids(d.proc.pid)), 60, "the killed worker restarted")

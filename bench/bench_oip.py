@@ -46,6 +46,8 @@ def main() -> int:
     ap.add_argument("--paths", default="native,oip-value,oip-reference")
     ap.add_argument("--samples-per-request", type=int, default=512)
     ap.add_argument("--max-batch-pairs", type=int, default=262144)
+    ap.add_argument("--oip-workers", type=int, default=1, help="front end processes on the ports (oip_workers)")
+    ap.add_argument("--oip-channels", type=int, default=1, help="the driver's gRPC connections (--oip-channels)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rt = Path(tempfile.mkdtemp(prefix="dlrm-oip-", dir="/tmp"))
@@ -57,7 +59,8 @@ def main() -> int:
                          if args.artifact else "")
                       + f"max_batch_pairs = {args.max_batch_pairs}\ninflight_batches = 4\nmax_pairs_per_query = 2000000\n"
                         f"max_queue_pairs = 16000000\nheartbeat_timeout_s = 10.0\noip_http_port = {http}\n"
-                        f'oip_grpc_port = {grpc}\nlog_level = "WARNING"\n[datasets]\nbench = "{args.dataset}"\n')
+                        f'oip_grpc_port = {grpc}\noip_workers = {args.oip_workers}\nlog_level = "WARNING"\n'
+                        f'[datasets]\nbench = "{args.dataset}"\n')
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "DLRM_NULL_FILL": "1"}
     endpoint = f"ipc://{rt}/dlrm.sock"
@@ -76,7 +79,8 @@ def main() -> int:
                        "--min-query-count", "1", "--samples-per-request", str(args.samples_per_request),
                        "--output-dir", str(out_dir), "--quiet"]
                 cmd += (["--endpoint", endpoint] if path == "native" else
-                        ["--backend", "oip", "--url", f"127.0.0.1:{grpc}", "--oip-inputs", path.split("-", 1)[1]])
+                        ["--backend", "oip", "--url", f"127.0.0.1:{grpc}", "--oip-inputs", path.split("-", 1)[1],
+                         "--oip-channels", str(args.oip_channels)])
                 if scenario == "Server":
                     cmd += ["--latency-ms", "30"]
                 r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -241,7 +241,8 @@ class _Serving:
         self.loop.add_reader(fd_of(self.router), self._on_io)
         self._notify("status", f"loading model on {len(self.sup.engines)} engine(s)")
         for e in self.sup.engines:
-            self.sup.start(e)
+            if e.role is not EngineRole.STANDBY:  # spares start once these serve (Supervisor.start_standbys)
+                self.sup.start(e)
         tick = self.loop.create_task(self._ticker())
         try:
             waits: list[asyncio.Future[Any]] = [self._started, self.loop.create_task(self._stop.wait())]
@@ -463,6 +464,7 @@ class _Serving:
             self.metrics.set_engine_up(engine.name, True)
             self.metrics.set_device_memory(engine.name, engine.counts.device_memory_bytes)
         self.scheduler.engine_back()
+        self.sup.start_standbys()
         self._report_engines()
         self._check_started()
 

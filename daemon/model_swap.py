@@ -120,7 +120,7 @@ class ModelSwap:
             for e in host.sup.add_standbys():
                 if host.metrics is not None:
                     host.metrics.register_engine(e.name, e.device, e.model.model_id)
-                host.sup.start(e)
+            host.sup.start_standbys()
 
     async def _swap(self, new: DaemonConfig, old_id: str, new_id: str, checks: list[str], t0: float) -> M.Reloaded:
         host = self.host

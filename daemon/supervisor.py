@@ -103,7 +103,19 @@ class Supervisor:
         return any(e.takes_batches for e in self.engines if e is not exclude)
 
     def all_settled(self) -> bool:
-        return all(e.settled for e in self.engines)
+        """Every engine's first start ended (spares aside: they start once the active engines serve)."""
+        return all(e.settled for e in self.engines if e.role is not EngineRole.STANDBY)
+
+    def start_standbys(self) -> None:
+        """Start the spares not started yet, once every active engine serves: loading beside an active
+        engine that is still loading could take the device memory it needs (the spare is the one that
+        may not fit)."""
+        active = [e for e in self.engines if e.role is EngineRole.ACTIVE]
+        if not active or not all(e.serving for e in active):
+            return
+        for e in self.engines:
+            if e.role is EngineRole.STANDBY and e.proc is None and e.restart_handle is None and not e.retired:
+                self.start(e)
 
     def loading_progress(self) -> int | None:
         """CPU and run-queue time (ns) of the engine processes still loading, or None when none is
@@ -115,7 +127,7 @@ class Supervisor:
 
     def start_failed(self) -> bool:
         """Every engine's first start ended and none became ready: the daemon cannot serve."""
-        return self.all_settled() and not any(e.ever_ready for e in self.engines)
+        return self.all_settled() and not any(e.ever_ready for e in self.engines if e.role is not EngineRole.STANDBY)
 
     # ---- lifecycle ----
     def start(self, e: Engine) -> None:

@@ -57,6 +57,8 @@ def test_the_standby_serves_at_once_when_the_active_engine_is_killed(models: dic
         d.wait_serving(90)
         wait_for(lambda: _roles(d) == {"cpu0": ("active", "serving"), "cpu0.standby": ("standby", "serving")},
                  90, "the active engine and its spare")
+        log = d.log()  # the spare starts once the active engine serves (it must not take memory the active needs)
+        assert log.index("engine cpu0 ready (pid") < log.index("engine cpu0.standby (cpu) starting"), log
         asker.start()
         wait_for(lambda: len(seen) >= 10, 60, "first replies")
         for active, spare in (("cpu0", "cpu0.standby"), ("cpu0.standby", "cpu0")):

@@ -2,10 +2,11 @@
 
 With `oip_http_port` or `oip_grpc_port` set, the dispatcher starts `oip_workers` processes of
 `python -m oip` (oip/server.py; each its OipSpec on stdin) once it serves; they share the ports
-(SO_REUSEPORT), so the kernel spreads client connections over them. The front end is one more client of the dispatcher (the wire client
-over the daemon's endpoint), so it has no engine of its own and nothing to drain: it is started after
-READY=1, restarted with backoff when it exits, asked to stop (SIGTERM: its servers finish what they
-hold) when the daemon drains, and killed if it has not exited when the engines stop.
+(SO_REUSEPORT), so the kernel spreads client connections over them. Each is one more client of the
+dispatcher (the wire client over the daemon's endpoint), so the front end has no engine of its own and
+nothing to drain: it is started after READY=1, each worker restarted with backoff when it exits, asked to
+stop (SIGTERM: its servers finish what they hold) when the daemon drains, and killed if it has not exited
+when the engines stop.
 """
 from __future__ import annotations
 
@@ -38,11 +39,6 @@ class OipFrontend:
     @property
     def enabled(self) -> bool:
         return bool(self.cfg.oip_http_port or self.cfg.oip_grpc_port)
-
-    @property
-    def proc(self) -> ChildProcess | None:
-        """The first worker's process (one worker: the front end's)."""
-        return self.procs.get(0)
 
     def start(self) -> None:
         for worker in range(self.cfg.oip_workers):

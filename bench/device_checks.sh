@@ -13,6 +13,7 @@
 #   bash bench/device_checks.sh round3b    # then: full-size Offline/Server, reload under load (16), OIP (17)
 #   bash bench/device_checks.sh round3c    # the fused tail in a graph, e2e fp8 before/now, null-engine ceiling
 #   bash bench/device_checks.sh round3d    # engine SIGKILL with/without a standby; e2e fp8 before/now
+#   bash bench/device_checks.sh round4a    # fp8 kernel GPU tests, Triton fp8 layer probe, null ceiling, OIP x4
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -298,6 +299,30 @@ round3e)
   timeout 150 python3 bench/bench_engine_kill.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
     --standby 0,1 --target-qps 300000 --duration-s 12 --kill-after-s 4 --out "$OUT/kill.json" 2>&1 | tail -3
   ;;
+round4a)
+  # issue 13 round 4, call 1: the GPU tests of the fp8 kernels (the tail's bound of round 3 had not run on a
+  # GPU); the stage probe's top MLP with the Triton fp8 layer (kernels/fp8_linear.py) at several launch
+  # shapes beside cuBLASLt, per layer and in a graph; then on full-size data the front end's ceiling with N
+  # null engines (issue 15) and the OIP front end with 4 workers beside the native path (issue 17)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_fp8_mlp_tail.py \
+    tests/test_fp8_top_mlp.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  timeout 150 python3 bench/stage_probe.py --stages top --out "$OUT/stages_top.json" > "$OUT/stages_top.log" 2>&1
+  sed -n '/== summary ==/,$p' "$OUT/stages_top.log"
+  fs_ready
+  for n in 1 2 4 8; do
+    engines=$(python3 -c "print(','.join(['null'] * $n))")
+    timeout 60 python3 bench/bench_oip.py --dataset $FS/dataset --engines "$engines" --paths native \
+      --offline-qps 3000000 --server-qps 900000,1200000 --duration-s 5 --out "$OUT/null_$n.json" 2>&1 \
+      | tail -3 | sed "s|^|null x$n: |"
+  done
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_oip/*.whl \
+    > /dev/null 2>&1 || echo "oip wheels did not install"
+  timeout 150 python3 bench/bench_oip.py --artifact $FS/artifact --dataset $FS/dataset --engines cuda:0 --mlp fp8 \
+    --paths native,oip-reference --oip-workers 4 --oip-channels 4 --offline-qps 600000 \
+    --server-qps 100000,200000,300000 --duration-s 8 --out "$OUT/oip_w4.json" 2>&1 | tail -9
+  ;;
 reload)
   # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another
   # model id) in the middle of a Server run at about 80% of the fp8 capacity (docs/RELIABILITY.md)
@@ -309,5 +334,5 @@ reload)
     --out "$OUT/reload.json" 2>&1 | tail -25
   ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|round3d|round3e|headline|round2|reload" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|round3d|round3e|round4a|headline|round2|reload" >&2; exit 2 ;;
 esac

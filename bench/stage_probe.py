@@ -180,6 +180,8 @@ def top_stage(batch: int, res: dict[str, Any]) -> None:
         x = torch.relu(x @ torch.from_numpy(mlp[f"top_l.{2 * i}.weight"]).t() + torch.from_numpy(mlp[f"top_l.{2 * i}.bias"]))
         amax[f"top_l.{2 * (i + 1)}"] = float(x.max())
     q = quantize_fp8_top_mlp(mlp, amax)
+    # the first layer's K padded to 512 as the engine pads it (engines/gpu_backend.py)
+    q.weights[0] = torch.nn.functional.pad(q.weights[0].float(), (0, 512 - q.in_width_padded)).to(E4M3)
     dev = torch.device(DEV)
     x0 = (torch.randn(batch, q.in_width_padded, device=dev) * 50).clamp(-448, 448).to(E4M3)
     pred = torch.empty(batch, device=dev)
@@ -243,6 +245,7 @@ def top_stage(batch: int, res: dict[str, Any]) -> None:
         note(f"fp8 tail kernel alone: default {tails[0]['ms']:.3f} ms; best {best_t} "
              f"(the chain's last two layers {per_layer[-2] + per_layer[-1]:.3f} ms)")
     res["fp8_top"]["tail_kernel"] = tails
+    triton_linear_probe(fused, x0, pred_f, per_layer, res)
     fused.close()
     # autotuned: each layer's candidates timed, the fastest kept
     try:
@@ -268,6 +271,64 @@ def top_stage(batch: int, res: dict[str, Any]) -> None:
     note(f"fp16 top MLP per layer: {[round(v, 3) for v in f16]} = {sum(f16):.3f} ms")
     res["fp16_top_per_layer_ms"] = f16
     runner.close()
+
+
+LINEAR_SHAPES = [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 4, 4),
+                 (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (64, 256, 128, 4, 4), (128, 128, 256, 8, 3)]
+
+
+def triton_linear_probe(fused: Any, x0: torch.Tensor, pred: torch.Tensor, per_layer: list[float],
+                        res: dict[str, Any]) -> None:
+    """kernels/fp8_linear.py per fp8 layer at several launch shapes beside cuBLASLt's time for that layer;
+    then the whole top MLP in a CUDA graph with the layers where Triton won, against all cuBLASLt."""
+    from engines.fp8_top_mlp import Fp8TopMlpRunner
+    from kernels.fp8_linear import fp8_linear_relu
+
+    q = fused.q
+    m = int(x0.shape[0])
+    best: dict[int, dict[str, Any]] = {}
+    rows = []
+    for i in range(len(q.weights) - 1):
+        n_out, k = (int(v) for v in q.weights[i].shape)
+        xi = (torch.rand(m, k, device=x0.device) * 300).to(x0.dtype) if i else x0
+        out = torch.empty((m, n_out), dtype=x0.dtype, device=x0.device)
+        scales = torch.tensor([q.x_scales[i] * q.w_scales[i], 1.0 / q.x_scales[i + 1]], device=x0.device)
+        flop = 2.0 * m * n_out * k
+        for bm, bn, bk, w, st in LINEAR_SHAPES:
+            launch = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+            try:
+                ms = bench_ms(lambda: fp8_linear_relu(xi, q.weights[i], scales, q.biases[i], out, **launch))
+            except Exception as exc:
+                print(f"  fp8 linear layer {i} {launch}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            rows.append({"layer": i, **launch, "ms": ms, "tflops": flop / ms / 1e9})
+            print(f"  fp8 linear layer {i} {launch}: {ms:.3f} ms ({flop / ms / 1e9:.0f} TFLOP/s)", flush=True)
+            if i not in best or ms < best[i]["ms"]:
+                best[i] = {"launch": launch, "ms": ms}
+        if i in best:
+            note(f"fp8 layer {i} ({k} -> {n_out}): Triton best {best[i]['ms']:.3f} ms "
+                 f"({flop / best[i]['ms'] / 1e9:.0f} TFLOP/s) {best[i]['launch']}; cuBLASLt {per_layer[i]:.3f} ms")
+    res["fp8_top"]["triton_linear"] = rows
+    wins = sorted(i for i in best if best[i]["ms"] < per_layer[i])
+    launches = {i: b["launch"] for i, b in best.items()}
+    side = torch.cuda.Stream()
+    graphs: dict[str, float] = {}
+    for name, layers in (("cublaslt", []), ("triton_wins", wins), ("all_triton", sorted(best))):
+        r = Fp8TopMlpRunner(q, m, x0.device, triton_layers=layers, triton_launch=launches)
+        p = torch.empty_like(pred)
+        with torch.cuda.stream(side):
+            r.forward(x0, p, side)
+        side.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=side):
+            r.forward(x0, p, side)
+        torch.cuda.synchronize()
+        graphs[name] = bench_ms(g.replay)
+        diff = float((p - pred).abs().max())
+        note(f"fp8 top MLP in a graph, Triton layers {layers}: {graphs[name]:.3f} ms (max |pred - cuBLASLt's| {diff:.1e})")
+        del g
+        r.close()
+    res["fp8_top"]["triton_chain"] = {"wins": wins, "launches": launches, "graph_ms": graphs}
 
 
 def main() -> int:

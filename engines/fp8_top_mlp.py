@@ -18,13 +18,16 @@ e4m3 saturates at +-448 here (clamped), never overflows to NaN.
 the GEMM computed as D = W @ X^T so that each layer's output (column-major [N, M]) is the next layer's
 input as cuBLASLt wants it, and a bf16 C (beta 0) so that cuBLASLt accepts a bias with fp8 output.
 Capturable in a CUDA graph: each layer's result, allocated in the graph's pool, is handed to the next
-layer's Matmul during the capture (reset_operands only changes host-side pointers).
+layer's Matmul during the capture (reset_operands only changes host-side pointers). A layer may run in
+Triton instead (kernels/fp8_linear.py, the same arithmetic with its epilogue fused), where the stage probe
+measured it faster; without nvmath every layer runs in Triton (the DLRM widths fit its kernels).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +38,11 @@ E4M3_MAX = 448.0
 # some thirty lines per layer and graph size at every engine start. Ours passes only its warnings on.
 NVMATH_LOG = logging.getLogger("dlrm.engine.nvmath")
 NVMATH_LOG.setLevel(logging.WARNING)
+# The fp8-output layers that run in Triton (kernels/fp8_linear.py) where nvmath is installed, and the
+# kernel's launch shape: chosen by bench/stage_probe.py's per-layer timings (BENCHMARKS.md).
+TRITON_LAYERS: frozenset[int] = frozenset()
+TRITON_LINEAR_LAUNCH: dict[str, int] = dict(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3)
+TRITON_LINEAR_LAUNCH_BY_LAYER: dict[int, dict[str, int]] = {}
 
 
 class Fp8MlpError(ValueError):
@@ -128,6 +136,10 @@ def fp8_top_mlp_reference(q: Fp8TopMlp, x0: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(y @ q.final_weight.float() + q.final_bias)
 
 
+def _on(stream: torch.cuda.Stream | None) -> Any:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 class Fp8TopMlpRunner:
     """The fp8 top MLP on one CUDA device through nvmath-python's cuBLASLt matmul (see the module doc).
 
@@ -135,24 +147,11 @@ class Fp8TopMlpRunner:
     buffer: its pointer must be the same at every call for a given row count, as in the engine)."""
 
     def __init__(self, q: Fp8TopMlp, max_rows: int, device: torch.device, autotune_rows: int | None = None,
-                 fused_tail: bool = True) -> None:
-        try:
-            import nvmath  # noqa: F401  (an optional GPU extra)
-        except ImportError as exc:
-            raise Fp8MlpError(f"gpu_mlp_precision fp8 needs nvmath-python (pip install "
-                              f"'dlrm-daemon[gpu]'): {exc}") from exc
+                 fused_tail: bool = True, triton_layers: Collection[int] | None = None,
+                 triton_launch: Mapping[int, Mapping[str, int]] | None = None) -> None:
         self.q = q.to(device)
         self.device = device
         widths = [int(w.shape[0]) for w in self.q.weights]
-        # One bf16 C for every layer (beta 0: cuBLASLt does not read it; a C is what lets it take a bias
-        # with fp8 output), and the last layer as a 16-row GEMM (fp8 and cuBLASLt want multiples of 16).
-        self._c = torch.zeros(max_rows * max(widths), dtype=torch.bfloat16, device=device)
-        last_k = widths[-1]
-        self._w_last = torch.zeros((16, last_k), dtype=torch.bfloat16, device=device)
-        self._w_last[0] = self.q.final_weight.to(torch.bfloat16)
-        self._b_last = torch.zeros(16, dtype=torch.float32, device=device)
-        self._b_last[0] = self.q.final_bias
-        self._plans: dict[int, list[Any]] = {}
         # The last GEMM layer and the 1-wide layer in one Triton kernel (kernels/fp8_mlp_tail.py): the
         # bf16 [M, 256] hidden output never goes to device memory. Where its shape does not fit the
         # kernel (N a power of two, K a multiple of 128), the cuBLASLt chain does both.
@@ -161,6 +160,45 @@ class Fp8TopMlpRunner:
                            and k_tail % 128 == 0)
         self._tail_scale = torch.tensor([self.q.x_scales[-1] * self.q.w_scales[-1]], dtype=torch.float32,
                                         device=device)
+        # The fp8-output layers that run in Triton (kernels/fp8_linear.py) instead of cuBLASLt; the others
+        # through nvmath. Without nvmath every layer that the Triton kernels can take runs in Triton.
+        by_layer = TRITON_LINEAR_LAUNCH_BY_LAYER if triton_launch is None else triton_launch
+        fp8_out = range(len(self.q.weights) - 1)
+        self.launch = {i: dict(by_layer.get(i, TRITON_LINEAR_LAUNCH)) for i in fp8_out}
+        fits = [i for i in fp8_out if widths[i] % self.launch[i]["block_n"] == 0]
+        try:
+            import nvmath  # noqa: F401  (an optional GPU extra)
+            nvmath_error = None
+        except ImportError as exc:
+            nvmath_error = exc
+        if triton_layers is None:
+            triton_layers = TRITON_LAYERS if nvmath_error is None else fits
+        bad = sorted(set(triton_layers) - set(fits))
+        if bad:
+            raise Fp8MlpError(f"fp8 layers {bad} cannot run in the Triton kernel (launch {self.launch}, "
+                              f"widths {widths})")
+        self.triton_layers = frozenset(triton_layers)
+        self.needs_nvmath = not self.fused_tail or len(self.triton_layers) < len(self.q.weights) - 1
+        if self.needs_nvmath and nvmath_error is not None:
+            raise Fp8MlpError(f"gpu_mlp_precision fp8 needs nvmath-python (pip install 'dlrm-daemon[gpu]') "
+                              f"for these layer shapes: {nvmath_error}")
+        self._lin_scales = {i: torch.tensor([self.q.x_scales[i] * self.q.w_scales[i], 1.0 / self.q.x_scales[i + 1]],
+                                            dtype=torch.float32, device=device) for i in self.triton_layers}
+        # Two ping-pong buffers for the Triton layers' outputs (fixed addresses: graphs replay them).
+        act_width = max((widths[i] for i in self.triton_layers), default=0)
+        self._act = [torch.empty((max_rows, act_width), dtype=E4M3, device=device) for _ in range(2)] \
+            if act_width else []
+        # One bf16 C for every cuBLASLt layer (beta 0: cuBLASLt does not read it; a C is what lets it take
+        # a bias with fp8 output), and the last layer as a 16-row GEMM (fp8 and cuBLASLt want multiples
+        # of 16).
+        self._c = torch.zeros(max_rows * max(widths) if self.needs_nvmath else 0, dtype=torch.bfloat16,
+                              device=device)
+        last_k = widths[-1]
+        self._w_last = torch.zeros((16, last_k), dtype=torch.bfloat16, device=device)
+        self._w_last[0] = self.q.final_weight.to(torch.bfloat16)
+        self._b_last = torch.zeros(16, dtype=torch.float32, device=device)
+        self._b_last[0] = self.q.final_bias
+        self._plans: dict[int, list[Any]] = {}
         # From this many rows up, each layer's plan times cuBLASLt's candidate algorithms once and keeps
         # the fastest (nvmath's autotune; a few ms a layer), instead of taking the heuristic's first.
         self.autotune_rows = autotune_rows
@@ -169,58 +207,88 @@ class Fp8TopMlpRunner:
         return self._c[: m * n_out].view(m, n_out).t()  # column-major [n_out, m]
 
     def _plan(self, x0: torch.Tensor) -> list[Any]:
-        import nvmath
-        from nvmath.linalg.advanced import Matmul, MatmulEpilog, MatmulOptions
-
+        """One step per layer: an nvmath Matmul, or the index of a layer that runs in Triton."""
         m = int(x0.shape[0])
         q = self.q
-        cuda = nvmath.CudaDataType
-        mms: list[Any] = []
+        steps: list[Any] = []
         b: torch.Tensor = x0.t()  # column-major [K0, m]
         last = len(q.weights) - 1
         for i, w in enumerate(q.weights[:last] if self.fused_tail else q.weights):
             n_out = int(w.shape[0])
             fp8_out = i < last
-            scales = {"a": q.w_scales[i], "b": q.x_scales[i]}
-            if fp8_out:
-                scales["d"] = 1.0 / q.x_scales[i + 1]
-            opts = MatmulOptions(result_type=cuda.CUDA_R_8F_E4M3 if fp8_out else cuda.CUDA_R_16BF, logger=NVMATH_LOG)
-            mm = Matmul(w, b, c=self._c_view(n_out, m), beta=0.0, quantization_scales=scales, options=opts)
-            mm.plan(epilog=MatmulEpilog.RELU_BIAS, epilog_inputs={"bias": q.biases[i]})
-            if self.autotune_rows is not None and m >= self.autotune_rows:
-                mm.autotune(iterations=3)
-            mms.append(mm)
+            if i in self.triton_layers:
+                steps.append(i)
+            else:
+                steps.append(self._matmul(i, b, m, fp8_out))
             # the next layer's B: this layer's output, column-major [n_out, m] (a stand-in until run)
             b = torch.empty((m, n_out), dtype=E4M3 if fp8_out else torch.bfloat16, device=self.device).t()
         if self.fused_tail:
-            return mms
-        mm = Matmul(self._w_last, b, options=MatmulOptions(result_type=cuda.CUDA_R_32F, logger=NVMATH_LOG))
-        mm.plan(epilog=MatmulEpilog.BIAS, epilog_inputs={"bias": self._b_last})
-        mms.append(mm)
-        return mms
+            return steps
+        import nvmath
+        from nvmath.linalg.advanced import Matmul, MatmulEpilog, MatmulOptions
 
-    def forward(self, x0: torch.Tensor, pred: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        mm = Matmul(self._w_last, b, options=MatmulOptions(result_type=nvmath.CudaDataType.CUDA_R_32F,
+                                                           logger=NVMATH_LOG))
+        mm.plan(epilog=MatmulEpilog.BIAS, epilog_inputs={"bias": self._b_last})
+        steps.append(mm)
+        return steps
+
+    def _matmul(self, i: int, b: torch.Tensor, m: int, fp8_out: bool) -> Any:
+        import nvmath
+        from nvmath.linalg.advanced import Matmul, MatmulEpilog, MatmulOptions
+
+        q = self.q
+        w = q.weights[i]
+        n_out = int(w.shape[0])
+        cuda = nvmath.CudaDataType
+        scales = {"a": q.w_scales[i], "b": q.x_scales[i]}
+        if fp8_out:
+            scales["d"] = 1.0 / q.x_scales[i + 1]
+        opts = MatmulOptions(result_type=cuda.CUDA_R_8F_E4M3 if fp8_out else cuda.CUDA_R_16BF, logger=NVMATH_LOG)
+        mm = Matmul(w, b, c=self._c_view(n_out, m), beta=0.0, quantization_scales=scales, options=opts)
+        mm.plan(epilog=MatmulEpilog.RELU_BIAS, epilog_inputs={"bias": q.biases[i]})
+        if self.autotune_rows is not None and m >= self.autotune_rows:
+            mm.autotune(iterations=3)
+        return mm
+
+    def forward(self, x0: torch.Tensor, pred: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+        """pred[:M] for the M rows of x0 on `stream` (None: the current one; on the CPU only Triton's
+        interpreter can run it, with every layer in Triton)."""
+        from kernels.fp8_linear import fp8_linear_relu
+        from kernels.fp8_mlp_tail import fp8_mlp_tail
+
         m = int(x0.shape[0])
-        mms = self._plans.get(m)
-        if mms is None:
-            mms = self._plans[m] = self._plan(x0)
-        y = mms[0].execute(stream=stream)
-        for mm in mms[1:]:
-            mm.reset_operands(b=y)
-            y = mm.execute(stream=stream)
+        steps = self._plans.get(m)
+        if steps is None:
+            steps = self._plans[m] = self._plan(x0)
+        q = self.q
+        y = x0.t()  # each layer's output as the next one's B: column-major [width, m]
+        for j, step in enumerate(steps):
+            if isinstance(step, int):
+                n_out = int(q.weights[step].shape[0])
+                out = self._act[j % 2][:m, :n_out]
+                with _on(stream):
+                    fp8_linear_relu(y.t(), q.weights[step], self._lin_scales[step], q.biases[step], out,
+                                    **self.launch[step])
+                y = out.t()
+            else:
+                if j > 0:  # the first layer's B is x0 itself, planned with it
+                    step.reset_operands(b=y)
+                y = step.execute(stream=stream)
         if self.fused_tail:
-            from kernels.fp8_mlp_tail import fp8_mlp_tail
-            q = self.q
-            with torch.cuda.stream(stream):  # y: the last fp8 layer's output, column-major [K, m]
+            with _on(stream):  # y: the last fp8 layer's output, column-major [K, m]
                 fp8_mlp_tail(y.t(), q.weights[-1], self._tail_scale, q.biases[-1], q.final_weight, q.final_bias,
                              pred[:m])
             return
         torch.sigmoid(y[0], out=pred[:m])  # row 0 of the 16-row last layer; its bias is in the epilogue
 
     def close(self) -> None:
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         for mms in self._plans.values():
             for mm in mms:
+                if isinstance(mm, int):  # a Triton layer: nothing to free
+                    continue
                 # Its last compute event may have been recorded inside a graph capture, which no stream
                 # may wait on afterwards; the device is idle (synchronized above), so nothing is pending.
                 mm.last_compute_event = None

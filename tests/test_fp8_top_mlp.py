@@ -189,3 +189,35 @@ def test_gpu_engine_fp8_matches_its_reference(tmp_path: Path) -> None:
                 assert np.abs(out - want[:k]).mean() < 5e-3, k
     finally:
         eng.close()
+
+
+def test_triton_chain_without_nvmath_matches_reference() -> None:
+    """Every fp8 layer in Triton (kernels/fp8_linear.py) and the fused tail: the chain that runs where
+    nvmath is not installed, wired as the engine runs it (on the CPU in Triton's interpreter)."""
+    from engines.fp8_top_mlp import Fp8TopMlpRunner
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mlp = _mlp(4)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    m = 40
+    x = torch.randn(m, CONFIG.interaction_width, generator=gen) * 2
+    q = quantize_fp8_top_mlp(mlp, _amax(mlp, x))
+    runner = Fp8TopMlpRunner(q, m + 8, dev, triton_layers=range(len(q.weights) - 1))
+    assert runner.triton_layers == {0, 1, 2} and runner.fused_tail and not runner.needs_nvmath
+    x0 = quantize_top_input(q, x)
+    buf = torch.zeros((m + 8, q.in_width_padded), dtype=E4M3, device=dev)
+    buf[:m].copy_(x0.to(dev))
+    pred = torch.full((m + 1,), float("nan"), device=dev)
+    stream = torch.cuda.Stream() if dev.type == "cuda" else None
+    runner.forward(buf[:m], pred, stream)
+    if stream is not None:
+        stream.synchronize()
+    got = pred[:m].cpu()
+    want = fp8_top_mlp_reference(q, x0)
+    assert not torch.isnan(got).any() and torch.isnan(pred[m]).item()
+    # The same arithmetic; it differs from the reference by the reference's division by each next scale
+    # where the kernels multiply by its inverse (an fp8 rounding flip, rarely) and by the GPU's summation
+    # order. A lost scale or bias moves predictions by tenths.
+    assert float((got - want).abs().max()) < 2e-2 and float((got - want).abs().mean()) < 2e-3
+    assert float(want.std()) > 0.02
+    runner.close()

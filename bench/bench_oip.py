@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--max-batch-pairs", type=int, default=262144)
     ap.add_argument("--oip-workers", type=int, default=1, help="front end processes on the ports (oip_workers)")
     ap.add_argument("--oip-channels", type=int, default=1, help="the driver's gRPC connections (--oip-channels)")
+    ap.add_argument("--max-inflight", type=int, default=64, help="the driver's requests in flight (--max-inflight)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rt = Path(tempfile.mkdtemp(prefix="dlrm-oip-", dir="/tmp"))
@@ -70,13 +71,15 @@ def main() -> int:
     rows: list[dict[str, object]] = []
     try:
         wait_until_serving(endpoint, 600, daemon)
-        runs = [("Offline", args.offline_qps)] + [("Server", float(q)) for q in args.server_qps.split(",") if q]
+        runs = ([("Offline", args.offline_qps)] if args.offline_qps > 0 else []) \
+            + [("Server", float(q)) for q in args.server_qps.split(",") if q]
         for scenario, qps in runs:
             for path in args.paths.split(","):
                 out_dir = rt / f"{path}_{scenario}_{qps:g}"
                 cmd = [sys.executable, "-m", "loadgen_driver.cli", "--scenario", scenario, "--dataset", str(args.dataset),
                        "--dataset-name", "bench", "--target-qps", f"{qps:g}", "--min-duration-s", str(args.duration_s),
                        "--min-query-count", "1", "--samples-per-request", str(args.samples_per_request),
+                       "--max-inflight", str(args.max_inflight),
                        "--output-dir", str(out_dir), "--quiet"]
                 cmd += (["--endpoint", endpoint] if path == "native" else
                         ["--backend", "oip", "--url", f"127.0.0.1:{grpc}", "--oip-inputs", path.split("-", 1)[1],
@@ -100,10 +103,14 @@ def main() -> int:
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(120)
         log.close()
-    print(f"\ndaemon exit {code}; engines {args.engines}\npath            scenario target     samples/s     p99_ms  result")
+    # LoadGen's VALID says nothing of failed samples (an OVERLOADED reply completes its samples): a run
+    # with any failed sample is FAILED here, whatever LoadGen said
+    print(f"\ndaemon exit {code}; engines {args.engines}\npath            scenario target     samples/s     p99_ms  "
+          "result   failed samples")
     for r in rows:
+        failed = bool(r["error_samples"]) or bool(r["driver_rc"])
         print(f"{r['path']:<15} {r['scenario']:<8} {r['target_qps']:<10g} {r['samples_per_s']:<13,.0f} "
-              f"{r['p99_ms']!s:<7} {r['result']}")
+              f"{r['p99_ms']!s:<7} {'FAILED' if failed else r['result']:<8} {r['error_samples'] or 0:,}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
     return 0

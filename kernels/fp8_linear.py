@@ -104,7 +104,8 @@ def fp8_linear_relu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     grid = (triton.cdiv(m, block_m) * (n // block_n),)
     _fp8_linear_relu_kernel[grid](
         x, x.stride(0), weight, scales, bias, out, out.stride(0), m, k, N=n, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN_K=k % block_k == 0, INTERPRETED=x.device.type == "cpu", num_warps=num_warps, num_stages=num_stages)
+        BLOCK_K=block_k, EVEN_K=k % block_k == 0, INTERPRETED=x.device.type == "cpu", num_warps=num_warps,
+        num_stages=num_stages)
     return out[:m]
 
 

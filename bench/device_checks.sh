@@ -351,6 +351,7 @@ round4c)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py 2>&1 | tail -3
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_top_mlp.py -k triton_chain 2>&1 | tail -2
   fs_ready
   timeout 90 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 --gpu-parts 1.0,0.3 \
     --target-qps 700000 --duration-s 10 --out "$OUT/e2e_parts.json" 2>&1 | tail -2

@@ -215,9 +215,12 @@ def test_triton_chain_without_nvmath_matches_reference() -> None:
     got = pred[:m].cpu()
     want = fp8_top_mlp_reference(q, x0)
     assert not torch.isnan(got).any() and torch.isnan(pred[m]).item()
-    # The same arithmetic; it differs from the reference by the reference's division by each next scale
-    # where the kernels multiply by its inverse (an fp8 rounding flip, rarely) and by the GPU's summation
-    # order. A lost scale or bias moves predictions by tenths.
-    assert float((got - want).abs().max()) < 2e-2 and float((got - want).abs().mean()) < 2e-3
+    # The same arithmetic; on the CPU it differs from the reference only where the kernels multiply by a
+    # next scale's inverse and the reference divides (an fp8 rounding flip, rarely). On Hopper the fp8
+    # matrix units accumulate in limited precision (tests/test_fp8_linear.py), which flips more roundings:
+    # measured on an H100 max 1.2e-2, mean 3.3e-3 (the cuBLASLt chain: mean 2.1e-3, max 2.0e-2 on an
+    # H200, above). A lost scale or bias moves predictions by tenths.
+    max_bound, mean_bound = (5e-2, 7e-3) if dev.type == "cuda" else (2e-2, 2e-3)
+    assert float((got - want).abs().max()) < max_bound and float((got - want).abs().mean()) < mean_bound
     assert float(want.std()) > 0.02
     runner.close()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,9 +40,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     art = make_cpu_artifact(d, CONFIG, seed=5)
     ds = make_dataset(d / "ds", np.random.default_rng(1).integers(1, 40, size=200), seed=4,
                       table_rows=CONFIG.table_rows)
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
     daemon = DaemonProc({"engines": ["cpu"], "model": str(art), "datasets": {"ds": str(ds)}, "max_batch_pairs": 512,
-                         "heartbeat_timeout_s": 5.0, "oip_http_port": http_port, "oip_grpc_port": grpc_port})
+                         "heartbeat_timeout_s": 5.0, "oip_http_port": http_port, "oip_grpc_port": grpc_port,
+                         "metrics_port": metrics_port})
     try:
         daemon.wait_serving(60)
         http = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
@@ -55,13 +57,26 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 pass
             assert time.monotonic() < end, daemon.log()[-3000:]
             time.sleep(0.2)
+        warm_ups = _by_ref_answered(metrics_port)  # before any client's request
         yield {"daemon": daemon, "http": http, "grpc": grpc, "ds": Dataset.open(ds), "ds_path": ds,
-               "grpc_url": f"127.0.0.1:{grpc_port}"}
+               "grpc_url": f"127.0.0.1:{grpc_port}", "warm_ups": warm_ups}
         http.close()
         grpc.close()
         assert daemon.terminate() == 0, daemon.log()[-3000:]
     finally:
         daemon.close()
+
+
+def _by_ref_answered(metrics_port: int) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    found = re.search(r'^dlrm_queries_total\{kind="by_ref",outcome="ok"\} (\S+)$', body, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_the_front_end_is_ready_only_after_its_warm_up(served: dict[str, Any]) -> None:
+    """Before it says ready, the front end process answered one request of its own per dataset (its wire
+    connection, LoadSamples, KServe's tensor types: not paid inside a client's first run)."""
+    assert served["warm_ups"] == 1  # one worker, one dataset, no client request yet
 
 
 def _inputs(module: Any, **tensors: np.ndarray) -> list[Any]:

@@ -24,7 +24,7 @@ from daemon.security import curve_problem, exposure_problem, oip_exposure_proble
 from daemon.precision_plan import PlanError, plan
 from formats.artifact import ArtifactError, read_calibration, read_model_config
 from wire.endpoints import client_endpoint, default_runtime_dir, endpoint_in
-from wire.messages import EngineKind, MlpPrecision
+from wire.messages import EngineKind, HostRows, MlpPrecision
 
 ENV_PREFIX = "DLRM_"
 # max_batch_pairs = 0 picks by engine kind: a CPU engine does ~10k pairs/s on 2 cores, so a
@@ -90,6 +90,11 @@ class DaemonConfig:
         "(benchmark engine), flag/env comma-separated; a device may repeat (two engines share a GPU)"))
     embedding_weights_on_gpu_part: float = field(default=1.0, metadata=_h(
         "share of embedding rows (most frequent first) kept in device memory, 0..1"))
+    host_rows: HostRows = field(default=HostRows.PRIVATE, metadata=_h(
+        "GPU engines' cold embedding rows (those past embedding_weights_on_gpu_part) in host memory: "
+        "'private' (default: each engine page-locks a copy of its own) or 'shared' (the artifact file's "
+        "pages page-locked in place: one copy per host for every engine; not yet measured on a GPU, "
+        "docs/OPERATIONS.md)"))
     gpu_mlp_precision: MlpPrecision = field(default=MlpPrecision.AUTO, metadata=_h(
         "GPU engines' MLP arithmetic: 'auto' (default: the fastest precision the artifact's calibration "
         "measured keeping accuracy_target, else fp16), 'fp16' or 'bf16' (cuBLAS), 'int8' (top MLP through "

@@ -162,7 +162,8 @@ class Supervisor:
             max_batch_pairs=self.config.max_batch_pairs,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             datasets=self.events.datasets_for_new_engine(), parent_pid=os.getpid(),
-            gpu_mlp_precision=e.model.gpu_mlp_precision, log_level=self.config.log_level.upper())
+            gpu_mlp_precision=e.model.gpu_mlp_precision, log_level=self.config.log_level.upper(),
+            host_rows=self.config.host_rows)
         e.proc = EngineProcess(spec)
         if e.lifecycle.state is not M.EngineState.STARTING:
             e.lifecycle.apply(EngineEvent.SPAWN)

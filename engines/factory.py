@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from engines.backend import EngineBackend
-from wire.messages import EngineKind, MlpPrecision
+from wire.messages import EngineKind, HostRows, MlpPrecision
 
 
 def create_backend(device: str, artifact: Path | str, *, gpu_part: float = 1.0, max_batch_pairs: int | None = None,
-                   inflight: int | None = None, mlp_precision: MlpPrecision | None = None) -> EngineBackend:
+                   inflight: int | None = None, mlp_precision: MlpPrecision | None = None,
+                   host_rows: HostRows | None = None) -> EngineBackend:
     """ValueError for an unknown device or a GPU backend that cannot be imported here."""
     kind = EngineKind.of_device(device)
     if kind is EngineKind.NULL:
@@ -36,6 +37,8 @@ def create_backend(device: str, artifact: Path | str, *, gpu_part: float = 1.0, 
         options["inflight"] = inflight
     if mlp_precision is not None:
         options["mlp_precision"] = str(mlp_precision)
+    if host_rows is not None:
+        options["host_rows"] = str(host_rows)
     return GpuBackend(device, artifact, gpu_part, **options)  # type: ignore[arg-type]
 
 

@@ -25,7 +25,9 @@ expanded to pair indices on the device. The engine's shared-memory region is pag
 """
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from engines.backend import BatchStats
 from formats.pairs import check_ranges, pair_index
 from engines.gpu_staging import GpuPending, HostRegistry, InFlight, StagingSet, Ticket
+from engines.host_rows import CUDA_HOST_REGISTER_READ_ONLY, HostRowsError, shared_cold_region
 from engines.placement import Placement
 from formats.artifact import Artifact
 from formats.dataset import Dataset
@@ -47,6 +50,8 @@ from kernels.gather_interaction import gather_interaction, new_counts
 from kernels.pair_rows import gather_pair_rows, remap_ids
 from engines.fp8_top_mlp import Fp8MlpError, Fp8TopMlpRunner, quantize_fp8_top_mlp
 from engines.int8_top_mlp import QuantTopMlp, alloc_scratch, quantize_top_mlp, top_mlp_int8
+
+log = logging.getLogger("dlrm.engine.gpu")
 
 _CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
 
@@ -97,6 +102,7 @@ class GpuBackend:
         mlp_precision: str | None = None,
         top_configs: Sequence[dict[str, int] | None] | None = None,
         fused_bottom: bool = True,
+        host_rows: str = "private",
     ) -> None:
         if not torch.cuda.is_available():
             raise GpuBackendError(f"{device}: CUDA is not available on this machine")
@@ -118,6 +124,9 @@ class GpuBackend:
         self.fused_relu = fused_relu
         self.fused_gather = fused_gather
         self.fused_bottom = fused_bottom  # the bottom MLP in one Triton kernel (kernels/bottom_mlp.py)
+        if host_rows not in ("private", "shared"):
+            raise GpuBackendError(f"host_rows must be private or shared, got {host_rows!r}")
+        self.host_rows = host_rows  # cold rows: a pinned copy of this engine's, or the file's pages (host_rows.py)
         # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps, gram, prefetch)
         self.kernel_config = dict(kernel_config or {})
         unknown = set(self.kernel_config) - {"pairs_per_program", "pairs_per_tile", "num_warps", "gram", "prefetch"}
@@ -187,7 +196,9 @@ class GpuBackend:
         t0 = time.perf_counter()
         n_cold = total - n_hot
         self.cold: torch.Tensor | None = None
-        if n_cold:
+        if n_cold and self.host_rows == "shared":
+            self.cold = self._shared_cold_rows(emb, n_hot, n_cold)
+        if n_cold and self.cold is None:
             # Pinned (page-locked, device-mapped under UVA): the gather kernel reads it over PCIe directly.
             self.cold = torch.empty((n_cold, dim), dtype=torch.int8, pin_memory=True)
             cold_np = self.cold.numpy()
@@ -201,6 +212,24 @@ class GpuBackend:
         self.scales = torch.from_numpy(np.asarray(art.scales, dtype=np.float32)).to(self._dev)
         self.stream.synchronize()
         self.times.remap_s = time.perf_counter() - t0
+
+    def _shared_cold_rows(self, emb: np.ndarray, n_hot: int, n_cold: int) -> torch.Tensor | None:
+        """The cold rows in the artifact file's own pages, page-locked read-only (one copy per host for
+        every engine); None, with a warning, where they cannot be (then this engine copies them)."""
+        try:
+            region, cold = shared_cold_region(emb, n_hot, n_cold)
+        except HostRowsError as exc:
+            log.warning("%s: host_rows shared: %s; copying the cold rows instead", self.device, exc)
+            return None
+        if not self.host.register(region, CUDA_HOST_REGISTER_READ_ONLY):
+            log.warning("%s: host_rows shared: cudaHostRegister (read-only) of %d bytes refused; copying the "
+                        "cold rows instead", self.device, region.nbytes)
+            return None
+        log.info("%s: %d cold rows (%d bytes) read from the artifact's pages, page-locked in place",
+                 self.device, n_cold, cold.nbytes)
+        with warnings.catch_warnings():  # a read-only mapping: the kernel only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(cold)
 
     def _load_mlp(self, art: Artifact) -> None:
         cfg = self.config

@@ -42,8 +42,9 @@ class HostRegistry:
         self.device = device
         self._ranges: list[tuple[int, int]] = []
 
-    def register(self, buf: np.ndarray) -> bool:
-        """Page-lock `buf`'s memory for DMA; False (and a warning) where the driver refuses."""
+    def register(self, buf: np.ndarray, flags: int = 0) -> bool:
+        """Page-lock `buf`'s memory for DMA (cudaHostRegister `flags`: 0 maps it for every device under
+        unified addressing); False (and a warning) where the driver refuses."""
         ptr, size = int(buf.ctypes.data), int(buf.nbytes)
         if size == 0 or self.contains(buf):
             return size > 0
@@ -52,7 +53,7 @@ class HostRegistry:
         # (nvmath's cuda.core) may leave another context current, and the register then fails with
         # "invalid device ordinal" (seen on an H200 after the fp8 top MLP was planned).
         torch.cuda.set_device(self.device)
-        err = rt.cudaHostRegister(ptr, size, 0)
+        err = rt.cudaHostRegister(ptr, size, flags)
         if err != rt.cudaError.success:
             # Clear the runtime's last error: left set, it would be reported by the next kernel launch
             # check of any later torch operation, as that operation's failure.

@@ -67,6 +67,13 @@ class BatchKind(enum.StrEnum):
     VALUE = "value"  # dense and sparse rows in the slot
 
 
+class HostRows(enum.StrEnum):
+    """Where a GPU engine's cold embedding rows live in host memory (engines/host_rows.py)."""
+
+    PRIVATE = "private"  # a page-locked copy of its own (one per engine)
+    SHARED = "shared"  # the artifact file's pages, page-locked in place (one copy per host)
+
+
 class MlpPrecision(enum.StrEnum):
     """A GPU engine's MLP arithmetic."""
 
@@ -335,6 +342,7 @@ class EngineSpec(msgspec.Struct, frozen=True):
     parent_pid: int
     gpu_mlp_precision: MlpPrecision = MlpPrecision.FP16  # GPU engines (daemon.config)
     log_level: str = "INFO"  # the daemon's log_level: DEBUG, INFO, WARNING or ERROR
+    host_rows: HostRows = HostRows.PRIVATE  # GPU engines with cold rows (daemon.config)
 
     @property
     def kind(self) -> EngineKind:

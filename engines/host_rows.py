@@ -1,0 +1,44 @@
+"""Cold embedding rows in host memory: one copy per host, shared by every GPU engine (issue 15).
+
+Each GPU engine used to copy its cold rows (those past the placement's hot ones) into page-locked memory of
+its own: with `embedding_weights_on_gpu_part` below 1 on an 8-GPU host, 8 copies of up to ~17 GB. The
+artifact's `embeddings.int8` already holds the cold rows contiguously (rows are stored in frequency order,
+hot first), and every engine maps that file read-only (np.memmap): the kernel's page cache holds one copy
+for all of them. `host_rows = "shared"` page-locks those file pages in place (cudaHostRegister with the
+read-only flag, which a read-only mapping needs, and which leaves the pages shared: a read-only pin takes
+no private copy), so the gather kernel reads them over PCIe as it reads a private pinned copy.
+
+This module is the pure part (which bytes to register, the view the kernel gets); `GpuBackend` does the
+registration and falls back to a private copy, with a warning, where the driver refuses it.
+"""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly (CUDA 11.1+); default flags map and port it
+
+
+class HostRowsError(ValueError):
+    """The rows cannot be shared (not a file mapping of the whole table, or not contiguous)."""
+
+
+def shared_cold_region(embeddings: np.ndarray, n_hot: int, n_cold: int,
+                       page: int = mmap.PAGESIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(region, cold): `region` the whole pages of the mapping that hold rows [n_hot, n_hot + n_cold) (what
+    to page-lock: cudaHostRegister works on whole pages), `cold` the [n_cold, dim] view of those rows in the
+    same memory (what the kernel reads). Both are views of `embeddings`, which must be a C-contiguous
+    mapping that starts on a page (np.memmap of the file from offset 0, as Artifact.open maps it)."""
+    if not isinstance(embeddings, np.memmap) or embeddings.ndim != 2 or not embeddings.flags.c_contiguous:
+        raise HostRowsError("the cold rows are shared only from a contiguous np.memmap of embeddings.int8")
+    total, dim = embeddings.shape
+    if not 0 <= n_hot <= total or not 0 < n_cold <= total - n_hot:
+        raise HostRowsError(f"rows [{n_hot}, {n_hot + n_cold}) outside the table's {total}")
+    flat = embeddings.reshape(-1).view(np.uint8)
+    if int(flat.ctypes.data) % page:
+        raise HostRowsError("the mapping does not start on a page")
+    lo = n_hot * dim * embeddings.itemsize
+    hi = (n_hot + n_cold) * dim * embeddings.itemsize
+    region = flat[lo - lo % page: min(flat.size, -(-hi // page) * page)]
+    return region, embeddings[n_hot:n_hot + n_cold]

@@ -68,7 +68,7 @@ def run_test(
     samples_per_request: int = 2048,
     max_inflight: int = 64,
     reply_timeout_s: float = 30.0,
-    issue: str = "fast",
+    issue: str = "capi",
     progress: bool = False,
     completion: str = "capi",
 ) -> RunResult:

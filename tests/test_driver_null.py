@@ -77,6 +77,8 @@ def test_performance_run_null_backend(dataset: Path, tmp_path: Path, scenario: s
     assert f"loadgen_driver: {scenario} PerformanceOnly" in printed
     assert "NOT an MLPerf-length run" in printed
     assert "latency: p50" in printed and "samples/s" in printed
+    # by default both ends go through LoadGen's C API (ids as arrays, one completion call per reply)
+    assert "issue through capi, completion through capi" in printed
     for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt", "mlperf_log_accuracy.json"):
         assert (out / name).exists()
 

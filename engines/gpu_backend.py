@@ -25,9 +25,7 @@ expanded to pair indices on the device. The engine's shared-memory region is pag
 """
 from __future__ import annotations
 
-import logging
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +37,7 @@ import torch.nn.functional as F
 from engines.backend import BatchStats
 from formats.pairs import check_ranges, pair_index
 from engines.gpu_staging import GpuPending, HostRegistry, InFlight, StagingSet, Ticket
-from engines.host_rows import CUDA_HOST_REGISTER_READ_ONLY, HostRowsError, shared_cold_region
+from engines.host_rows import shared_cold_rows
 from engines.placement import Placement
 from formats.artifact import Artifact
 from formats.dataset import Dataset
@@ -50,8 +48,6 @@ from kernels.gather_interaction import gather_interaction, new_counts
 from kernels.pair_rows import gather_pair_rows, remap_ids
 from engines.fp8_top_mlp import Fp8MlpError, Fp8TopMlpRunner, quantize_fp8_top_mlp
 from engines.int8_top_mlp import QuantTopMlp, alloc_scratch, quantize_top_mlp, top_mlp_int8
-
-log = logging.getLogger("dlrm.engine.gpu")
 
 _CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
 
@@ -197,7 +193,7 @@ class GpuBackend:
         n_cold = total - n_hot
         self.cold: torch.Tensor | None = None
         if n_cold and self.host_rows == "shared":
-            self.cold = self._shared_cold_rows(emb, n_hot, n_cold)
+            self.cold = shared_cold_rows(self.host, self.device, emb, n_hot, n_cold)
         if n_cold and self.cold is None:
             # Pinned (page-locked, device-mapped under UVA): the gather kernel reads it over PCIe directly.
             self.cold = torch.empty((n_cold, dim), dtype=torch.int8, pin_memory=True)
@@ -212,24 +208,6 @@ class GpuBackend:
         self.scales = torch.from_numpy(np.asarray(art.scales, dtype=np.float32)).to(self._dev)
         self.stream.synchronize()
         self.times.remap_s = time.perf_counter() - t0
-
-    def _shared_cold_rows(self, emb: np.ndarray, n_hot: int, n_cold: int) -> torch.Tensor | None:
-        """The cold rows in the artifact file's own pages, page-locked read-only (one copy per host for
-        every engine); None, with a warning, where they cannot be (then this engine copies them)."""
-        try:
-            region, cold = shared_cold_region(emb, n_hot, n_cold)
-        except HostRowsError as exc:
-            log.warning("%s: host_rows shared: %s; copying the cold rows instead", self.device, exc)
-            return None
-        if not self.host.register(region, CUDA_HOST_REGISTER_READ_ONLY):
-            log.warning("%s: host_rows shared: cudaHostRegister (read-only) of %d bytes refused; copying the "
-                        "cold rows instead", self.device, region.nbytes)
-            return None
-        log.info("%s: %d cold rows (%d bytes) read from the artifact's pages, page-locked in place",
-                 self.device, n_cold, cold.nbytes)
-        with warnings.catch_warnings():  # a read-only mapping: the kernel only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(cold)
 
     def _load_mlp(self, art: Artifact) -> None:
         cfg = self.config

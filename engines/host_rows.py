@@ -8,14 +8,25 @@ for all of them. `host_rows = "shared"` page-locks those file pages in place (cu
 read-only flag, which a read-only mapping needs, and which leaves the pages shared: a read-only pin takes
 no private copy), so the gather kernel reads them over PCIe as it reads a private pinned copy.
 
-This module is the pure part (which bytes to register, the view the kernel gets); `GpuBackend` does the
-registration and falls back to a private copy, with a warning, where the driver refuses it.
+`shared_cold_region` is the pure part (which bytes to register, the view the kernel gets);
+`shared_cold_rows` registers them for a GPU engine, or returns None (with a warning) where that cannot be
+done, and the engine then copies its cold rows as before.
 """
 from __future__ import annotations
 
+import logging
 import mmap
+import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch and CUDA only where a GPU engine runs
+    import torch
+
+    from engines.gpu_staging import HostRegistry
+
+log = logging.getLogger("dlrm.engine.gpu")
 
 CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly (CUDA 11.1+); default flags map and port it
 
@@ -42,3 +53,25 @@ def shared_cold_region(embeddings: np.ndarray, n_hot: int, n_cold: int,
     hi = (n_hot + n_cold) * dim * embeddings.itemsize
     region = flat[lo - lo % page: min(flat.size, -(-hi // page) * page)]
     return region, embeddings[n_hot:n_hot + n_cold]
+
+
+def shared_cold_rows(host: "HostRegistry", device: str, embeddings: np.ndarray, n_hot: int,
+                     n_cold: int) -> "torch.Tensor | None":
+    """The cold rows in the model file's own pages, page-locked read-only through `host` (one copy per host
+    for every engine); None, with a warning, where they cannot be (the engine then copies them)."""
+    import torch
+
+    try:
+        region, cold = shared_cold_region(embeddings, n_hot, n_cold)
+    except HostRowsError as exc:
+        log.warning("%s: host_rows shared: %s; copying the cold rows instead", device, exc)
+        return None
+    if not host.register(region, CUDA_HOST_REGISTER_READ_ONLY):
+        log.warning("%s: host_rows shared: cudaHostRegister (read-only) of %d bytes refused; copying the cold "
+                    "rows instead", device, region.nbytes)
+        return None
+    log.info("%s: %d cold rows (%d bytes) read from the model file's pages, page-locked in place", device,
+             n_cold, cold.nbytes)
+    with warnings.catch_warnings():  # a read-only mapping: the kernel only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(cold)

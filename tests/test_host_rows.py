@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.host_rows import HostRowsError, shared_cold_region
+from engines.host_rows import CUDA_HOST_REGISTER_READ_ONLY, HostRowsError, shared_cold_region, shared_cold_rows
 from daemon.config import ConfigError, load_config
 from wire.messages import HostRows
 
@@ -43,6 +43,33 @@ def test_only_a_file_mapping_of_the_table_is_shared(tmp_path: Path) -> None:
         shared_cold_region(emb, 10, 91)
     with pytest.raises(HostRowsError):
         shared_cold_region(emb, 10, 0)
+
+
+class _Registry:
+    """Stands in for HostRegistry where there is no CUDA (CI): records what it was asked to page-lock."""
+
+    def __init__(self, accept: bool) -> None:
+        self.accept = accept
+        self.calls: list[tuple[np.ndarray, int]] = []
+
+    def register(self, buf: np.ndarray, flags: int = 0) -> bool:
+        self.calls.append((buf, flags))
+        return self.accept
+
+
+def test_shared_rows_are_the_files_pages_or_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    emb = _table(tmp_path, 300)
+    ok = _Registry(accept=True)
+    cold = shared_cold_rows(ok, "cuda:0", emb, 100, 200)  # type: ignore[arg-type]
+    assert cold is not None and cold.shape == (200, 128)
+    np.testing.assert_array_equal(cold.numpy(), np.asarray(emb)[100:])
+    assert np.shares_memory(cold.numpy(), emb)  # no copy: the mapping's own pages
+    (region, flags), = ok.calls
+    assert flags == CUDA_HOST_REGISTER_READ_ONLY and np.shares_memory(region, emb)
+    refused = _Registry(accept=False)
+    assert shared_cold_rows(refused, "cuda:0", emb, 100, 200) is None  # type: ignore[arg-type]
+    assert "copying the cold rows instead" in caplog.text
+    assert shared_cold_rows(ok, "cuda:0", np.asarray(emb).copy(), 100, 200) is None  # type: ignore[arg-type]
 
 
 def test_the_config_key(tmp_path: Path) -> None:

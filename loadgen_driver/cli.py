@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after this long without any reply the driver asks the daemon whether it is working: "
                         "if it is (work queued or in flight), the wait goes on; if it is idle the pending requests "
                         "fail; if it does not answer they fail and no more samples are sent")
-    p.add_argument("--issue", choices=("fast", "capi", "slow"), default="capi",
+    p.add_argument("--issue", choices=("ring", "capi", "fast", "slow"), default="capi",
                    help="capi: LoadGen's C ConstructSUT (ids as arrays, no Python list per query; falls back "
-                        "to fast if not found); fast: ConstructFastSUT; slow: ConstructSUT")
+                        "to fast if not found); ring: the same with IssueQuery in C, queued for a Python "
+                        "thread (built with the C compiler at first use; falls back to capi); fast: "
+                        "ConstructFastSUT; slow: ConstructSUT")
     p.add_argument("--completion", choices=("capi", "python"), default="capi",
                    help="capi: complete each batch with one call of LoadGen's C API (no per-sample "
                         "Python object; falls back to python if not found); python: the binding")

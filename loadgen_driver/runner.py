@@ -10,7 +10,7 @@ from pathlib import Path
 import mlperf_loadgen as lg
 import numpy as np
 
-from loadgen_driver import capi
+from loadgen_driver import capi, issue_ring
 from loadgen_driver.backend import Backend
 from loadgen_driver.sut import DriverSUT, SutStats
 
@@ -21,7 +21,7 @@ class RunResult:
     wall_s: float
     output_dir: Path
     completion: str  # "capi" (one C call per batch) or "python" (QuerySampleResponse per sample)
-    issue: str  # "capi" (C-API SUT, numpy ids), "fast" (ConstructFastSUT), "slow" (ConstructSUT)
+    issue: str  # "ring" (C IssueQuery, issue_ring.c), "capi" (C-API SUT, numpy ids), "fast", "slow"
 
 
 class Progress:
@@ -82,7 +82,15 @@ def run_test(
     log_settings.enable_trace = False
     perf_count = settings.performance_sample_count_override or num_samples
     qsl = lg.ConstructQSL(num_samples, min(perf_count, num_samples), sut.load_samples, sut.unload_samples)
-    c_sut = capi.construct_sut(sut.issue_arrays, sut.flush) if issue == "capi" else None
+    c_sut: capi.CSut | issue_ring.RingSut | None = None
+    used = issue
+    if issue == "ring":  # IssueQuery in C, drained by a Python thread (issue_ring.py)
+        c_sut = issue_ring.construct_ring_sut(sut.issue_arrays)
+        if c_sut is None:
+            issue = "capi"
+    if issue == "capi":
+        c_sut = capi.construct_sut(sut.issue_arrays, sut.flush)
+        used = "capi" if c_sut is not None else "fast"
     if c_sut is not None:
         handle = c_sut.handle
     elif issue == "slow":
@@ -102,5 +110,4 @@ def run_test(
         else:
             (lg.DestroySUT if issue == "slow" else lg.DestroyFastSUT)(handle)
         lg.DestroyQSL(qsl)
-    return RunResult(sut.stats, wall, output_dir, "capi" if sut.capi is not None else "python",
-                     "capi" if c_sut is not None else issue)
+    return RunResult(sut.stats, wall, output_dir, "capi" if sut.capi is not None else "python", used)

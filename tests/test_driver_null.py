@@ -91,7 +91,9 @@ def test_capi_completion_is_found() -> None:
 
 @pytest.mark.parametrize("scenario,completion,issue", [("Offline", "capi", "fast"),
                                                        ("Offline", "python", "slow"),
-                                                       ("Server", "capi", "capi")])
+                                                       ("Server", "capi", "capi"),
+                                                       ("Offline", "capi", "ring"),
+                                                       ("Server", "capi", "ring")])
 def test_accuracy_log_holds_prediction_label_pairs(dataset: Path, tmp_path: Path, scenario: str,
                                                    completion: str, issue: str) -> None:
     out = tmp_path / "acc"
@@ -289,3 +291,46 @@ def test_unload_failure_after_the_run_is_a_warning(dataset: Path, tmp_path: Path
     result = run_test(_NoUnload(ds.sample_offsets), ts, ds.num_samples, tmp_path, ds.sample_offsets)
     assert result.stats.errors == [] and result.stats.error_samples == 0
     assert any("UnloadSamples" in w and "restarted" in w for w in result.stats.warnings)
+
+
+def test_issue_ring_built_used_and_counted(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--issue ring: the C ring is compiled (into the cache given), LoadGen's IssueQuery goes through it
+    (every sample of the run passes the ring), and the run is VALID."""
+    from loadgen_driver import issue_ring
+
+    lib_path = issue_ring.build(tmp_path / "cache")
+    assert lib_path is not None and lib_path.exists()
+    lib = issue_ring.load(lib_path)
+    got: list[tuple[np.ndarray, np.ndarray]] = []
+    pump = issue_ring.IssuePump(lib, lambda ids, idx: got.append((ids, idx)), capacity=64, batch=16)
+    try:
+        samples = np.zeros(1000, dtype=[("id", "<u8"), ("index", "<u8")])
+        samples["id"] = np.arange(1000) + 7
+        samples["index"] = np.arange(1000) * 3
+        lib.ring_issue(0, samples.ctypes.data, 1000)  # more than the ring holds: waits for the pump
+    finally:
+        pump.close()
+    ids = np.concatenate([g[0] for g in got])
+    idx = np.concatenate([g[1] for g in got])
+    np.testing.assert_array_equal(ids, np.arange(1000) + 7)  # all, in order, none twice
+    np.testing.assert_array_equal(idx, np.arange(1000) * 3)
+    assert max(len(g[0]) for g in got) <= 16
+    out = tmp_path / "logs"
+    rc = main(["--scenario", "Server", "--dataset", str(dataset), "--backend", "null", "--target-qps", "2000",
+               "--min-duration-s", "1", "--min-query-count", "300", "--output-dir", str(out), "--quiet",
+               "--latency-ms", "1000", "--issue", "ring"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and read_summary(out).result == "VALID", printed
+    assert "issue through ring" in printed
+
+
+def test_issue_ring_falls_back_without_a_compiler(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # nothing built yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    out = tmp_path / "logs"
+    rc = main(["--scenario", "Offline", "--dataset", str(dataset), "--backend", "null", "--target-qps", "20000",
+               "--min-duration-s", "0", "--min-query-count", "100", "--output-dir", str(out), "--quiet",
+               "--issue", "ring"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "issue through capi" in printed, printed

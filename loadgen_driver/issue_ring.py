@@ -36,7 +36,11 @@ def cache_dir() -> Path:
 
 def build(out_dir: Path | None = None) -> Path | None:
     """The compiled ring library (built now if absent); None, with the reason logged, where it cannot be."""
-    src = SOURCE.read_bytes()
+    try:
+        src = SOURCE.read_bytes()
+    except OSError as exc:
+        log.warning("the issue ring's source is missing (%s); issuing through LoadGen's C API from Python", exc)
+        return None
     out_dir = out_dir or cache_dir()
     lib = out_dir / f"issue_ring-{hashlib.sha256(src).hexdigest()[:16]}.so"
     if lib.exists():

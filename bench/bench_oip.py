@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--oip-workers", type=int, default=1, help="front end processes on the ports (oip_workers)")
     ap.add_argument("--oip-channels", type=int, default=1, help="the driver's gRPC connections (--oip-channels)")
     ap.add_argument("--max-inflight", type=int, default=64, help="the driver's requests in flight (--max-inflight)")
+    ap.add_argument("--issue", default="capi", help="the driver's issue path (--issue: capi, ring, fast)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rt = Path(tempfile.mkdtemp(prefix="dlrm-oip-", dir="/tmp"))
@@ -79,7 +80,7 @@ def main() -> int:
                 cmd = [sys.executable, "-m", "loadgen_driver.cli", "--scenario", scenario, "--dataset", str(args.dataset),
                        "--dataset-name", "bench", "--target-qps", f"{qps:g}", "--min-duration-s", str(args.duration_s),
                        "--min-query-count", "1", "--samples-per-request", str(args.samples_per_request),
-                       "--max-inflight", str(args.max_inflight),
+                       "--max-inflight", str(args.max_inflight), "--issue", args.issue,
                        "--output-dir", str(out_dir), "--quiet"]
                 cmd += (["--endpoint", endpoint] if path == "native" else
                         ["--backend", "oip", "--url", f"127.0.0.1:{grpc}", "--oip-inputs", path.split("-", 1)[1],

@@ -16,6 +16,7 @@
 #   bash bench/device_checks.sh round4a    # fp8 kernel GPU tests, Triton fp8 layer probe, null ceiling, OIP x4
 #   bash bench/device_checks.sh round4b    # the Triton fp8 layer's GPU numerics, OIP Server with 8 workers
 #   bash bench/device_checks.sh round4c    # fp8 layer test, gpu_part 0.3, OIP x8 Offline and Server sweep
+#   bash bench/device_checks.sh round5     # shared cold rows, OIP warm-up, C issue paths, gpu_part 0.3 x2
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -364,6 +365,33 @@ round4c)
     --paths oip-reference,native --oip-workers 8 --oip-channels 8 --max-inflight 256 --offline-qps 0 \
     --server-qps 50000,350000,400000,450000 --duration-s 8 --out "$OUT/oip_w8_server.json" 2>&1 | tail -9
   ;;
+round5)
+  # what this session's changes need from a GPU host (written when no device time was left): the GPU tests
+  # of the shared cold rows and the Triton fp8 chain; the front end's first Server run with its warm-up
+  # (issue 17: INVALID three times out of three before it); the null-engine ceiling with the driver's C
+  # issue paths (issue 15: `capi` is now the default, `ring` opt-in); gpu_part 0.3 with private and shared
+  # cold rows (issues 13 and 15)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_host_rows.py tests/test_fp8_linear.py \
+    tests/test_fp8_top_mlp.py -k "gpu or triton_chain" 2>&1 | tail -3
+  fs_ready
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_oip/*.whl \
+    > /dev/null 2>&1 || echo "oip wheels did not install"
+  timeout 120 python3 bench/bench_oip.py --artifact $FS/artifact --dataset $FS/dataset --engines cuda:0 --mlp fp8 \
+    --paths oip-reference,native --oip-workers 8 --oip-channels 8 --max-inflight 256 --offline-qps 0 \
+    --server-qps 50000,300000 --duration-s 8 --out "$OUT/oip_first_run.json" 2>&1 | tail -5
+  for issue in capi ring; do
+    timeout 75 python3 bench/bench_oip.py --dataset $FS/dataset --engines null,null,null,null --paths native \
+      --issue $issue --offline-qps 4000000 --server-qps 1200000,1800000,2400000 --duration-s 5 \
+      --out "$OUT/null_4_$issue.json" 2>&1 | tail -5 | sed "s|^|null x4 $issue: |"
+  done
+  for rows in private shared; do
+    DLRM_HOST_ROWS=$rows timeout 90 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
+      --mlp fp8 --gpu-parts 0.3 --target-qps 700000 --duration-s 10 --out "$OUT/e2e_part03_$rows.json" 2>&1 \
+      | tail -1 | sed "s|^|$rows |"
+  done
+  ;;
 reload)
   # issue 16 on the GPU: the full-size model swapped for a copy of itself in another directory (another
   # model id) in the middle of a Server run at about 80% of the fp8 capacity (docs/RELIABILITY.md)
@@ -375,5 +403,5 @@ reload)
     --out "$OUT/reload.json" 2>&1 | tail -25
   ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|round3d|round3e|round4a|round4b|round4c|headline|round2|reload" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|round3d|round3e|round4a|round4b|round4c|round5|headline|round2|reload" >&2; exit 2 ;;
 esac

@@ -191,6 +191,8 @@ def main() -> int:
     ap.add_argument("--parts", type=str, default="1.0,0.5,0.3,0.1")
     ap.add_argument("--kernel-from", type=Path, default=None,
                     help="bench_gather.py JSON: use its fastest fused gather+interaction variant")
+    ap.add_argument("--kernel-config", default=None,
+                    help='JSON merged into the engines\' kernel_config, e.g. \'{"stage_cold_rows": 1048576}\'')
     ap.add_argument("--mlp", default="fp16,int8", help="MLP precisions to time (GpuBackend mlp_precision)")
     ap.add_argument("--unfused", action="store_true", help="also time v1's unfused kernels and separate ReLU")
     ap.add_argument("--batches", default="2048,8192,32768,131072,262144", help="batch sizes timed (pairs)")
@@ -206,6 +208,8 @@ def main() -> int:
     if args.kernel_from is not None and args.kernel_from.is_file():
         f = min(json.loads(args.kernel_from.read_text())["fused"], key=lambda v: v["ms"])
         kcfg = {"pairs_per_program": f["per_program"], "pairs_per_tile": f["tile"], "num_warps": f["warps"]}
+    if args.kernel_config:
+        kcfg = {**(kcfg or {}), **json.loads(args.kernel_config)}
     res["kernel_config"] = kcfg
     print("fused kernel config:", kcfg or "backend default", flush=True)
     root = Path(tempfile.mkdtemp(prefix="bench_engine_"))

@@ -386,6 +386,13 @@ round5)
       --issue $issue --offline-qps 4000000 --server-qps 1200000,1800000,2400000 --duration-s 5 \
       --out "$OUT/null_4_$issue.json" 2>&1 | tail -5 | sed "s|^|null x4 $issue: |"
   done
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cold_stage.py tests/test_gpu_backend.py -m gpu \
+    -k "full_batch or matches_int8" 2>&1 | tail -2
+  for kc in '{}' '{"stage_cold_rows": 1048576}'; do  # issue 13: the cold rows staged first, gpu_part 0.3
+    timeout 150 python3 bench/bench_engine.py --scale 0.05 --pairs 600000 --parts 1.0,0.3 --mlp fp8 \
+      --batches 262144 --kernel-config "$kc" --out "$OUT/engine_stage_$RANDOM.json" 2>&1 \
+      | sed -n '/== engine summary/,$p' | sed "s|^|$kc |"
+  done
   for rows in private shared; do
     DLRM_HOST_ROWS=$rows timeout 90 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
       --mlp fp8 --gpu-parts 0.3 --target-qps 700000 --duration-s 10 --out "$OUT/e2e_part03_$rows.json" 2>&1 \

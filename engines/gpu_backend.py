@@ -42,6 +42,7 @@ from engines.placement import Placement
 from formats.artifact import Artifact
 from formats.dataset import Dataset
 from kernels.bottom_mlp import bottom_mlp, fits as bottom_mlp_fits
+from kernels.cold_stage import stage_cold_rows
 from kernels.dot_interaction import dot_interaction
 from kernels.embedding_gather import embedding_gather
 from kernels.gather_interaction import gather_interaction, new_counts
@@ -125,10 +126,16 @@ class GpuBackend:
         self.host_rows = host_rows  # cold rows: a pinned copy of this engine's, or the file's pages (host_rows.py)
         # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps, gram, prefetch)
         self.kernel_config = dict(kernel_config or {})
-        unknown = set(self.kernel_config) - {"pairs_per_program", "pairs_per_tile", "num_warps", "gram", "prefetch"}
+        unknown = set(self.kernel_config) - {"pairs_per_program", "pairs_per_tile", "num_warps", "gram", "prefetch",
+                                             "stage_cold_rows"}
         if unknown:
             raise GpuBackendError(f"kernel_config: unknown gather_interaction parameters {sorted(unknown)}")
         self._launch_config: dict[str, Any] = dict(self.kernel_config)
+        # Device rows for staging a batch's cold rows before the fused kernel (kernels/cold_stage.py;
+        # opt-in, not yet measured on a GPU): 0 = the fused kernel reads them from host memory itself.
+        self.stage_rows = int(self._launch_config.pop("stage_cold_rows", 0))
+        if self.stage_rows < 0 or (self.stage_rows and not fused_gather):
+            raise GpuBackendError("kernel_config stage_cold_rows must be >= 0, and needs fused_gather")
         self.max_batch_pairs = int(max_batch_pairs)
         if inflight < 1:
             raise GpuBackendError(f"inflight must be positive, got {inflight}")
@@ -180,7 +187,10 @@ class GpuBackend:
         n_hot, total, dim = self.placement.n_hot, self.placement.total_rows, self.config.embedding_dim
         emb = art.embeddings
         t0 = time.perf_counter()
-        self.hot = torch.empty((n_hot, dim), dtype=torch.int8, device=self._dev)
+        if total == n_hot:
+            self.stage_rows = 0  # no cold rows: nothing to stage
+        # the stage (if any) right after the hot rows: the fused kernel takes staged rows as hot ones
+        self.hot = torch.empty((n_hot + self.stage_rows, dim), dtype=torch.int8, device=self._dev)
         staging = torch.empty((min(_CHUNK_ROWS, max(n_hot, 1)), dim), dtype=torch.int8, pin_memory=True)
         st_np = staging.numpy()
         for a in range(0, n_hot, _CHUNK_ROWS):
@@ -268,6 +278,7 @@ class GpuBackend:
         self.bottom_out = torch.empty((m, cfg.embedding_dim), dtype=self.dtype, device=dev)
         self.top_scratch = alloc_scratch(self.qtop, m, dev) if self.qtop is not None else None
         self.counts = new_counts(dev)  # [limit, bad ids, hot-count slots]
+        self._stage_counter = torch.zeros(1, dtype=torch.int32, device=dev)  # cold lookups of the batch
         self._arange = torch.arange(m, dtype=torch.int64, device=dev)
         self._rows_dev = (self.table_offsets[1:] - self.table_offsets[:-1]).to(torch.int32)
         self.pool = InFlight([StagingSet(m, cfg.dense_features, cfg.num_tables, self.counts.numel(), dev)
@@ -283,6 +294,11 @@ class GpuBackend:
             for weight, bias in self.bottom:
                 x = self._linear_relu(x, weight, bias)
         # sparse_in holds file positions (remapped and checked before the graph): no remap loads here.
+        if self.stage_rows:  # the batch's cold rows to the device first; their positions point there
+            assert self.cold is not None
+            n_hot = self.placement.n_hot
+            self._stage_counter.zero_()
+            stage_cold_rows(self.sparse_in[:n], n_hot, self.cold, self.hot[n_hot:], self._stage_counter, self.counts)
         if self.fp8 is not None:
             gather_interaction(x, self.sparse_in[:n], self.table_offsets, None, self.scales, self.hot, self.cold,
                                self.top_in[:n], self.counts, out_scale=self._top_in_inv_scale, **self._launch_config)

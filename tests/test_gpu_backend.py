@@ -82,9 +82,16 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gpu_part,dtype,fused", [(1.0, torch.float16, True), (0.3, torch.float16, True),
-                                                  (0.5, torch.bfloat16, True), (0.3, torch.float16, False)])
-def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: torch.dtype, fused: bool) -> None:
+@pytest.mark.parametrize("gpu_part,dtype,fused,kcfg", [(1.0, torch.float16, True, None),
+                                                       (0.3, torch.float16, True, None),
+                                                       (0.5, torch.bfloat16, True, None),
+                                                       (0.3, torch.float16, False, None),
+                                                       # cold rows staged on the device first (cold_stage.py),
+                                                       # a stage that fills in a batch too
+                                                       (0.3, torch.float16, True, {"stage_cold_rows": 1 << 16}),
+                                                       (0.3, torch.float16, True, {"stage_cold_rows": 100})])
+def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: torch.dtype, fused: bool,
+                                    kcfg: dict | None) -> None:
     from engines.gpu_backend import GpuBackend
     from engines.reference import Int8Reference
 
@@ -93,7 +100,7 @@ def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: t
     dense, sparse = model_files["dense"], model_files["sparse"]
     want = ref.predict(dense, sparse)
     eng = GpuBackend("cuda:0", model_files["artifact"], gpu_part, max_batch_pairs=4096, dtype=dtype,
-                     fused_gather=fused, fused_relu=fused)
+                     fused_gather=fused, fused_relu=fused, kernel_config=kcfg)
     try:
         # by value, a size that pads to a captured graph and one larger than max_batch_pairs
         for n in (1, 777, 9001):

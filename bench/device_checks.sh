@@ -16,7 +16,8 @@
 #   bash bench/device_checks.sh round4a    # fp8 kernel GPU tests, Triton fp8 layer probe, null ceiling, OIP x4
 #   bash bench/device_checks.sh round4b    # the Triton fp8 layer's GPU numerics, OIP Server with 8 workers
 #   bash bench/device_checks.sh round4c    # fp8 layer test, gpu_part 0.3, OIP x8 Offline and Server sweep
-#   bash bench/device_checks.sh round5     # shared cold rows, OIP warm-up, C issue paths, gpu_part 0.3 x2
+#   bash bench/device_checks.sh round5a    # GPU tests (shared cold rows, fp8 chain, cold stage), OIP warm-up, C issue
+#   bash bench/device_checks.sh round5b    # gpu_part 0.3: cold rows staged or not, private vs shared host rows
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -365,19 +366,22 @@ round4c)
     --paths oip-reference,native --oip-workers 8 --oip-channels 8 --max-inflight 256 --offline-qps 0 \
     --server-qps 50000,350000,400000,450000 --duration-s 8 --out "$OUT/oip_w8_server.json" 2>&1 | tail -9
   ;;
-round5)
-  # what this session's changes need from a GPU host (written when no device time was left): the GPU tests
-  # of the shared cold rows and the Triton fp8 chain; the front end's first Server run with its warm-up
-  # (issue 17: INVALID three times out of three before it); the null-engine ceiling with the driver's C
-  # issue paths (issue 15: `capi` is now the default, `ring` opt-in); gpu_part 0.3 with private and shared
-  # cold rows (issues 13 and 15)
+round5a)
+  # what the previous session's changes need from a GPU host, part 1 (within one 600 s call): the GPU tests of
+  # the shared cold rows, the Triton fp8 chain and the cold-row stage; the front end's first Server run with
+  # its warm-up (issue 17: INVALID three times out of three before it); the null-engine ceiling with the
+  # driver's C issue paths (issue 15: `capi` is the default, `ring` opt-in)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_host_rows.py tests/test_fp8_linear.py \
-    tests/test_fp8_top_mlp.py -k "gpu or triton_chain" 2>&1 | tail -3
-  fs_ready
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_oip/*.whl \
-    > /dev/null 2>&1 || echo "oip wheels did not install"
+    > /tmp/oip_pip.log 2>&1 &
+  pip_pid=$!
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_host_rows.py tests/test_fp8_linear.py \
+    tests/test_fp8_top_mlp.py -k "gpu or triton_chain" 2>&1 | tee "$OUT/gpu_tests_a.log" | tail -3
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cold_stage.py tests/test_gpu_backend.py -m gpu \
+    -k "full_batch or matches_int8" 2>&1 | tee "$OUT/gpu_tests_b.log" | tail -2
+  wait $pip_pid || echo "oip wheels did not install"
+  fs_ready
   timeout 120 python3 bench/bench_oip.py --artifact $FS/artifact --dataset $FS/dataset --engines cuda:0 --mlp fp8 \
     --paths oip-reference,native --oip-workers 8 --oip-channels 8 --max-inflight 256 --offline-qps 0 \
     --server-qps 50000,300000 --duration-s 8 --out "$OUT/oip_first_run.json" 2>&1 | tail -5
@@ -386,13 +390,18 @@ round5)
       --issue $issue --offline-qps 4000000 --server-qps 1200000,1800000,2400000 --duration-s 5 \
       --out "$OUT/null_4_$issue.json" 2>&1 | tail -5 | sed "s|^|null x4 $issue: |"
   done
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cold_stage.py tests/test_gpu_backend.py -m gpu \
-    -k "full_batch or matches_int8" 2>&1 | tail -2
-  for kc in '{}' '{"stage_cold_rows": 1048576}'; do  # issue 13: the cold rows staged first, gpu_part 0.3
-    timeout 150 python3 bench/bench_engine.py --scale 0.05 --pairs 600000 --parts 1.0,0.3 --mlp fp8 \
+  ;;
+round5b)
+  # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,
+  # then end to end with private and shared cold rows (issue 15)
+  [ -f $FS/dataset/manifest.json ] || \
+    setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  for kc in '{}' '{"stage_cold_rows": 1048576}'; do
+    timeout 130 python3 bench/bench_engine.py --scale 0.05 --pairs 400000 --parts 1.0,0.3 --mlp fp8 \
       --batches 262144 --kernel-config "$kc" --out "$OUT/engine_stage_$RANDOM.json" 2>&1 \
       | sed -n '/== engine summary/,$p' | sed "s|^|$kc |"
   done
+  grep -q '^}' /tmp/fs.log 2>/dev/null && [ -f $FS/artifact/calibration.json ] || fs_ready
   for rows in private shared; do
     DLRM_HOST_ROWS=$rows timeout 90 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
       --mlp fp8 --gpu-parts 0.3 --target-qps 700000 --duration-s 10 --out "$OUT/e2e_part03_$rows.json" 2>&1 \

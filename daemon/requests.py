@@ -209,7 +209,8 @@ class RequestHandler:
             queue_pairs=batcher.queued_pairs, inflight_batches=sum(len(e.inflight) for e in self.sup.engines),
             datasets={n: d.num_samples for n, d in self.datasets.entries.items()}, rates=totals.rates(now),
             totals=dict(totals.counts), recent_errors=list(totals.recent_errors),
-            model=next((e.model.model_id for e in self.sup.engines if e.role == "active"), "")))
+            model=next((e.model.model_id for e in self.sup.engines if e.role == "active"), ""),
+            max_queue_pairs=self.cfg.max_queue_pairs))
 
     def _engine_status(self, e: Engine, now: float) -> M.EngineStatus:
         c = e.counts

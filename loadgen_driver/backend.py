@@ -45,6 +45,10 @@ class Liveness:
 
 
 class Backend(Protocol):
+    # pairs this backend queues at most before it refuses work (0: no bound known); the driver keeps
+    # fewer than that in flight
+    queue_bound_pairs: int
+
     def load_samples(self, sample_ids: np.ndarray) -> None:
         """Make the samples (LoadGen's working set) servable by reference."""
 
@@ -92,6 +96,7 @@ class InProcessBackend:
         self._replies: queue.SimpleQueue[BackendReply] = queue.SimpleQueue()
         self._empty = np.empty(0, dtype=np.float32)
         self.loaded = 0
+        self.queue_bound_pairs = 0
 
     def load_samples(self, sample_ids: np.ndarray) -> None:
         self.loaded += len(sample_ids)
@@ -136,11 +141,12 @@ class DaemonBackend:
         self.endpoint = endpoint
         self._control = Client(endpoint, timeout_s=timeout_s)
         try:
-            self._control.status()
+            status = self._control.status()
         except DaemonError as exc:
             self._control.close()
             raise DriverBackendError(f"daemon at {endpoint} is not answering ({exc}); is dlrm-daemon "
                                      f"running there?") from exc
+        self.queue_bound_pairs = int(status.get("max_queue_pairs", 0))
         self._call("RegisterDataset", self._control.register_dataset, dataset_name, dataset_path)
         self._client = PipelinedClient(endpoint)
         self._probe: Client | None = None

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-request", type=int, default=2048,
                    help="Offline's query is split into requests of this many samples")
     p.add_argument("--max-inflight", type=int, default=64, help="requests in flight at most")
+    p.add_argument("--max-inflight-pairs", type=int, default=None,
+                   help="pairs in flight at most; default: the daemon's max_queue_pairs (its status says), "
+                        "so a fast Offline run never overruns its queue; 0: requests bound only")
     p.add_argument("--timeout-s", type=float, default=30.0,
                    help="after this long without any reply the driver asks the daemon whether it is working: "
                         "if it is (work queued or in flight), the wait goes on; if it is idle the pending requests "
@@ -136,7 +139,7 @@ def _main(argv: list[str] | None) -> int:
             backend, settings, dataset.num_samples, args.output_dir, offsets,
             labels=np.asarray(dataset.labels) if accuracy else None,
             samples_per_request=args.samples_per_request, max_inflight=args.max_inflight,
-            reply_timeout_s=args.timeout_s, issue=args.issue,
+            max_inflight_pairs=args.max_inflight_pairs, reply_timeout_s=args.timeout_s, issue=args.issue,
             progress=sys.stderr.isatty() and not args.quiet, completion=args.completion,
         )
     except DriverBackendError as exc:

@@ -45,6 +45,8 @@ class OipBackend:
         self._replies: queue.SimpleQueue[BackendReply] = queue.SimpleQueue()
         self._outstanding = 0
         self._lock = threading.Lock()
+        # the protocol does not tell a server's queue bound: --max-inflight-pairs sets one where needed
+        self.queue_bound_pairs = 0
         if channels < 1:
             raise DriverBackendError(f"--oip-channels must be at least 1, got {channels}")
         self._next = 0

@@ -71,11 +71,16 @@ def run_test(
     issue: str = "capi",
     progress: bool = False,
     completion: str = "capi",
+    max_inflight_pairs: int | None = None,
 ) -> RunResult:
-    """Run LoadGen to the end; the SUT has completed every sample (with data or as an error)."""
+    """Run LoadGen to the end; the SUT has completed every sample (with data or as an error).
+
+    `max_inflight_pairs` None keeps the pairs in flight within the backend's queue bound (none if it
+    has none); 0 bounds requests only."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    pair_bound = backend.queue_bound_pairs if max_inflight_pairs is None else max_inflight_pairs
     sut = DriverSUT(backend, sample_offsets, labels, samples_per_request, max_inflight, reply_timeout_s,
-                    capi=capi.load() if completion == "capi" else None)
+                    capi=capi.load() if completion == "capi" else None, max_inflight_pairs=pair_bound)
     log_settings = lg.LogSettings()
     log_settings.log_output.outdir = str(output_dir)
     log_settings.log_output.copy_summary_to_stdout = False

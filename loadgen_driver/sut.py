@@ -1,7 +1,9 @@
 """The LoadGen system under test: batches of sample ids out to a backend, predictions back to LoadGen.
 
 Threads: LoadGen's issue thread calls `issue` (splits a query into requests of `samples_per_request`
-samples, sends each, waits for a free slot of the `max_inflight` window); the completion thread polls the
+samples, sends each, waits for room in the window: `max_inflight` requests and, where the backend has a
+queue bound, `max_inflight_pairs` pairs, so Offline's one huge query never overruns the daemon's
+`max_queue_pairs` and comes back OVERLOADED); the completion thread polls the
 backend and completes each reply's samples with one `QuerySamplesComplete` call. Memory stays bounded:
 only the in-flight requests' id arrays are held (numpy, no per-sample Python objects beyond one batch).
 The one per-sample Python step is building LoadGen's `QuerySampleResponse` (Python binding); with
@@ -55,6 +57,41 @@ class SutStats:
         return 1e9 * self.complete_seconds / max(1, self.completed_samples)
 
 
+class InflightWindow:
+    """Room for at most `max_requests` requests and, when `max_pairs` > 0, `max_pairs` pairs in flight.
+
+    A request is let through whenever nothing is in flight, however many pairs it has: one larger than
+    the pair bound would otherwise wait for ever (the daemon judges it by its own limits then).
+    """
+
+    def __init__(self, max_requests: int, max_pairs: int = 0) -> None:
+        self.max_requests = max(1, max_requests)
+        self.max_pairs = max(0, max_pairs)
+        self.requests = 0
+        self.pairs = 0
+        self._cond = threading.Condition()
+
+    def _fits(self, pairs: int) -> bool:
+        if self.requests >= self.max_requests:
+            return False
+        return not (self.max_pairs and self.requests and self.pairs + pairs > self.max_pairs)
+
+    def acquire(self, pairs: int, timeout_s: float) -> bool:
+        """Take room for one request of `pairs` pairs; False when none came within `timeout_s`."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._fits(pairs), timeout_s):
+                return False
+            self.requests += 1
+            self.pairs += pairs
+            return True
+
+    def release(self, pairs: int) -> None:
+        with self._cond:
+            self.requests -= 1
+            self.pairs -= pairs
+            self._cond.notify_all()
+
+
 class DriverSUT:
     """LoadGen SUT + QSL callbacks over a `Backend`.
 
@@ -73,6 +110,7 @@ class DriverSUT:
         reply_timeout_s: float = 30.0,
         poll_ms: int = 50,
         capi: CComplete | None = None,
+        max_inflight_pairs: int = 0,
     ) -> None:
         self.backend = backend
         self.offsets = None if sample_offsets is None else np.asarray(sample_offsets, dtype=np.int64)
@@ -83,7 +121,8 @@ class DriverSUT:
         self.capi = capi  # None: one QuerySampleResponse object per sample (the Python binding)
         self.stats = SutStats()
         self.unreachable = threading.Event()  # no reply for reply_timeout_s: send nothing more
-        self._window = threading.Semaphore(max_inflight)
+        # pairs are counted only where sample_offsets say how many a sample has
+        self._window = InflightWindow(max_inflight, max_inflight_pairs if self.offsets is not None else 0)
         # Insertion order is send order: the first entry is the oldest request in flight.
         self._pending: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self._last_reply_at = time.monotonic()
@@ -132,15 +171,28 @@ class DriverSUT:
             log.warning("%s", message)
 
     # -- sending -------------------------------------------------------------------------------
+    def _pairs_of(self, idx: np.ndarray) -> int:
+        """The pairs of a request's samples (0 without sample_offsets: the window counts requests only)."""
+        if self.offsets is None:
+            return 0
+        return int((self.offsets[idx + 1] - self.offsets[idx]).sum())
+
+    def _release(self, entry: tuple[np.ndarray, np.ndarray, float]) -> None:
+        self._window.release(self._pairs_of(entry[1]))
+
     def _send(self, ids: np.ndarray, idx: np.ndarray) -> None:
-        while not self._window.acquire(timeout=1.0):
-            if self.unreachable.is_set():
+        pairs = self._pairs_of(idx)
+        acquired = False
+        while not self.unreachable.is_set():
+            acquired = self._window.acquire(pairs, timeout_s=1.0)
+            if acquired:
                 break
         if self.unreachable.is_set():
             self.stats.error_samples += len(ids)
             self.stats.unsent_samples += len(ids)
             self._complete_empty(ids)
-            self._window.release()
+            if acquired:
+                self._window.release(pairs)
             return
         with self._lock:
             rid = self._next_id
@@ -154,7 +206,7 @@ class DriverSUT:
                 entry = self._pending.pop(rid, None)
             if entry is not None:
                 self._fail(entry, f"send failed: {type(exc).__name__}: {exc}")
-                self._window.release()
+                self._release(entry)
 
     # -- completing ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -188,7 +240,7 @@ class DriverSUT:
                     self._fail(entry, f"daemon error: {reply.error}")
                 else:
                     self._complete(entry, reply.predictions)
-                self._window.release()
+                self._release(entry)
             self._check_timeouts()
 
     def _complete(self, entry: tuple[np.ndarray, np.ndarray, float], preds: np.ndarray) -> None:
@@ -258,7 +310,7 @@ class DriverSUT:
             self._pending.clear()
         for entry in entries:
             self._fail(entry, why)
-            self._window.release()
+            self._release(entry)
 
     def _check_timeouts(self) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -174,3 +175,34 @@ def test_slow_daemon_is_not_a_failed_run(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "errors: 0 samples" in out and "driver: 60 samples" in out, out
+
+
+def test_offline_stays_within_the_daemons_queue_bound(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Offline issues every sample at once; the driver's request window alone (64 requests of 30 samples,
+    some 19,000 pairs) would overrun a daemon queue of 2,000 pairs behind a slow engine and come back
+    OVERLOADED. By default the driver keeps its pairs in flight within the bound the daemon's status
+    reports, and the run completes; with the pair bound off (0) the same run fails, as before."""
+    ds = make_dataset(tmp_path / "ds", np.random.default_rng(5).integers(5, 16, size=300))
+    art = tmp_path / "art"
+    write_model_description(art, DLRMConfig((50,) * 26))
+    daemon = DaemonProc({"engines": ["null"], "model": str(art), "max_batch_pairs": 500,
+                         "inflight_batches": 1, "max_queue_pairs": 2000, "max_pairs_per_query": 600},
+                        env={"DLRM_NULL_DELAY_S": "0.002"})
+    args = ["--scenario", "Offline", "--dataset", str(ds), "--endpoint", daemon.endpoint, "--quiet",
+            "--min-query-count", "1", "--min-duration-s", "1", "--target-qps", "5000",
+            "--samples-per-request", "30"]
+    try:
+        daemon.wait_serving()
+        rc = main([*args, "--output-dir", str(tmp_path / "bounded")])
+        bounded = capsys.readouterr()
+        rc_unbounded = main([*args, "--output-dir", str(tmp_path / "unbounded"), "--max-inflight-pairs", "0"])
+        unbounded = capsys.readouterr()
+    finally:
+        daemon.terminate()
+    assert rc == 0, bounded.out + bounded.err
+    assert "errors: 0 samples" in bounded.out, bounded.out
+    done = re.search(r"driver: ([\d,]+) samples", bounded.out)
+    assert done is not None and int(done.group(1).replace(",", "")) >= 5000, bounded.out  # LoadGen adds 10%
+    assert rc_unbounded == 1, unbounded.out
+    assert "OVERLOADED" in unbounded.err, unbounded.err

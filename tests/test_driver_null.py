@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from formats.dataset import Dataset, DatasetWriter
 from loadgen_driver.accuracy import read_accuracy_log, score_accuracy_log
 from loadgen_driver.backend import InProcessBackend
 from loadgen_driver.cli import main
+from loadgen_driver.sut import InflightWindow
 from loadgen_driver.settings import RunSettings, build_test_settings
 from loadgen_driver.summary import read_summary
 
@@ -334,3 +337,30 @@ def test_issue_ring_falls_back_without_a_compiler(dataset: Path, tmp_path: Path,
                "--issue", "ring"])
     printed = capsys.readouterr().out
     assert rc == 0 and "issue through capi" in printed, printed
+
+
+def test_inflight_window_bounds_requests_and_pairs() -> None:
+    """The driver's window: requests up to max_requests; pairs up to max_pairs, except that one request
+    of any size passes when nothing is in flight (else it would wait for ever); release makes room."""
+    w = InflightWindow(max_requests=3, max_pairs=100)
+    assert w.acquire(60, timeout_s=0) and w.acquire(40, timeout_s=0)
+    assert not w.acquire(1, timeout_s=0)  # 101 pairs > 100
+    w.release(60)
+    assert w.acquire(50, timeout_s=0) and (w.requests, w.pairs) == (2, 90)
+    assert w.acquire(0, timeout_s=0)  # a third request, of 0 pairs, fits
+    assert not w.acquire(0, timeout_s=0)  # 3 requests: full
+    for pairs in (40, 50, 0):
+        w.release(pairs)
+    assert (w.requests, w.pairs) == (0, 0)
+    assert w.acquire(1000, timeout_s=0)  # larger than the bound, alone: let through
+    assert not w.acquire(1, timeout_s=0)
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(w.acquire(5, timeout_s=5)))
+    waiter.start()
+    time.sleep(0.05)
+    w.release(1000)  # wakes the waiter
+    waiter.join(timeout=5)
+    assert got == [True] and (w.requests, w.pairs) == (1, 5)
+    unbounded = InflightWindow(max_requests=2, max_pairs=0)
+    assert unbounded.acquire(10**9, timeout_s=0) and unbounded.acquire(10**9, timeout_s=0)
+    assert not unbounded.acquire(1, timeout_s=0)

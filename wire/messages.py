@@ -213,6 +213,9 @@ class Status(_Msg, frozen=True):
     totals: dict[str, int]  # counts by outcome since start
     recent_errors: list[str]
     model: str = ""  # the model served (that of the active engines)
+    # the queue bound (config max_queue_pairs) beyond which a query is refused OVERLOADED, so that a
+    # client can keep its own work in flight under it; 0 from a daemon that does not say
+    max_queue_pairs: int = 0
 
 
 class Error(_Msg, frozen=True):

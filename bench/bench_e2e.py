@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wire.client import wait_until_serving  # noqa: E402
+from wire.client import Client, wait_until_serving  # noqa: E402
 from wire.errors import ConnectionFailed  # noqa: E402
 from loadgen_driver.summary import read_summary  # noqa: E402
 
@@ -71,6 +71,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def smaps_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory in MB (/proc/PID/smaps_rollup): Rss, Pss (shared pages split among the
+    processes that map them) and Private (Private_Clean + Private_Dirty); empty where unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return {}
+    kb = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+):\s+(\d+) kB", text, re.M)}
+    return {"rss_mb": kb.get("Rss", 0) / 1024, "pss_mb": kb.get("Pss", 0) / 1024,
+            "private_mb": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024}
+
+
+def engine_report(endpoint: str) -> list[dict[str, object]]:
+    """Per engine: its device, the batches it has done (the routing's balance) and its host memory (one
+    copy of shared cold rows, or one per engine)."""
+    with Client(endpoint, timeout_s=10.0) as client:
+        status = client.status()
+    return [{"name": e["name"], "device": e["device"], "batches_done": e["batches_done"],
+             **{k: round(v) for k, v in smaps_mb(int(e["pid"])).items()}} for e in status["engines"]]
+
+
 def run_one(args: argparse.Namespace, gpu_part: float) -> list[dict[str, object]]:
     """One daemon; one driver run per target rate (Offline: its expected rate; Server: its offered rate)."""
     runtime = Path(tempfile.mkdtemp(prefix="dlrm-e2e-", dir="/tmp"))
@@ -107,7 +128,9 @@ def run_one(args: argparse.Namespace, gpu_part: float) -> list[dict[str, object]
                          "pairs_per_s": pairs.group(1) if pairs else None, "result": summary.result,
                          "p99_ms": None if p99 is None else round(p99 / 1e6, 2),
                          "hbm_share": hot / (hot + cold) if hot + cold else None,
-                         "driver_rc": driver.returncode, "wall_s": round(wall, 1)})
+                         "driver_rc": driver.returncode, "wall_s": round(wall, 1),
+                         "host_rows": os.environ.get("DLRM_HOST_ROWS", "private"),
+                         "engines": engine_report(endpoint)})
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
@@ -156,6 +179,8 @@ def main() -> int:
         print(f"{r['gpu_part']!s:<9} {r['mlp']!s:<5} {r['scenario']!s:<8} {r['target_qps']!s:<10} {r['ready_s']!s:<8} "
               f"{float(str(r['samples_per_s'])):<11,.0f} {r['pairs_per_s']!s:<14} {r['p99_ms']!s:<7} {share:<10} "
               f"{r['result']}")
+        for e in r.get("engines") or []:  # type: ignore[union-attr]
+            print(f"    engine {e}")
     return 0
 
 

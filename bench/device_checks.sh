@@ -402,10 +402,14 @@ round5b)
       | sed -n '/== engine summary/,$p' | sed "s|^|$kc |"
   done
   grep -q '^}' /tmp/fs.log 2>/dev/null && [ -f $FS/artifact/calibration.json ] || fs_ready
-  for rows in private shared; do
-    DLRM_HOST_ROWS=$rows timeout 90 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
-      --mlp fp8 --gpu-parts 0.3 --target-qps 700000 --duration-s 10 --out "$OUT/e2e_part03_$rows.json" 2>&1 \
-      | tail -1 | sed "s|^|$rows |"
+  # one engine with private, then shared cold rows; two engines on the one GPU sharing them (issue 15:
+  # routing and one host copy on real CUDA engines; the report gives each engine's batches and memory)
+  for run in private:cuda:0 shared:cuda:0 shared:cuda:0,cuda:0; do
+    rows=${run%%:*}; engines=${run#*:}
+    DLRM_HOST_ROWS=$rows timeout 100 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
+      --engines $engines --mlp fp8 --gpu-parts 0.3 --target-qps 700000 --duration-s 8 \
+      --out "$OUT/e2e_part03_${rows}_$(echo $engines | tr -cd , | wc -c).json" 2>&1 \
+      | sed -n '/^gpu_part  mlp/,$p' | sed "s|^|$run |"
   done
   ;;
 reload)

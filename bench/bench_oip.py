@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--paths", default="native,oip-value,oip-reference")
     ap.add_argument("--samples-per-request", type=int, default=512)
     ap.add_argument("--max-batch-pairs", type=int, default=262144)
+    ap.add_argument("--inflight-batches", type=int, default=4, help="the daemon's inflight_batches per engine")
     ap.add_argument("--oip-workers", type=int, default=1, help="front end processes on the ports (oip_workers)")
     ap.add_argument("--oip-channels", type=int, default=1, help="the driver's gRPC connections (--oip-channels)")
     ap.add_argument("--max-inflight", type=int, default=64, help="the driver's requests in flight (--max-inflight)")
@@ -59,7 +60,8 @@ def main() -> int:
     config.write_text(f'runtime_dir = "{rt}"\nengines = [{engines}]\n'
                       + (f'model = "{args.artifact}"\ngpu_mlp_precision = "{args.mlp}"\naccuracy_target = "none"\n'
                          if args.artifact else "")
-                      + f"max_batch_pairs = {args.max_batch_pairs}\ninflight_batches = 4\nmax_pairs_per_query = 2000000\n"
+                      + f"max_batch_pairs = {args.max_batch_pairs}\ninflight_batches = {args.inflight_batches}\n"
+                        "max_pairs_per_query = 4000000\n"
                         f"max_queue_pairs = 16000000\nheartbeat_timeout_s = 10.0\noip_http_port = {http}\n"
                         f'oip_grpc_port = {grpc}\noip_workers = {args.oip_workers}\nlog_level = "WARNING"\n'
                         f'[datasets]\nbench = "{args.dataset}"\n')

@@ -385,10 +385,14 @@ round5a)
   timeout 120 python3 bench/bench_oip.py --artifact $FS/artifact --dataset $FS/dataset --engines cuda:0 --mlp fp8 \
     --paths oip-reference,native --oip-workers 8 --oip-channels 8 --max-inflight 256 --offline-qps 0 \
     --server-qps 50000,300000 --duration-s 8 --out "$OUT/oip_first_run.json" 2>&1 | tail -5
-  for issue in capi ring; do
-    timeout 75 python3 bench/bench_oip.py --dataset $FS/dataset --engines null,null,null,null --paths native \
-      --issue $issue --offline-qps 4000000 --server-qps 1200000,1800000,2400000 --duration-s 5 \
-      --out "$OUT/null_4_$issue.json" 2>&1 | tail -5 | sed "s|^|null x4 $issue: |"
+  # null engines: the round-4 setup (512-sample requests, 262,144-pair batches) with the C issue path, then
+  # larger messages (8,192-sample requests, 1 M-pair batches: 2.4 M samples/s on the 2-core machine)
+  for cfg in "capi 512 262144" "capi 8192 1048576" "ring 8192 1048576"; do
+    set -- $cfg
+    timeout 70 python3 bench/bench_oip.py --dataset $FS/dataset --engines null,null,null,null --paths native \
+      --issue $1 --samples-per-request $2 --max-batch-pairs $3 --offline-qps 4000000 \
+      --server-qps 1200000,1800000,2400000 --duration-s 5 --out "$OUT/null_4_$1_$2.json" 2>&1 | tail -4 \
+      | sed "s|^|null x4 $cfg: |"
   done
   ;;
 round5b)

@@ -387,12 +387,19 @@ round5a)
     --server-qps 50000,300000 --duration-s 8 --out "$OUT/oip_first_run.json" 2>&1 | tail -5
   # null engines: the round-4 setup (512-sample requests, 262,144-pair batches) with the C issue path, then
   # larger messages (8,192-sample requests, 1 M-pair batches: 2.4 M samples/s on the 2-core machine)
-  for cfg in "capi 512 262144" "capi 8192 1048576" "ring 8192 1048576"; do
+  for cfg in "capi 8192 1048576"; do
     set -- $cfg
     timeout 70 python3 bench/bench_oip.py --dataset $FS/dataset --engines null,null,null,null --paths native \
       --issue $1 --samples-per-request $2 --max-batch-pairs $3 --offline-qps 4000000 \
       --server-qps 1200000,1800000,2400000 --duration-s 5 --out "$OUT/null_4_$1_$2.json" 2>&1 | tail -4 \
       | sed "s|^|null x4 $cfg: |"
+  done
+  # issue 13: the cold rows staged first at gpu_part 0.3, against without (the engine alone)
+  for run in '1.0,0.3;{}' '0.3;{"stage_cold_rows": 1048576}'; do
+    parts=${run%%;*}; kc=${run#*;}
+    timeout 100 python3 bench/bench_engine.py --scale 0.05 --pairs 300000 --parts $parts --mlp fp8 \
+      --batches 262144 --kernel-config "$kc" --out "$OUT/engine_stage_$RANDOM.json" 2>&1 \
+      | sed -n '/== engine summary/,$p' | sed "s|^|$kc |"
   done
   ;;
 round5b)
@@ -400,11 +407,6 @@ round5b)
   # then end to end with private and shared cold rows (issue 15)
   [ -f $FS/dataset/manifest.json ] || \
     setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
-  for kc in '{}' '{"stage_cold_rows": 1048576}'; do
-    timeout 130 python3 bench/bench_engine.py --scale 0.05 --pairs 400000 --parts 1.0,0.3 --mlp fp8 \
-      --batches 262144 --kernel-config "$kc" --out "$OUT/engine_stage_$RANDOM.json" 2>&1 \
-      | sed -n '/== engine summary/,$p' | sed "s|^|$kc |"
-  done
   grep -q '^}' /tmp/fs.log 2>/dev/null && [ -f $FS/artifact/calibration.json ] || fs_ready
   # one engine with private, then shared cold rows; two engines on the one GPU sharing them (issue 15:
   # routing and one host copy on real CUDA engines; the report gives each engine's batches and memory)

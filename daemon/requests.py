@@ -210,7 +210,7 @@ class RequestHandler:
             datasets={n: d.num_samples for n, d in self.datasets.entries.items()}, rates=totals.rates(now),
             totals=dict(totals.counts), recent_errors=list(totals.recent_errors),
             model=next((e.model.model_id for e in self.sup.engines if e.role == "active"), ""),
-            max_queue_pairs=self.cfg.max_queue_pairs))
+            max_queue_pairs=self.cfg.max_queue_pairs, max_pairs_per_query=self.cfg.max_pairs_per_query))
 
     def _engine_status(self, e: Engine, now: float) -> M.EngineStatus:
         c = e.counts

@@ -36,6 +36,14 @@ class BackendReply:
 
 
 @dataclass(frozen=True)
+class BackendLimits:
+    """What a backend refuses beyond (0: no bound known); the driver stays within them."""
+
+    queue_pairs: int = 0  # pairs queued at most (the daemon's max_queue_pairs): bounds pairs in flight
+    query_pairs: int = 0  # pairs in one request at most (max_pairs_per_query): bounds a request's size
+
+
+@dataclass(frozen=True)
 class Liveness:
     """What a backend says of itself when replies are late."""
 
@@ -45,9 +53,7 @@ class Liveness:
 
 
 class Backend(Protocol):
-    # pairs this backend queues at most before it refuses work (0: no bound known); the driver keeps
-    # fewer than that in flight
-    queue_bound_pairs: int
+    limits: BackendLimits
 
     def load_samples(self, sample_ids: np.ndarray) -> None:
         """Make the samples (LoadGen's working set) servable by reference."""
@@ -96,7 +102,7 @@ class InProcessBackend:
         self._replies: queue.SimpleQueue[BackendReply] = queue.SimpleQueue()
         self._empty = np.empty(0, dtype=np.float32)
         self.loaded = 0
-        self.queue_bound_pairs = 0
+        self.limits = BackendLimits()
 
     def load_samples(self, sample_ids: np.ndarray) -> None:
         self.loaded += len(sample_ids)
@@ -146,7 +152,7 @@ class DaemonBackend:
             self._control.close()
             raise DriverBackendError(f"daemon at {endpoint} is not answering ({exc}); is dlrm-daemon "
                                      f"running there?") from exc
-        self.queue_bound_pairs = int(status.get("max_queue_pairs", 0))
+        self.limits = BackendLimits(int(status.get("max_queue_pairs", 0)), int(status.get("max_pairs_per_query", 0)))
         self._call("RegisterDataset", self._control.register_dataset, dataset_name, dataset_path)
         self._client = PipelinedClient(endpoint)
         self._probe: Client | None = None

@@ -18,7 +18,7 @@ import numpy as np
 
 from formats.dataset import Dataset
 from formats.pairs import pair_index
-from loadgen_driver.backend import BackendReply, DriverBackendError, Liveness, drain
+from loadgen_driver.backend import BackendLimits, BackendReply, DriverBackendError, Liveness, drain
 
 
 class OipBackend:
@@ -45,8 +45,8 @@ class OipBackend:
         self._replies: queue.SimpleQueue[BackendReply] = queue.SimpleQueue()
         self._outstanding = 0
         self._lock = threading.Lock()
-        # the protocol does not tell a server's queue bound: --max-inflight-pairs sets one where needed
-        self.queue_bound_pairs = 0
+        # the protocol does not tell a server's limits: --max-inflight-pairs sets a bound where needed
+        self.limits = BackendLimits()
         if channels < 1:
             raise DriverBackendError(f"--oip-channels must be at least 1, got {channels}")
         self._next = 0

@@ -78,9 +78,10 @@ def run_test(
     `max_inflight_pairs` None keeps the pairs in flight within the backend's queue bound (none if it
     has none); 0 bounds requests only."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    pair_bound = backend.queue_bound_pairs if max_inflight_pairs is None else max_inflight_pairs
+    pair_bound = backend.limits.queue_pairs if max_inflight_pairs is None else max_inflight_pairs
     sut = DriverSUT(backend, sample_offsets, labels, samples_per_request, max_inflight, reply_timeout_s,
-                    capi=capi.load() if completion == "capi" else None, max_inflight_pairs=pair_bound)
+                    capi=capi.load() if completion == "capi" else None, max_inflight_pairs=pair_bound,
+                    max_request_pairs=backend.limits.query_pairs)
     log_settings = lg.LogSettings()
     log_settings.log_output.outdir = str(output_dir)
     log_settings.log_output.copy_summary_to_stdout = False

@@ -57,6 +57,28 @@ class SutStats:
         return 1e9 * self.complete_seconds / max(1, self.completed_samples)
 
 
+def request_ends(num_samples: int, max_samples: int, counts: np.ndarray | None = None,
+                 max_pairs: int = 0) -> list[int]:
+    """Where a query's samples are cut into requests (each request's end index): runs of at most
+    `max_samples` samples and, with `counts` (pairs per sample) and `max_pairs` > 0, at most `max_pairs`
+    pairs, so no request passes the daemon's max_pairs_per_query. A sample larger than `max_pairs` goes
+    alone (the daemon then refuses it with its own message)."""
+    if num_samples <= 0:
+        return []
+    if counts is None or max_pairs <= 0:
+        return [*range(max_samples, num_samples, max_samples), num_samples]
+    cum = np.cumsum(counts, dtype=np.int64)
+    ends: list[int] = []
+    start = base = 0
+    while start < num_samples:  # once per request, not per sample
+        end = min(start + max_samples, num_samples)
+        if cum[end - 1] - base > max_pairs:
+            end = max(start + 1, int(np.searchsorted(cum, base + max_pairs, side="right")))
+        ends.append(end)
+        base, start = int(cum[end - 1]), end
+    return ends
+
+
 class InflightWindow:
     """Room for at most `max_requests` requests and, when `max_pairs` > 0, `max_pairs` pairs in flight.
 
@@ -111,11 +133,13 @@ class DriverSUT:
         poll_ms: int = 50,
         capi: CComplete | None = None,
         max_inflight_pairs: int = 0,
+        max_request_pairs: int = 0,
     ) -> None:
         self.backend = backend
         self.offsets = None if sample_offsets is None else np.asarray(sample_offsets, dtype=np.int64)
         self.labels = labels
         self.samples_per_request = max(1, samples_per_request)
+        self.max_request_pairs = max_request_pairs  # 0: requests bounded by samples only
         self.reply_timeout_s = reply_timeout_s
         self.poll_ms = poll_ms
         self.capi = capi  # None: one QuerySampleResponse object per sample (the Python binding)
@@ -142,9 +166,11 @@ class DriverSUT:
     def issue_arrays(self, ids: np.ndarray, idx: np.ndarray) -> None:
         """IssueQuery with numpy arrays (the C-API SUT of capi.py calls this directly)."""
         self.stats.issued_samples += len(ids)
-        step = self.samples_per_request
-        for start in range(0, len(ids), step):
-            self._send(ids[start:start + step], idx[start:start + step])
+        counts = None if self.offsets is None else self.offsets[idx + 1] - self.offsets[idx]
+        start = 0
+        for end in request_ends(len(ids), self.samples_per_request, counts, self.max_request_pairs):
+            self._send(ids[start:end], idx[start:end])
+            start = end
 
     def issue(self, query_samples: list[Any]) -> None:
         """ConstructSUT's IssueQuery (QuerySample objects), for comparison with the fast path."""

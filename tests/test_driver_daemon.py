@@ -76,13 +76,19 @@ def test_accuracy_log_matches_null_engine(null_setup, tmp_path: Path) -> None:  
 
 def test_daemon_errors_fail_the_run(null_setup, tmp_path: Path,  # type: ignore[no-untyped-def]
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    daemon, ds = null_setup
-    # 200 samples of up to 19 pairs exceed the daemon's max_pairs_per_query (600): BAD_REQUEST.
-    rc = _run(daemon, ds, tmp_path, "--scenario", "Offline", "--min-duration-s", "0",
+    daemon, _ = null_setup
+    # The driver cuts requests within the daemon's max_pairs_per_query (600) by itself, but one sample
+    # of 700 pairs goes alone and is refused (BAD_REQUEST); the others, sent 200 at a time, are answered.
+    ds = make_dataset(tmp_path / "ds_one_big", np.array([5] * 50 + [700]))
+    rc = _run(daemon, ds, tmp_path / "out", "--scenario", "Offline", "--min-duration-s", "0",
               "--target-qps", "1000", "--samples-per-request", "200")
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
     assert rc == 1
-    assert "RUN FAILED" in err and "BAD_REQUEST" in err and "sample ids" in err
+    assert "RUN FAILED" in printed.err and "BAD_REQUEST" in printed.err and "(1 samples; sample ids 50)" in printed.err
+    done = re.search(r"driver: ([\d,]+) samples.*errors: ([\d,]+) samples", printed.out)
+    assert done is not None, printed.out
+    issued, failed = (int(g.replace(",", "")) for g in done.groups())
+    assert 0 < failed < issued / 10, printed.out  # the 700-pair sample's requests alone
 
 
 def test_daemon_down_fails_fast(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from formats.dataset import Dataset, DatasetWriter
 from loadgen_driver.accuracy import read_accuracy_log, score_accuracy_log
 from loadgen_driver.backend import InProcessBackend
 from loadgen_driver.cli import main
-from loadgen_driver.sut import InflightWindow
+from loadgen_driver.sut import InflightWindow, request_ends
 from loadgen_driver.settings import RunSettings, build_test_settings
 from loadgen_driver.summary import read_summary
 
@@ -364,3 +364,24 @@ def test_inflight_window_bounds_requests_and_pairs() -> None:
     unbounded = InflightWindow(max_requests=2, max_pairs=0)
     assert unbounded.acquire(10**9, timeout_s=0) and unbounded.acquire(10**9, timeout_s=0)
     assert not unbounded.acquire(1, timeout_s=0)
+
+
+def test_request_ends_bound_samples_and_pairs() -> None:
+    """Requests hold at most max_samples samples and max_pairs pairs (the daemon's max_pairs_per_query);
+    a sample above max_pairs goes alone; every sample is in exactly one request, in order."""
+    assert request_ends(0, 4) == []
+    assert request_ends(10, 4) == [4, 8, 10]
+    counts = np.array([3, 3, 3, 3, 9, 1, 1, 20, 2])
+    ends = request_ends(len(counts), 3, counts, max_pairs=7)
+    assert ends == [2, 4, 5, 7, 8, 9]
+    start = 0
+    for end in ends:
+        piece = counts[start:end]
+        assert 1 <= len(piece) <= 3 and (piece.sum() <= 7 or len(piece) == 1)
+        start = end
+    assert request_ends(len(counts), 3, counts, max_pairs=0) == [3, 6, 9]
+    rng = np.random.default_rng(1)
+    big = rng.integers(1, 700, size=20_000)
+    ends = request_ends(len(big), 8192, big, max_pairs=1_000_000)
+    sums = np.add.reduceat(big, [0, *ends[:-1]])
+    assert ends[-1] == len(big) and sums.max() <= 1_000_000 and np.diff([0, *ends]).max() <= 8192

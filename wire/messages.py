@@ -216,6 +216,7 @@ class Status(_Msg, frozen=True):
     # the queue bound (config max_queue_pairs) beyond which a query is refused OVERLOADED, so that a
     # client can keep its own work in flight under it; 0 from a daemon that does not say
     max_queue_pairs: int = 0
+    max_pairs_per_query: int = 0  # the largest query it accepts (BAD_REQUEST beyond); 0 as above
 
 
 class Error(_Msg, frozen=True):

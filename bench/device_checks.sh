@@ -402,6 +402,21 @@ round5a)
       | sed -n '/== engine summary/,$p' | sed "s|^|$kc |"
   done
   ;;
+round5min)
+  # round5a cut to what a short budget allows: the GPU tests and the front end's first Server run
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_oip/*.whl \
+    > /tmp/oip_pip.log 2>&1 &
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_host_rows.py tests/test_fp8_linear.py \
+    tests/test_fp8_top_mlp.py tests/test_cold_stage.py tests/test_gpu_backend.py \
+    -k "gpu or triton_chain or full_batch or matches_int8" 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
+  wait
+  fs_ready
+  timeout 120 python3 bench/bench_oip.py --artifact $FS/artifact --dataset $FS/dataset --engines cuda:0 --mlp fp8 \
+    --paths oip-reference,native --oip-workers 8 --oip-channels 8 --max-inflight 256 --offline-qps 0 \
+    --server-qps 50000,300000 --duration-s 8 --out "$OUT/oip_first_run.json" 2>&1 | tail -5
+  ;;
 round5b)
   # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,
   # then end to end with private and shared cold rows (issue 15)

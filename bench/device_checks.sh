@@ -18,6 +18,8 @@
 #   bash bench/device_checks.sh round4c    # fp8 layer test, gpu_part 0.3, OIP x8 Offline and Server sweep
 #   bash bench/device_checks.sh round5a    # GPU tests (shared cold rows, fp8 chain, cold stage), OIP warm-up, C issue
 #   bash bench/device_checks.sh round5b    # gpu_part 0.3: cold rows staged or not, private vs shared host rows
+#   bash bench/device_checks.sh round6     # issue 15: the front end with output regions, 1-8 null engines;
+#                                          # the GPU daemon test (regions through CUDA engines)
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -416,6 +418,15 @@ round5min)
   timeout 120 python3 bench/bench_oip.py --artifact $FS/artifact --dataset $FS/dataset --engines cuda:0 --mlp fp8 \
     --paths oip-reference,native --oip-workers 8 --oip-channels 8 --max-inflight 256 --offline-qps 0 \
     --server-qps 50000,300000 --duration-s 8 --out "$OUT/oip_first_run.json" 2>&1 | tail -5
+  ;;
+round6)
+  # issue 15's front end: predictions written by the engines into the driver's output region (default)
+  # against predictions in the replies (the baseline, same daemon, same call); then the GPU daemon test
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
+  timeout 330 python3 bench/bench_frontend.py --engines 1,2,4,8 --offline-qps 6000000 \
+    --server-qps 2000000,3000000,4500000,6000000 --server-engines 8 --server-predictions region,reply \
+    --duration-s 5 --out "$OUT/frontend.json" 2>&1 | tail -30
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_daemon_gpu.py 2>&1 | tail -3
   ;;
 round5b)
   # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,

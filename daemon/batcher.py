@@ -20,6 +20,7 @@ from wire.errors import Overloaded
 from wire.shm import SlotViews
 
 BY_VALUE_KEY = ""
+_NOTHING = np.empty(0, np.float32)
 
 
 @dataclass(eq=False)
@@ -43,6 +44,8 @@ class Query:
     result: np.ndarray | None = None  # only for queries split over several batches
     finished: bool = False  # replied (result or error)
     model: str = ""  # the model that computes its first piece: its other pieces go to the same model
+    output: str = ""  # an output region's path: engines write the predictions there (no reply bytes)
+    output_offset: int = 0  # the element of that region where the query's first prediction goes
     _cum: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -100,6 +103,29 @@ def fill_slot(batch: Batch, slot: SlotViews) -> int:
     np.concatenate([s for s, _ in parts], out=slot.starts[:r])
     np.concatenate([c for _, c in parts], out=slot.counts[:r])
     return r
+
+
+def output_segments(batch: Batch) -> list[tuple[str, int, int]]:
+    """Where the engine writes the batch's predictions, in batch order: (region path, element offset,
+    pairs), a path of "" meaning the slot at that batch position; adjacent runs merged (a client's
+    consecutive requests sit side by side in its region). [] when everything goes to the slot.
+    A query answered meanwhile (its client gone) writes into the slot: its region may be released."""
+    segs: list[tuple[str, int, int]] = []
+    pos = 0
+    regions = False
+    for q, off, k in batch.pieces:  # per query, not per pair
+        path = q.output if not q.finished else ""
+        start = q.output_offset + off if path else pos
+        if segs and segs[-1][0] == path and segs[-1][1] + segs[-1][2] == start:
+            segs[-1] = (path, segs[-1][1], segs[-1][2] + k)
+        else:
+            segs.append((path, start, k))
+        regions = regions or bool(path)
+        pos += k
+    return segs if regions else []
+
+
+WRITTEN = -2  # Batcher.complete's position for a query whose predictions an engine wrote to its region
 
 
 class Batcher:
@@ -260,13 +286,19 @@ class Batcher:
     def complete(batch: Batch, preds: np.ndarray) -> list[tuple[Query, np.ndarray, int]]:
         """Distribute a batch's predictions; returns (query, predictions, position in the batch or
         -1) for queries now complete. A query served by one piece gets a view of `preds` at its
-        position (send it before the slot is reused); a reassembled one its own array (-1)."""
+        position (send it before the slot is reused); a reassembled one its own array (-1); one with an
+        output region nothing to send (its engines wrote it there): an empty array and WRITTEN."""
         done: list[tuple[Query, np.ndarray, int]] = []
         pos = 0
         for q, off, n in batch.pieces:
             q.pieces_out -= 1
             if not q.finished:
-                if n == q.num_pairs:
+                if q.output:
+                    q.done_pairs += n
+                    if q.done_pairs == q.num_pairs:
+                        q.finished = True
+                        done.append((q, _NOTHING, WRITTEN))
+                elif n == q.num_pairs:
                     q.finished = True
                     done.append((q, preds[pos:pos + n], pos))
                 else:

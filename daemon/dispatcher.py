@@ -426,6 +426,8 @@ class _Serving:
         gone = self.sock.peers.take_gone()
         if gone:
             self.datasets.forget_clients(set(gone))
+            for path in self.requests.outputs.forget_clients(set(gone)):
+                self.sup.release_output(path)
             self.replies.forget(set(gone))
             dropped = self.batcher.drop_clients(set(gone))
             self.totals.counts["cancelled_disconnected"] += dropped

@@ -217,6 +217,13 @@ class ReplySender:
                                          num_pairs=[q.num_pairs for q in qs], model=model), frame, owned=not adjacent)
         self._count(qs, now)
 
+    def written(self, client: bytes, qs: list[Query], now: float, model: str = "") -> None:
+        """One InferWritten message for queries of one client whose predictions are in its output region."""
+        self.send(client, M.InferWritten(request_ids=[q.request_id for q in qs], num_pairs=[q.num_pairs for q in qs],
+                                         model=model))
+        self.totals.counts["queries_written_to_regions"] += len(qs)
+        self._count(qs, now)
+
     def _count(self, qs: list[Query], now: float) -> None:
         c = self.totals.counts
         c["queries"] += len(qs)

@@ -16,6 +16,7 @@ import numpy as np
 from daemon.batcher import BY_VALUE_KEY, Query
 from daemon.config import DaemonConfig
 from daemon.datasets import DatasetEntry, DatasetRegistry, DatasetState
+from daemon.outputs import OutputRegistry
 from daemon.replies import ReplySender
 from daemon.scheduling import Scheduler
 from daemon.supervisor import Engine, Supervisor
@@ -29,7 +30,8 @@ log = logging.getLogger("dlrm.dispatcher")
 class RequestHandler:
     def __init__(self, cfg: DaemonConfig, datasets: DatasetRegistry, scheduler: Scheduler, supervisor: Supervisor,
                  replies: ReplySender, state: Callable[[], M.DaemonState], started_mono: float,
-                 reload: Callable[[bytes | None, int, str], None] | None = None) -> None:
+                 reload: Callable[[bytes | None, int, str], None] | None = None,
+                 outputs: OutputRegistry | None = None) -> None:
         self.cfg = cfg
         self.datasets = datasets
         self.scheduler = scheduler
@@ -38,12 +40,14 @@ class RequestHandler:
         self._state = state
         self.started_mono = started_mono
         self._reload = reload  # starts a reload and answers it when done (daemon/model_swap.py)
+        self.outputs = outputs if outputs is not None else OutputRegistry()
         model = datasets.model
         self._rows = None if model is None else np.asarray(model.table_rows, np.int64)
         self._handlers: dict[type, Callable[[bytes, Any, list[Any]], None]] = {
             M.InferByRef: self._infer_by_ref, M.InferByValue: self._infer_by_value,
             M.LoadSamples: self._load_samples, M.UnloadSamples: self._load_samples,
             M.RegisterDataset: self._register, M.GetStatus: self._status, M.Reload: self._reload_request,
+            M.RegisterOutput: self._register_output, M.UnregisterOutput: self._unregister_output,
         }
 
     def handle(self, frames: list[Any]) -> None:
@@ -126,9 +130,11 @@ class RequestHandler:
         starts, counts, pairs = ds.pair_ranges(ids, client)
         if pairs > self.cfg.max_pairs_per_query:
             raise BadRequest(f"query has {pairs} pairs, more than max_pairs_per_query={self.cfg.max_pairs_per_query}")
+        if req.output:
+            self.outputs.check(req.output, req.output_offset, pairs)
         q = Query(client, req.request_id, ds.name, req.num_samples, pairs, now,
                   self._deadline(now, req.deadline_s), self.scheduler.admission.budget(req.deadline_s),
-                  starts=starts, counts=counts)
+                  starts=starts, counts=counts, output=req.output, output_offset=req.output_offset)
         self.scheduler.submit(q, self._starting())
 
     def _infer_by_value(self, client: bytes, req: M.InferByValue, frames: list[Any]) -> None:
@@ -152,6 +158,19 @@ class RequestHandler:
         q = Query(client, req.request_id, BY_VALUE_KEY, 0, n, now, self._deadline(now, req.deadline_s),
                   self.scheduler.admission.budget(req.deadline_s), dense=dense, sparse=sparse, frames=frames)
         self.scheduler.submit(q, self._starting())
+
+    # ---- output regions ----
+    def _register_output(self, client: bytes, req: M.RegisterOutput, frames: list[Any]) -> None:
+        self._frames(frames, 0, "RegisterOutput")
+        self.outputs.register(client, req.path, req.num_predictions)
+        self.replies.ack(client, req.request_id)
+
+    def _unregister_output(self, client: bytes, req: M.UnregisterOutput, frames: list[Any]) -> None:
+        self._frames(frames, 0, "UnregisterOutput")
+        if not self.outputs.unregister(req.path):
+            raise BadRequest(f"output region {req.path!r} is not registered")
+        self.sup.release_output(req.path)
+        self.replies.ack(client, req.request_id)
 
     # ---- datasets ----
     def _load_samples(self, client: bytes, req: M.LoadSamples | M.UnloadSamples, frames: list[Any]) -> None:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from daemon.admission import HEADROOM, Admission
-from daemon.batcher import Batch, Batcher, Query, fill_slot
+from daemon.batcher import WRITTEN, Batch, Batcher, Query, fill_slot, output_segments
 from daemon.metrics import DaemonMetrics
 from daemon.replies import ReplySender
 from daemon.routing import Candidate, pick
@@ -169,7 +169,7 @@ class Scheduler:
         entry = InFlightBatch(b, slot, now, time.perf_counter() - t0)
         self.sup.send_batch(e, entry, M.BatchReady(
             batch_id=b.batch_id, slot=slot, kind=M.BatchKind.REF if b.key else M.BatchKind.VALUE,
-            dataset=b.key, num_ranges=ranges, num_pairs=b.num_pairs))
+            dataset=b.key, num_ranges=ranges, num_pairs=b.num_pairs, outputs=output_segments(b)))
         if self.metrics is not None:
             self.metrics.set_inflight(e.name, len(e.inflight))
 
@@ -199,15 +199,20 @@ class Scheduler:
         self.replies.totals.counts["batches"] += 1
         preds = e.region.slots[entry.slot].out[:b.num_pairs]
         by_client: dict[bytes, list[tuple[Query, np.ndarray, int]]] = {}
+        written: dict[bytes, list[Query]] = {}
         for item in Batcher.complete(b, preds):
             q = item[0]
             if q.deadline is not None and now > q.deadline:
                 self.replies.error(q.client, q.request_id, ErrorCode.TIMEOUT,
                                    "deadline passed before the result was ready", q=q)
+            elif item[2] == WRITTEN:
+                written.setdefault(q.client, []).append(q)
             else:
                 by_client.setdefault(q.client, []).append(item)
         t0 = time.perf_counter()
         model = e.model.model_id
+        for client, qs in written.items():
+            self.replies.written(client, qs, now, model)
         for client, items in by_client.items():
             if len(items) == 1:
                 self.replies.result(items[0][0], items[0][1], now, model)

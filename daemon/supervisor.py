@@ -468,6 +468,12 @@ class Supervisor:
                 sent.add(e.name)
         return sent
 
+    def release_output(self, path: str) -> None:
+        """Tell every engine with a control socket to unmap an output region (after its earlier batches)."""
+        for e in list(self.engines):
+            if e.sock is not None and e.proc is not None:
+                self.send(e, M.ReleaseOutput(path=path))
+
     # ---- shutdown ----
     def stop_all(self, timeout_s: float = 5.0) -> None:
         """Ask every engine to exit, wait, kill stragglers, remove sockets and shared memory."""

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from engines.canary import run_canary
 from engines.factory import create_backend, device_name
 from wire import messages as P
 from wire.exitcodes import ExitCode
+from wire.output_region import MappedOutputs
 from wire.shm import Region
 
 log = logging.getLogger("dlrm.engine")
@@ -42,8 +43,18 @@ class _InFlight:
 
     started: float  # time.monotonic() at submit: the heartbeat's busy_s
     t0: float  # time.perf_counter() at submit: BatchDone.compute_s
-    msg: Any  # the BatchReady it answers, or a reply that is already made
+    msg: Any  # the BatchReady it answers, a reply that is already made, or a ReleaseOutput to act on
     pending: PendingBatch | None = None
+    # output-region segments to fill from the slot once the batch is done: (region view, slot view)
+    scatter: list[tuple[Any, Any]] = field(default_factory=list)
+
+
+def _scatter(item: _InFlight) -> None:
+    """Copy a done batch's region segments out of its slot, and drop the views (a region is unmapped
+    only once no view of it is left)."""
+    for region_view, slot_view in item.scatter:
+        region_view[:] = slot_view
+    item.scatter.clear()
 
 
 class _Completions:
@@ -95,6 +106,10 @@ class _Worker(threading.Thread):
         self._completer_tid = 0
         self._completer_started = threading.Event()
         self.datasets = dict(spec.datasets)  # name -> path of every dataset registered here
+        # Output regions batches name (wire/output_region.py): opened by this thread at a batch's
+        # submit, released by the completion thread after the batches sent before the release.
+        self.outputs = MappedOutputs()
+        self._outputs_lock = threading.Lock()
 
     @property
     def busy_since(self) -> float:
@@ -143,6 +158,8 @@ class _Worker(threading.Thread):
                 except Exception as exc:
                     reply = P.DatasetAdded(name=msg.name, error=f"{type(exc).__name__}: {exc}")
                 self.completions.put(_InFlight(time.monotonic(), time.perf_counter(), reply))
+            elif isinstance(msg, P.ReleaseOutput):
+                self.completions.put(_InFlight(time.monotonic(), time.perf_counter(), msg))
             elif isinstance(msg, P.RunCanary):
                 # after the batches submitted before it (the completion thread answers in order)
                 done = run_canary(backend, self.spec, self.datasets, msg, msg.reference)
@@ -150,31 +167,59 @@ class _Worker(threading.Thread):
         self.completions.put(None)
         completer.join()
         backend.close()
+        self.outputs.close()
 
     def _submit(self, backend: EngineBackend, msg: P.BatchReady) -> None:
         item = _InFlight(time.monotonic(), time.perf_counter(), msg)
         try:
             v = self.region.slots[msg.slot]
             n = msg.num_pairs
+            out = v.out[:n]
+            if msg.outputs:
+                out = self._outputs_of(msg, out, item)
             if msg.kind is P.BatchKind.REF:
                 r = msg.num_ranges
-                item.pending = backend.submit_by_ref(msg.dataset, v.starts[:r], v.counts[:r], v.out[:n])
+                item.pending = backend.submit_by_ref(msg.dataset, v.starts[:r], v.counts[:r], out)
             else:
-                item.pending = backend.submit_by_value(v.dense[:n], v.sparse[:n], v.out[:n])
+                item.pending = backend.submit_by_value(v.dense[:n], v.sparse[:n], out)
         except Exception as exc:
             log.exception("engine %s: batch %d failed", self.spec.name, msg.batch_id)
             item.msg = P.BatchFailed(batch_id=msg.batch_id, slot=msg.slot, message=f"{type(exc).__name__}: {exc}")
         self.completions.put(item)
+
+    def _outputs_of(self, msg: P.BatchReady, slot_out: Any, item: _InFlight) -> Any:
+        """Where the backend writes the batch: straight into an output region when one segment takes
+        the whole batch, else into the slot, with the region segments copied out when it is done."""
+        with self._outputs_lock:
+            if len(msg.outputs) == 1 and msg.outputs[0][0]:
+                path, start, k = msg.outputs[0]
+                if k != msg.num_pairs:
+                    raise ValueError(f"output segments cover {k} of the batch's {msg.num_pairs} pairs")
+                return self.outputs.view(path, start, k)
+            pos = 0
+            for path, start, k in msg.outputs:
+                if path:
+                    item.scatter.append((self.outputs.view(path, start, k), slot_out[pos:pos + k]))
+                pos += k
+            if pos != msg.num_pairs:
+                raise ValueError(f"output segments cover {pos} of the batch's {msg.num_pairs} pairs")
+        return slot_out
 
     def _complete(self) -> None:
         self._completer_tid = threading.get_native_id()
         self._completer_started.set()
         while (item := self.completions.peek()) is not None:
             reply = item.msg
+            if isinstance(reply, P.ReleaseOutput):
+                with self._outputs_lock:
+                    self.outputs.release(reply.path)
+                self.completions.pop()
+                continue
             if item.pending is not None:
                 msg = item.msg
                 try:
                     stats = item.pending.wait()
+                    _scatter(item)
                     reply = P.BatchDone(batch_id=msg.batch_id, slot=msg.slot, num_pairs=msg.num_pairs,
                                         hot_lookups=int(stats.hot_lookups), cold_lookups=int(stats.cold_lookups),
                                         compute_s=time.perf_counter() - item.t0)

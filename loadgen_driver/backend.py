@@ -7,6 +7,7 @@ LoadGen's own ceiling and tests) and `DaemonBackend` (dlrm-daemon over ZeroMQ, w
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import deque
@@ -20,6 +21,9 @@ from formats.pairs import pair_index
 from wire import messages as M
 from wire.client import Client, PipelinedClient, PipelinedReply
 from wire.errors import DaemonError
+from wire.output_region import OutputRegion
+
+log = logging.getLogger("loadgen_driver")
 
 
 class DriverBackendError(RuntimeError):
@@ -65,7 +69,8 @@ class Backend(Protocol):
         """Ask for predictions of the pairs of the samples (int64 sample indices); never blocks long."""
 
     def poll(self, timeout_ms: int) -> list[BackendReply]:
-        """Replies that arrived, waiting up to `timeout_ms` for the first one."""
+        """Replies that arrived, waiting up to `timeout_ms` for the first one. Their predictions stay
+        valid until the next `poll` (a backend may hand out views of memory it then reuses)."""
 
     def liveness(self, timeout_s: float) -> Liveness:
         """Whether the backend is alive and working; called by the completion thread when replies are late."""
@@ -140,9 +145,15 @@ class DaemonBackend:
     thread) queues the request and wakes that thread through an inproc socket; `poll` waits on both
     sockets, sends what is queued, then collects replies. A `send` costs a deque append and one
     inproc message, never a wait on a reply.
+
+    With `sample_offsets` and `region` (the default) the predictions do not travel in the replies: the
+    backend registers an output region (wire/output_region.py) and each request names a place in it,
+    which the daemon's engines write; a request that finds no room there, or a daemon that refuses the
+    region (another host, an older daemon), gets its predictions in the reply as before.
     """
 
-    def __init__(self, endpoint: str, dataset_name: str, dataset_path: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, endpoint: str, dataset_name: str, dataset_path: str, timeout_s: float = 10.0,
+                 sample_offsets: np.ndarray | None = None, region: bool = True) -> None:
         self.dataset = dataset_name
         self.endpoint = endpoint
         self._control = Client(endpoint, timeout_s=timeout_s)
@@ -154,6 +165,12 @@ class DaemonBackend:
                                      f"running there?") from exc
         self.limits = BackendLimits(int(status.get("max_queue_pairs", 0)), int(status.get("max_pairs_per_query", 0)))
         self._call("RegisterDataset", self._control.register_dataset, dataset_name, dataset_path)
+        self._offsets = None if sample_offsets is None else np.asarray(sample_offsets, dtype=np.int64)
+        self.region: OutputRegion | None = None
+        if region and self._offsets is not None:
+            self.region = self._register_region(2 * self.limits.queue_pairs if self.limits.queue_pairs else 1 << 24)
+        self._placed: dict[int, tuple[int, int]] = {}  # request id -> (region offset, pairs)
+        self._release: list[int] = []  # region offsets of the replies the last poll returned
         self._client = PipelinedClient(endpoint)
         self._probe: Client | None = None
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -163,10 +180,25 @@ class DaemonBackend:
         self._wake_tx = ctx.socket(zmq.PAIR)
         self._wake_tx.connect(addr)
         self._tx_lock = threading.Lock()  # the wake sender may be used by LoadGen's issue threads
-        self._outbox: deque[tuple[int, np.ndarray]] = deque()
+        self._outbox: deque[tuple[int, np.ndarray, int]] = deque()
         self._poller = zmq.Poller()
         self._poller.register(self._client.socket, zmq.POLLIN)
         self._poller.register(self._wake_rx, zmq.POLLIN)
+
+    def _register_region(self, num_predictions: int) -> OutputRegion | None:
+        """An output region the daemon accepted, or None (predictions in the replies; the reason logged)."""
+        try:
+            region = OutputRegion(min(num_predictions, 1 << 28))
+        except OSError as exc:
+            log.warning("no output region (%s): predictions come back in the replies", exc)
+            return None
+        try:
+            self._control.register_output(str(region.path), region.num_predictions)
+        except DaemonError as exc:
+            log.warning("the daemon did not take the output region (%s): predictions come back in the replies", exc)
+            region.close()
+            return None
+        return region
 
     @staticmethod
     def _call(what: str, fn: Callable[..., object], *args: object) -> None:
@@ -182,11 +214,24 @@ class DaemonBackend:
         self._call("UnloadSamples", self._control.unload_samples, self.dataset, sample_ids)
 
     def send(self, request_id: int, sample_ids: np.ndarray) -> None:
-        self._outbox.append((request_id, np.ascontiguousarray(sample_ids, dtype=np.int64)))
+        ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
+        offset = -1
+        if self.region is not None and self._offsets is not None and len(ids):
+            pairs = int((self._offsets[ids + 1] - self._offsets[ids]).sum())
+            at = self.region.ring.allocate(pairs)
+            if at is not None:
+                offset = at
+                self._placed[request_id] = (at, pairs)
+        self._outbox.append((request_id, ids, offset))
         with self._tx_lock:
             self._wake_tx.send(b"", zmq.NOBLOCK)
 
     def poll(self, timeout_ms: int) -> list[BackendReply]:
+        if self._release:  # the caller is done with the last poll's predictions: their room is free
+            assert self.region is not None
+            for at in self._release:
+                self.region.ring.free(at)
+            self._release.clear()
         ready = dict(self._poller.poll(timeout_ms))
         if self._wake_rx in ready:
             try:
@@ -195,13 +240,38 @@ class DaemonBackend:
             except zmq.Again:
                 pass
         while self._outbox:
-            rid, ids = self._outbox.popleft()
+            rid, ids, at = self._outbox.popleft()
             try:
                 # throughput work: LoadGen measures latency itself, and a refused sample fails the run
-                self._client.send_by_ref(rid, self.dataset, ids, deadline_s=M.NO_DEADLINE)
+                if at >= 0:
+                    assert self.region is not None
+                    self._client.send_by_ref(rid, self.dataset, ids, M.NO_DEADLINE, str(self.region.path), at)
+                else:
+                    self._client.send_by_ref(rid, self.dataset, ids, deadline_s=M.NO_DEADLINE)
             except zmq.ZMQError as exc:
+                self._settle(rid)
                 return [BackendReply(rid, None, f"send failed: {exc}")]
-        return [_convert(r) for r in self._client.poll(0)]
+        out = []
+        for r in self._client.poll(0):
+            # A failed request's room is never reused: a piece of it may still be computing elsewhere
+            # and write there later (the ring then falls back to replies once it is full).
+            placed = self._settle(r.request_id) if r.error is None else self._placed.pop(r.request_id, None)
+            if r.written:
+                if placed is None or self.region is None:
+                    out.append(BackendReply(r.request_id, None, "the daemon wrote predictions to an output "
+                                                                "region this request did not name"))
+                else:
+                    out.append(BackendReply(r.request_id, self.region.view(*placed)))
+            else:
+                out.append(_convert(r))
+        return out
+
+    def _settle(self, request_id: int) -> tuple[int, int] | None:
+        """The request's place in the region (None: none), released at the next poll."""
+        placed = self._placed.pop(request_id, None)
+        if placed is not None:
+            self._release.append(placed[0])
+        return placed
 
     def liveness(self, timeout_s: float) -> Liveness:
         """The daemon's status over a socket of its own (the completion thread's; the control client
@@ -220,6 +290,12 @@ class DaemonBackend:
 
     def close(self) -> None:
         self._client.close()
+        if self.region is not None:
+            try:
+                self._control.unregister_output(str(self.region.path))
+            except DaemonError:
+                pass  # the daemon is gone or forgot it (it releases a disconnected client's regions)
+            self.region.close()
         self._control.close()
         if self._probe is not None:
             self._probe.close()

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--completion", choices=("capi", "python"), default="capi",
                    help="capi: complete each batch with one call of LoadGen's C API (no per-sample "
                         "Python object; falls back to python if not found); python: the binding")
+    p.add_argument("--predictions", choices=("region", "reply"), default="region",
+                   help="--backend daemon: how predictions come back: written by the engines into a shared-"
+                        "memory region of the driver's (the daemon on this host; falls back to replies "
+                        "where it refuses the region) or in the reply messages")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     return p
 
@@ -100,7 +104,9 @@ def _make_backend(args: argparse.Namespace, offsets: np.ndarray, dataset: Datase
         params = dict(kv.split("=", 1) for kv in args.oip_parameters.split(",") if kv)
         return OipBackend(args.url, dataset, name, args.oip_model, args.oip_inputs, timeout_s=min(args.timeout_s, 10.0),
                           parameters=params, channels=args.oip_channels)
-    return DaemonBackend(args.endpoint or client_endpoint(), name, str(args.dataset.resolve()), timeout_s=min(args.timeout_s, 10.0))
+    return DaemonBackend(args.endpoint or client_endpoint(), name, str(args.dataset.resolve()),
+                         timeout_s=min(args.timeout_s, 10.0), sample_offsets=offsets,
+                         region=args.predictions == "region")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,7 +148,7 @@ class DriverSUT:
         # pairs are counted only where sample_offsets say how many a sample has
         self._window = InflightWindow(max_inflight, max_inflight_pairs if self.offsets is not None else 0)
         # Insertion order is send order: the first entry is the oldest request in flight.
-        self._pending: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray, float, int]] = {}
         self._last_reply_at = time.monotonic()
         self._lock = threading.Lock()
         self._next_id = 1
@@ -164,13 +164,19 @@ class DriverSUT:
         self.issue_arrays(ids, idx)
 
     def issue_arrays(self, ids: np.ndarray, idx: np.ndarray) -> None:
-        """IssueQuery with numpy arrays (the C-API SUT of capi.py calls this directly)."""
+        """IssueQuery with numpy arrays (the C-API SUT of capi.py calls this directly). Offline's one
+        query of millions of samples is cut and sent a chunk at a time, so the first requests leave
+        at once instead of after array passes over the whole query."""
         self.stats.issued_samples += len(ids)
-        counts = None if self.offsets is None else self.offsets[idx + 1] - self.offsets[idx]
-        start = 0
-        for end in request_ends(len(ids), self.samples_per_request, counts, self.max_request_pairs):
-            self._send(ids[start:end], idx[start:end])
-            start = end
+        chunk = max(self.samples_per_request, 64 * self.samples_per_request)
+        for a in range(0, len(ids), chunk):
+            c_ids, c_idx = ids[a:a + chunk], idx[a:a + chunk]
+            counts = None if self.offsets is None else self.offsets[c_idx + 1] - self.offsets[c_idx]
+            start = 0
+            for end in request_ends(len(c_ids), self.samples_per_request, counts, self.max_request_pairs):
+                self._send(c_ids[start:end], c_idx[start:end],
+                           0 if counts is None else int(counts[start:end].sum()))
+                start = end
 
     def issue(self, query_samples: list[Any]) -> None:
         """ConstructSUT's IssueQuery (QuerySample objects), for comparison with the fast path."""
@@ -197,17 +203,10 @@ class DriverSUT:
             log.warning("%s", message)
 
     # -- sending -------------------------------------------------------------------------------
-    def _pairs_of(self, idx: np.ndarray) -> int:
-        """The pairs of a request's samples (0 without sample_offsets: the window counts requests only)."""
-        if self.offsets is None:
-            return 0
-        return int((self.offsets[idx + 1] - self.offsets[idx]).sum())
+    def _release(self, entry: tuple[np.ndarray, np.ndarray, float, int]) -> None:
+        self._window.release(entry[3])
 
-    def _release(self, entry: tuple[np.ndarray, np.ndarray, float]) -> None:
-        self._window.release(self._pairs_of(entry[1]))
-
-    def _send(self, ids: np.ndarray, idx: np.ndarray) -> None:
-        pairs = self._pairs_of(idx)
+    def _send(self, ids: np.ndarray, idx: np.ndarray, pairs: int) -> None:
         acquired = False
         while not self.unreachable.is_set():
             acquired = self._window.acquire(pairs, timeout_s=1.0)
@@ -223,7 +222,7 @@ class DriverSUT:
         with self._lock:
             rid = self._next_id
             self._next_id += 1
-            self._pending[rid] = (ids, idx, time.monotonic())
+            self._pending[rid] = (ids, idx, time.monotonic(), pairs)
         self.stats.requests += 1
         try:
             self.backend.send(rid, idx)
@@ -269,8 +268,8 @@ class DriverSUT:
                 self._release(entry)
             self._check_timeouts()
 
-    def _complete(self, entry: tuple[np.ndarray, np.ndarray, float], preds: np.ndarray) -> None:
-        ids, idx, _ = entry
+    def _complete(self, entry: tuple[np.ndarray, np.ndarray, float, int], preds: np.ndarray) -> None:
+        ids, idx = entry[0], entry[1]
         t0 = time.perf_counter()
         if self.offsets is None:
             self._complete_empty(ids)
@@ -322,9 +321,9 @@ class DriverSUT:
         elif self.stats.error_events == MAX_LOGGED_ERRORS + 1:
             log.error("further errors are counted, not logged")
 
-    def _fail(self, entry: tuple[np.ndarray, np.ndarray, float], why: str) -> None:
+    def _fail(self, entry: tuple[np.ndarray, np.ndarray, float, int], why: str) -> None:
         """Count and log the samples, then complete them without data so LoadGen can finish."""
-        ids, idx, _ = entry
+        ids, idx = entry[0], entry[1]
         self.stats.error_samples += len(ids)
         shown = ",".join(str(i) for i in idx[:16].tolist()) + (",..." if len(idx) > 16 else "")
         self._record(f"{why} ({len(idx)} samples; sample ids {shown})")

@@ -1,5 +1,6 @@
 """The daemon with GPU engines (marker gpu: `make test-gpu` on the device machine): by-reference and
-by-value answers equal the int8 reference within the GPU backend's fp16 tolerance, on every GPU."""
+by-value answers equal the int8 reference within the GPU backend's fp16 tolerance, on every GPU, with
+by-reference predictions in the replies and written into the client's output region."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from wire.client import PipelinedClient
+from wire.output_region import OutputRegion
 from formats.model_config import DLRMConfig
 from engines.model import random_state_dict
 from engines.reference import Int8Reference
@@ -36,23 +38,36 @@ def test_gpu_engines_match_reference(tmp_path: Path, gpu_part: float) -> None:
     d = DaemonProc({"engines": devices, "model": str(tmp_path / "art"), "datasets": {"ds": str(tmp_path / "ds")},
                     "embedding_weights_on_gpu_part": gpu_part, "max_batch_pairs": 65536,
                     "heartbeat_timeout_s": 5.0})
+    region: OutputRegion | None = None
     try:
         st = d.wait_serving(300)
         assert [e["state"] for e in st["engines"]] == ["ready"] * len(devices)
         queries = [rng.integers(0, ds.num_samples, size=int(rng.integers(1, 300))) for _ in range(60)]
+        off = ds.sample_offsets
+        region = OutputRegion(int(sum(off[ids + 1].sum() - off[ids].sum() for ids in queries)))
+        with d.client(60) as c:
+            c.register_output(str(region.path), region.num_predictions)
         pc = PipelinedClient(d.endpoint)
+        placed: dict[int, tuple[int, int]] = {}
+        at = 0
         for rid, ids in enumerate(queries):
-            pc.send_by_ref(rid, "ds", ids)
-        got: dict[int, np.ndarray] = {}
+            if rid % 2:  # every other query into the region (the engines write it), the rest in replies
+                n = int(off[ids + 1].sum() - off[ids].sum())
+                pc.send_by_ref(rid, "ds", ids, None, str(region.path), at)
+                placed[rid] = (at, n)
+                at += n
+            else:
+                pc.send_by_ref(rid, "ds", ids)
+        got: dict[int, np.ndarray | None] = {}
         while len(got) < len(queries):
             replies = pc.poll(60_000)
             assert replies, "no reply in 60 s"
             for rep in replies:
                 assert rep.error is None, rep.error
-                got[rep.request_id] = rep.predictions
+                assert rep.written == (rep.request_id in placed)
+                got[rep.request_id] = region.view(*placed[rep.request_id]) if rep.written else rep.predictions
         pc.close()
-        off = ds.sample_offsets
-        for rid, ids in enumerate(queries[:10]):
+        for rid, ids in enumerate(queries[:12]):
             idx = np.concatenate([np.arange(off[s], off[s + 1]) for s in ids])
             np.testing.assert_allclose(got[rid], ref.predict(ds.dense[idx], ds.sparse[idx]), atol=PRED_ATOL, rtol=0)
         idx = rng.integers(0, ds.num_pairs, size=5000)
@@ -63,3 +78,5 @@ def test_gpu_engines_match_reference(tmp_path: Path, gpu_part: float) -> None:
         assert all(e["device_memory_bytes"] > 0 and e["gpu_part"] == gpu_part for e in st["engines"])
     finally:
         assert d.terminate(60) == 0, d.log()
+        if region is not None:
+            region.close()

@@ -23,6 +23,7 @@ from formats.frequencies import write_row_frequencies
 from loadgen_driver.accuracy import read_accuracy_log
 from loadgen_driver.cli import main
 from loadgen_driver.summary import read_summary
+from wire.client import Client
 from prepare.convert import convert
 from test_daemon_support import DaemonProc, make_dataset
 
@@ -212,3 +213,24 @@ def test_offline_stays_within_the_daemons_queue_bound(tmp_path: Path,
     assert done is not None and int(done.group(1).replace(",", "")) >= 5000, bounded.out  # LoadGen adds 10%
     assert rc_unbounded == 1, unbounded.out
     assert "OVERLOADED" in unbounded.err, unbounded.err
+
+
+@pytest.mark.parametrize("predictions", ["region", "reply"])
+def test_predictions_come_back_the_chosen_way(null_setup, tmp_path: Path, predictions: str) -> None:  # type: ignore[no-untyped-def]
+    """The default: engines write into the driver's output region (no prediction bytes in replies);
+    `--predictions reply`: in the replies. Both give LoadGen the null engine's exact predictions."""
+    daemon, ds = null_setup
+    with Client(daemon.endpoint) as c:
+        before = c.status()["totals"]
+    assert _run(daemon, ds, tmp_path, "--scenario", "Offline", "--mode", "AccuracyOnly",
+                "--samples-per-request", "16", "--predictions", predictions) == 0
+    with Client(daemon.endpoint) as c:
+        after = c.status()["totals"]
+    written = after.get("queries_written_to_regions", 0) - before.get("queries_written_to_regions", 0)
+    queries = after.get("queries", 0) - before.get("queries", 0)
+    assert queries > 0
+    assert written == (queries if predictions == "region" else 0)
+    preds, _, order = read_accuracy_log(tmp_path / "mlperf_log_accuracy.json")
+    d = Dataset.open(ds)
+    pairs = np.concatenate([np.arange(d.sample_offsets[s], d.sample_offsets[s + 1]) for s in order])
+    np.testing.assert_array_equal(preds, null_ref_prediction(pairs))

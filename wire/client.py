@@ -153,6 +153,14 @@ def _status(rid: int) -> tuple[bytes, Frames]:
     return M.encode(M.GetStatus(request_id=rid)), ()
 
 
+def _register_output(rid: int, path: str, num_predictions: int) -> tuple[bytes, Frames]:
+    return M.encode(M.RegisterOutput(request_id=rid, path=str(path), num_predictions=num_predictions)), ()
+
+
+def _unregister_output(rid: int, path: str) -> tuple[bytes, Frames]:
+    return M.encode(M.UnregisterOutput(request_id=rid, path=str(path))), ()
+
+
 def _reload(rid: int, config: str = "") -> tuple[bytes, Frames]:
     return M.encode(M.Reload(request_id=rid, config=str(config))), ()
 
@@ -166,6 +174,10 @@ STATUS = Call(_status, dict)  # the daemon's engines, queue, rates and totals
 # swap in the model of the daemon's (re-read) config: {model, previous_model, seconds, checks}; minutes
 # for a large model, so give the client a timeout to match; ReloadFailed when refused
 RELOAD = Call(_reload, dict)
+# an output region (wire/output_region.py) this client's requests may name: engines write predictions
+# there; it is released when this client unregisters it or disconnects
+REGISTER_OUTPUT = Call(_register_output, type(None))
+UNREGISTER_OUTPUT = Call(_unregister_output, type(None))
 
 
 class _SyncMethod(Generic[Params, Result]):
@@ -204,6 +216,8 @@ class Client:
     infer_by_value = _SyncMethod(INFER_BY_VALUE)
     status = _SyncMethod(STATUS)
     reload = _SyncMethod(RELOAD)
+    register_output = _SyncMethod(REGISTER_OUTPUT)
+    unregister_output = _SyncMethod(UNREGISTER_OUTPUT)
 
     def __init__(self, endpoint: str, timeout_s: float = 30.0, curve: ClientCurve | None = None) -> None:
         self.endpoint = endpoint
@@ -251,6 +265,8 @@ class AsyncClient:
     infer_by_value = _AsyncMethod(INFER_BY_VALUE)
     status = _AsyncMethod(STATUS)
     reload = _AsyncMethod(RELOAD)
+    register_output = _AsyncMethod(REGISTER_OUTPUT)
+    unregister_output = _AsyncMethod(UNREGISTER_OUTPUT)
 
     def __init__(self, endpoint: str, timeout_s: float = 30.0, curve: ClientCurve | None = None) -> None:
         self.endpoint = endpoint
@@ -317,6 +333,7 @@ class PipelinedReply:
     predictions: np.ndarray | None
     error: DaemonError | None
     model: str = ""  # the model that computed the predictions (the reply's model id)
+    written: bool = False  # the predictions are in the output region the request named (predictions None)
 
 
 class PipelinedClient:
@@ -340,10 +357,13 @@ class PipelinedClient:
         return self._sock
 
     def send_by_ref(self, request_id: int, dataset: str, sample_ids: np.ndarray,
-                    deadline_s: float | None = None) -> None:
+                    deadline_s: float | None = None, output: str = "", output_offset: int = 0) -> None:
+        """`output`: a registered output region's path; the predictions are written there from element
+        `output_offset` on, and the reply says so (`written`) instead of carrying them."""
         ids = sample_ids if sample_ids.dtype == np.int64 and sample_ids.flags.c_contiguous else _ids(sample_ids)
         s = self._sock
-        s.send(self._enc.encode(M.InferByRef(request_id, dataset, len(ids), deadline_s)), zmq.SNDMORE)
+        s.send(self._enc.encode(M.InferByRef(request_id, dataset, len(ids), deadline_s, M.SAMPLE_ID_DTYPE,
+                                             output, output_offset)), zmq.SNDMORE)
         if ids.nbytes < _ZERO_COPY_MIN:
             s.send(ids.data)
         else:
@@ -382,6 +402,8 @@ class PipelinedClient:
                         start = end
                 else:
                     out.append(PipelinedReply(-1, None, DaemonError("InferResults frame size does not match num_pairs")))
+            elif t is M.InferWritten:
+                out.extend(PipelinedReply(r, None, None, reply.model, True) for r in reply.request_ids)
             elif t is M.InferResult and len(frames) == 2:
                 out.append(PipelinedReply(reply.request_id, np.frombuffer(frames[1].buffer, np.float32), None,
                                           reply.model))

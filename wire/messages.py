@@ -103,6 +103,11 @@ class InferByRef(_Msg, frozen=True):
     # if late); NO_DEADLINE (inf) = throughput work, never refused for latency (LoadGen runs)
     deadline_s: float | None = None
     ids_dtype: str = SAMPLE_ID_DTYPE
+    # "" = predictions come back in the reply; else the path of an output region this daemon has
+    # registered (RegisterOutput): the engines write the predictions there, from element
+    # `output_offset` on, and the reply (InferWritten) carries no data
+    output: str = ""
+    output_offset: int = 0
 
 
 class InferByValue(_Msg, frozen=True):
@@ -137,6 +142,22 @@ class RegisterDataset(_Msg, frozen=True):
     path: str
 
 
+class RegisterOutput(_Msg, frozen=True):
+    """An output region: a shared-memory file of the client's (on this host, under /dev/shm, owned by
+    the daemon's user) holding `num_predictions` float32 values. InferByRef requests that name it get
+    their predictions written there by the engines, with no bytes in the reply (Triton's system
+    shared memory for outputs). Released when the registering client disconnects or unregisters."""
+
+    request_id: int
+    path: str
+    num_predictions: int
+
+
+class UnregisterOutput(_Msg, frozen=True):
+    request_id: int
+    path: str
+
+
 class GetStatus(_Msg, frozen=True):
     request_id: int
 
@@ -150,7 +171,8 @@ class Reload(_Msg, frozen=True):
     config: str = ""  # "" = the file the daemon was started with
 
 
-Request = Union[InferByRef, InferByValue, LoadSamples, UnloadSamples, RegisterDataset, GetStatus, Reload]
+Request = Union[InferByRef, InferByValue, LoadSamples, UnloadSamples, RegisterDataset, GetStatus, Reload,
+                RegisterOutput, UnregisterOutput]
 
 
 # ---- replies (dispatcher -> client) ----
@@ -169,6 +191,15 @@ class InferResults(_Msg, frozen=True):
     request_ids: list[int]
     num_pairs: list[int]
     model: str = ""  # as InferResult's: one batch, one model
+
+
+class InferWritten(_Msg, frozen=True):
+    """Results of requests that named an output region: their predictions are in that region, at the
+    offsets the requests gave (written before this reply was sent). No frame."""
+
+    request_ids: list[int]
+    num_pairs: list[int]
+    model: str = ""
 
 
 class Ack(_Msg, frozen=True):
@@ -235,7 +266,7 @@ class Reloaded(_Msg, frozen=True):
     checks: list[str]  # what was verified before traffic moved, one line each
 
 
-Reply = Union[InferResult, InferResults, Ack, Status, Error, Reloaded]
+Reply = Union[InferResult, InferResults, InferWritten, Ack, Status, Error, Reloaded]
 
 
 # ---- control (dispatcher <-> engine process) ----
@@ -249,6 +280,9 @@ class BatchReady(_Msg, frozen=True):
     dataset: str
     num_ranges: int
     num_pairs: int
+    # Where the predictions go, in batch order: (output region path, element offset, pairs); a path
+    # of "" = the slot's own output at that batch position. Empty = all into the slot (as before).
+    outputs: list[tuple[str, int, int]] = []
 
 
 class BatchDone(_Msg, frozen=True):
@@ -306,6 +340,13 @@ class Shutdown(_Msg, frozen=True):
     pass
 
 
+class ReleaseOutput(_Msg, frozen=True):
+    """An output region is gone (its client unregistered it or disconnected): unmap it once the
+    batches sent before this message are done."""
+
+    path: str
+
+
 class RunCanary(_Msg, frozen=True):
     """Predict the first `pairs` pairs of registered dataset `dataset` with the engine's backend and with
     the plain reference of its arithmetic (engines.reference), before a reload moves traffic to it."""
@@ -326,7 +367,7 @@ class CanaryDone(_Msg, frozen=True):
 
 Control = Union[
     BatchReady, BatchDone, BatchFailed, Heartbeat, EngineReady, EngineLoadFailed, AddDataset,
-    DatasetAdded, Shutdown, RunCanary, CanaryDone,
+    DatasetAdded, Shutdown, RunCanary, CanaryDone, ReleaseOutput,
 ]
 
 

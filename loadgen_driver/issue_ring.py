@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -80,7 +81,7 @@ class IssuePump:
     """Drains the ring into `issue(ids uint64, indices int64)` on a thread of its own, `batch` at most."""
 
     def __init__(self, lib: ctypes.CDLL, issue: Callable[[np.ndarray, np.ndarray], None],
-                 capacity: int = 1 << 22, batch: int = 1 << 20) -> None:
+                 capacity: int = 1 << 22, batch: int = 1 << 20, interval_s: float = 0.0005) -> None:
         if not _ONE_RING.acquire(blocking=False):
             raise RuntimeError("one issue ring per process")
         if lib.ring_open(capacity) != 0:
@@ -91,12 +92,14 @@ class IssuePump:
         self._ids = np.empty(batch, dtype=np.uint64)
         self._idx = np.empty(batch, dtype=np.int64)
         self.batches = 0
+        self.interval_s = interval_s
         self._thread = threading.Thread(target=self._pump, name="lg-issue-ring", daemon=True)
         self._thread.start()
 
     def _pump(self) -> None:
         ids_p, idx_p, cap = self._ids.ctypes.data, self._idx.ctypes.data, len(self._ids)
         while True:
+            t0 = time.monotonic()
             n = self.lib.ring_take(ids_p, idx_p, cap, 100)
             if n < 0:
                 return
@@ -106,6 +109,11 @@ class IssuePump:
                     self._issue(self._ids[:n].copy(), self._idx[:n].copy())
                 except Exception:  # the driver's issue records its own failures; this must not stop the pump
                     log.exception("issuing %d samples failed", n)
+                # Let samples gather for at least `interval_s` per take: at millions of samples/s a take
+                # per few hundred samples would be a request (and a dispatcher message) each.
+                rest = self.interval_s - (time.monotonic() - t0)
+                if rest > 0:
+                    time.sleep(rest)
 
     def counts(self) -> tuple[int, int]:
         """(samples LoadGen issued into the ring, its IssueQuery calls)."""

@@ -148,7 +148,7 @@ class DriverSUT:
         # pairs are counted only where sample_offsets say how many a sample has
         self._window = InflightWindow(max_inflight, max_inflight_pairs if self.offsets is not None else 0)
         # Insertion order is send order: the first entry is the oldest request in flight.
-        self._pending: dict[int, tuple[np.ndarray, np.ndarray, float, int]] = {}
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray, float, int, np.ndarray | None]] = {}
         self._last_reply_at = time.monotonic()
         self._lock = threading.Lock()
         self._next_id = 1
@@ -174,8 +174,7 @@ class DriverSUT:
             counts = None if self.offsets is None else self.offsets[c_idx + 1] - self.offsets[c_idx]
             start = 0
             for end in request_ends(len(c_ids), self.samples_per_request, counts, self.max_request_pairs):
-                self._send(c_ids[start:end], c_idx[start:end],
-                           0 if counts is None else int(counts[start:end].sum()))
+                self._send(c_ids[start:end], c_idx[start:end], None if counts is None else counts[start:end])
                 start = end
 
     def issue(self, query_samples: list[Any]) -> None:
@@ -203,10 +202,12 @@ class DriverSUT:
             log.warning("%s", message)
 
     # -- sending -------------------------------------------------------------------------------
-    def _release(self, entry: tuple[np.ndarray, np.ndarray, float, int]) -> None:
+    def _release(self, entry: tuple[np.ndarray, np.ndarray, float, int, np.ndarray | None]) -> None:
         self._window.release(entry[3])
 
-    def _send(self, ids: np.ndarray, idx: np.ndarray, pairs: int) -> None:
+    def _send(self, ids: np.ndarray, idx: np.ndarray, counts: np.ndarray | None) -> None:
+        """`counts`: pairs per sample (None without sample offsets), kept for the completion."""
+        pairs = 0 if counts is None else int(counts.sum())
         acquired = False
         while not self.unreachable.is_set():
             acquired = self._window.acquire(pairs, timeout_s=1.0)
@@ -222,7 +223,7 @@ class DriverSUT:
         with self._lock:
             rid = self._next_id
             self._next_id += 1
-            self._pending[rid] = (ids, idx, time.monotonic(), pairs)
+            self._pending[rid] = (ids, idx, time.monotonic(), pairs, counts)
         self.stats.requests += 1
         try:
             self.backend.send(rid, idx)
@@ -268,16 +269,15 @@ class DriverSUT:
                 self._release(entry)
             self._check_timeouts()
 
-    def _complete(self, entry: tuple[np.ndarray, np.ndarray, float, int], preds: np.ndarray) -> None:
+    def _complete(self, entry: tuple[np.ndarray, np.ndarray, float, int, np.ndarray | None], preds: np.ndarray) -> None:
         ids, idx = entry[0], entry[1]
         t0 = time.perf_counter()
         if self.offsets is None:
             self._complete_empty(ids)
             pairs = 0
         else:
-            starts = self.offsets[idx]
-            counts = self.offsets[idx + 1] - starts
-            pairs = int(counts.sum())
+            counts = entry[4] if entry[4] is not None else self.offsets[idx + 1] - self.offsets[idx]
+            pairs = entry[3]
             preds = np.ascontiguousarray(preds, dtype=np.float32)
             if preds.shape != (pairs,):
                 self._fail(entry, f"reply has {preds.size} predictions, expected {pairs}")
@@ -285,7 +285,7 @@ class DriverSUT:
             if self.labels is not None:
                 buf = np.empty((pairs, 2), dtype=np.float32)
                 buf[:, 0] = preds
-                buf[:, 1] = self.labels[pair_index(starts, counts)]
+                buf[:, 1] = self.labels[pair_index(self.offsets[idx], counts)]
                 width = 8
             else:
                 buf, width = preds, 4
@@ -321,7 +321,7 @@ class DriverSUT:
         elif self.stats.error_events == MAX_LOGGED_ERRORS + 1:
             log.error("further errors are counted, not logged")
 
-    def _fail(self, entry: tuple[np.ndarray, np.ndarray, float, int], why: str) -> None:
+    def _fail(self, entry: tuple[np.ndarray, np.ndarray, float, int, np.ndarray | None], why: str) -> None:
         """Count and log the samples, then complete them without data so LoadGen can finish."""
         ids, idx = entry[0], entry[1]
         self.stats.error_samples += len(ids)

@@ -32,6 +32,10 @@ from loadgen_driver.summary import read_summary  # noqa: E402
 from wire.client import wait_until_serving  # noqa: E402
 
 
+def _pythonpath() -> str:
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def start(work: Path, engines: int, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
     conf = work / f"daemon{engines}.toml"
     names = ", ".join(['"null"'] * engines)
@@ -40,7 +44,7 @@ def start(work: Path, engines: int, args: argparse.Namespace) -> tuple[subproces
                     f"max_batch_pairs = {args.max_batch_pairs}\ninflight_batches = {args.inflight_batches}\n"
                     f"max_pairs_per_query = 8000000\nmax_queue_pairs = {args.max_queue_pairs}\n"
                     f'heartbeat_timeout_s = 10.0\nlog_level = "WARNING"\n[datasets]\nbench = "{ds}"\n')
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DLRM_NULL_FILL": str(args.null_fill)}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "DLRM_NULL_FILL": str(args.null_fill)}
     log = open(work / f"daemon{engines}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(conf)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -59,7 +63,7 @@ def drive(work: Path, endpoint: str, scenario: str, qps: float, predictions: str
            "--issue", issue, "--output-dir", str(out), "--quiet"]
     if scenario == "Server":
         cmd += ["--latency-ms", "30"]
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": _pythonpath()}, capture_output=True, text=True,
                        timeout=600)
     s = read_summary(out)
     key = "Samples per second" if scenario == "Offline" else "Completed samples per second"

@@ -20,6 +20,7 @@
 #   bash bench/device_checks.sh round5b    # gpu_part 0.3: cold rows staged or not, private vs shared host rows
 #   bash bench/device_checks.sh round6     # issue 15: the front end with output regions, 1-8 null engines;
 #                                          # the GPU daemon test (regions through CUDA engines)
+#   bash bench/device_checks.sh round6b    # the GPU daemon test again; the driver alone in Server; capi vs ring
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -426,7 +427,21 @@ round6)
   timeout 330 python3 bench/bench_frontend.py --engines 1,2,4,8 --offline-qps 6000000 \
     --server-qps 2000000,3000000,4500000,6000000 --server-engines 8 --server-predictions region,reply \
     --duration-s 5 --out "$OUT/frontend.json" 2>&1 | tail -30
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_daemon_gpu.py 2>&1 | tail -3
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_daemon_gpu.py 2>&1 | tee "$OUT/gpu_daemon_test.log" | tail -40
+  ;;
+round6b)
+  # the GPU daemon test with regions; where Server stops: the driver alone (in-process null backend),
+  # then 8 engines with LoadGen's C issue instead of the ring, and 4 engines with the ring
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_daemon_gpu.py 2>&1 | tail -3
+  python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from bench_driver import \
+hollow_dataset; from formats.trace import reference_sample_sizes as r; hollow_dataset(Path('/tmp/hds'), r(204800 * 270)[:204801])"
+  for q in 2000000 3000000 4500000; do
+    echo "== driver alone (in-process null backend), Server $q ring"
+    timeout 40 python3 -m loadgen_driver.cli --scenario Server --backend null --dataset /tmp/hds --target-qps $q --min-duration-s 5 --min-query-count 1 --issue ring --latency-ms 30 --quiet --output-dir /tmp/o_$q 2>&1 | grep -E "throughput|p99|result|cost"
+  done
+  echo "== 8 null engines, Server capi issue; 4 engines ring"
+  timeout 100 python3 bench/bench_frontend.py --engines 8 --offline-qps 0 --server-qps 2000000,2500000 --server-issue capi --duration-s 5 2>&1 | tail -3
+  timeout 100 python3 bench/bench_frontend.py --engines 4 --offline-qps 0 --server-qps 2000000,2500000 --server-issue ring --duration-s 5 2>&1 | tail -3
   ;;
 round5b)
   # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,

@@ -26,6 +26,7 @@ log = logging.getLogger("loadgen_driver")
 C_COMPLETE = b"_ZN6mlperf1c20QuerySamplesCompleteEPNS_19QuerySampleResponseEm"
 C_CONSTRUCT_SUT = b"_ZN6mlperf1c12ConstructSUTEmPKcmPFvmPKNS_11QuerySampleEmEPFvvE"
 C_DESTROY_SUT = b"_ZN6mlperf1c10DestroySUTEPv"
+C_REGISTER_ISSUE_THREAD = b"_ZN6mlperf1c24RegisterIssueQueryThreadEv"  # void(): returns at the test's end
 ANCHOR = b"PyInit_mlperf_loadgen"
 
 # void IssueQueryCallback(ClientData, const QuerySample*, size_t); void FlushQueriesCallback(void)

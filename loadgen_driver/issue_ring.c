@@ -9,6 +9,7 @@
  *
  * Built at first use with the system C compiler (loadgen_driver/issue_ring.py); one ring per process.
  */
+#define _GNU_SOURCE /* pthread_timedjoin_np */
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -121,4 +122,53 @@ void ring_counts(uint64_t *out) {
     out[0] = issued;
     out[1] = calls;
     pthread_mutex_unlock(&lock);
+}
+
+/* LoadGen's own issue threads (TestSettings.server_num_issue_query_threads): `n` threads that each call
+ * LoadGen's RegisterIssueQueryThread (`register_fn`), which returns when the test ends. LoadGen then
+ * issues every n-th Server query on each of them, so its per-query work (scheduling, coalescing) runs
+ * on n cores; their IssueQuery calls land in this ring like the main thread's. */
+#define MAX_ISSUE_THREADS 64
+static pthread_t issue_threads[MAX_ISSUE_THREADS];
+static int n_issue_threads = 0;
+
+static void *issue_thread_main(void *register_fn) {
+    ((void (*)(void))register_fn)();
+    return NULL;
+}
+
+/* 0 on success; the number of threads started is `n` (or none, on failure). */
+int ring_start_issue_threads(int n, void *register_fn) {
+    if (n < 0 || n > MAX_ISSUE_THREADS || n_issue_threads)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        if (pthread_create(&issue_threads[i], NULL, issue_thread_main, register_fn) != 0) {
+            n_issue_threads = i; /* those started return when LoadGen ends its test */
+            return -1;
+        }
+    }
+    n_issue_threads = n;
+    return 0;
+}
+
+/* After the test: wait for the issue threads (LoadGen has told them to end). Returns how many did not end
+ * within `timeout_ms` each (left running; they hold no lock of ours). */
+int ring_join_issue_threads(int timeout_ms) {
+    int left = 0;
+    for (int i = 0; i < n_issue_threads; i++) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec += 1;
+            until.tv_nsec -= 1000000000L;
+        }
+        if (pthread_timedjoin_np(issue_threads[i], NULL, &until) != 0) {
+            pthread_detach(issue_threads[i]);
+            left++;
+        }
+    }
+    n_issue_threads = 0;
+    return left;
 }

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from loadgen_driver.capi import C_CONSTRUCT_SUT, C_DESTROY_SUT, _addresses
+from loadgen_driver.capi import C_CONSTRUCT_SUT, C_DESTROY_SUT, C_REGISTER_ISSUE_THREAD, _addresses
 
 log = logging.getLogger("loadgen_driver")
 SOURCE = Path(__file__).with_name("issue_ring.c")
@@ -74,6 +74,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.ring_issue.restype = None
     lib.ring_close.argtypes, lib.ring_close.restype = [], None
     lib.ring_counts.argtypes, lib.ring_counts.restype = [ctypes.c_void_p], None
+    lib.ring_start_issue_threads.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.ring_start_issue_threads.restype = ctypes.c_int
+    lib.ring_join_issue_threads.argtypes, lib.ring_join_issue_threads.restype = [ctypes.c_int], ctypes.c_int
     return lib
 
 
@@ -129,11 +132,17 @@ class IssuePump:
 
 
 class RingSut:
-    """LoadGen's C ConstructSUT with the ring's C callbacks; `handle` goes to StartTestWithLogSettings."""
+    """LoadGen's C ConstructSUT with the ring's C callbacks; `handle` goes to StartTestWithLogSettings.
+
+    With `issue_threads` > 0 (and the C entry point found), that many C threads register themselves as
+    LoadGen's issue threads: the run's TestSettings must then say `server_num_issue_query_threads` =
+    `self.issue_threads` (Server only; LoadGen ignores them in the other scenarios, and they end with
+    the test either way)."""
 
     def __init__(self, lib: ctypes.CDLL, issue: Callable[[np.ndarray, np.ndarray], None],
-                 addrs: dict[bytes, int]) -> None:
+                 addrs: dict[bytes, int], issue_threads: int = 0) -> None:
         self.pump = IssuePump(lib, issue)
+        self.lib = lib
         construct = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t,
                                      ctypes.c_void_p, ctypes.c_void_p)(addrs[C_CONSTRUCT_SUT])
         self._destroy = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(addrs[C_DESTROY_SUT])
@@ -141,22 +150,40 @@ class RingSut:
         issue_fn = ctypes.cast(lib.ring_issue, ctypes.c_void_p).value
         flush_fn = ctypes.cast(lib.ring_flush, ctypes.c_void_p).value
         self.handle = int(construct(0, name, len(name), issue_fn, flush_fn))
+        self.issue_threads = 0
+        register = addrs.get(C_REGISTER_ISSUE_THREAD)
+        if issue_threads > 0 and register is not None:
+            if lib.ring_start_issue_threads(issue_threads, register) == 0:
+                self.issue_threads = issue_threads
+            else:
+                log.warning("could not start %d LoadGen issue threads; LoadGen issues on its own thread",
+                            issue_threads)
 
     def destroy(self) -> None:
+        if self.issue_threads:
+            left = self.lib.ring_join_issue_threads(5000)
+            if left:
+                log.warning("%d LoadGen issue threads did not end with the test", left)
         self.pump.close()
         self._destroy(self.handle)
 
 
-def construct_ring_sut(issue: Callable[[np.ndarray, np.ndarray], None]) -> RingSut | None:
-    """A SUT whose IssueQuery is C, or None (no compiler, no LoadGen C API: reason logged)."""
+def construct_ring_sut(issue: Callable[[np.ndarray, np.ndarray], None], issue_threads: int = 0) -> RingSut | None:
+    """A SUT whose IssueQuery is C, or None (no compiler, no LoadGen C API: reason logged); with
+    `issue_threads`, LoadGen's issue threads too (see RingSut)."""
     path = build()
     if path is None:
         return None
     try:
         addrs = _addresses([C_CONSTRUCT_SUT, C_DESTROY_SUT])
+        extra = _addresses([C_REGISTER_ISSUE_THREAD]) if issue_threads > 0 else None
     except (OSError, AttributeError, ValueError) as exc:
         log.info("LoadGen C API unavailable (%s)", exc)
         return None
     if addrs is None:
         return None
-    return RingSut(load(path), issue, addrs)
+    if extra is not None:
+        addrs.update(extra)
+    elif issue_threads > 0:
+        log.warning("LoadGen's RegisterIssueQueryThread not found; LoadGen issues on its own thread")
+    return RingSut(load(path), issue, addrs, issue_threads)

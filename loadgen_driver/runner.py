@@ -1,6 +1,7 @@
 """One LoadGen test: QSL + SUT over a backend, logs into an output directory."""
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -13,6 +14,8 @@ import numpy as np
 from loadgen_driver import capi, issue_ring
 from loadgen_driver.backend import Backend
 from loadgen_driver.sut import DriverSUT, SutStats
+
+log = logging.getLogger("loadgen_driver")
 
 
 @dataclass
@@ -58,6 +61,9 @@ class Progress:
             sys.stderr.flush()
 
 
+_tests_started = 0  # LoadGen tests run by this process (see issue_threads)
+
+
 def run_test(
     backend: Backend,
     settings: lg.TestSettings,
@@ -72,11 +78,13 @@ def run_test(
     progress: bool = False,
     completion: str = "capi",
     max_inflight_pairs: int | None = None,
+    issue_threads: int = 0,
 ) -> RunResult:
     """Run LoadGen to the end; the SUT has completed every sample (with data or as an error).
 
     `max_inflight_pairs` None keeps the pairs in flight within the backend's queue bound (none if it
-    has none); 0 bounds requests only."""
+    has none); 0 bounds requests only. `issue_threads` (Server with the ring): LoadGen issues its queries
+    on that many C threads of the ring's (settings.server_num_issue_query_threads is set to match)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     pair_bound = backend.limits.queue_pairs if max_inflight_pairs is None else max_inflight_pairs
     sut = DriverSUT(backend, sample_offsets, labels, samples_per_request, max_inflight, reply_timeout_s,
@@ -90,10 +98,24 @@ def run_test(
     qsl = lg.ConstructQSL(num_samples, min(perf_count, num_samples), sut.load_samples, sut.unload_samples)
     c_sut: capi.CSut | issue_ring.RingSut | None = None
     used = issue
+    global _tests_started
+    if issue_threads and _tests_started:
+        # LoadGen's issue-thread controller is a process-wide singleton that ends its threads for good at
+        # the end of a test: registered in a later test, they would leave it waiting for ever.
+        log.warning("LoadGen issue threads serve only the first test of a process; this run issues on "
+                    "LoadGen's own thread")
+        issue_threads = 0
+    _tests_started += 1
     if issue == "ring":  # IssueQuery in C, drained by a Python thread (issue_ring.py)
-        c_sut = issue_ring.construct_ring_sut(sut.issue_arrays)
-        if c_sut is None:
+        server = settings.scenario == lg.TestScenario.Server
+        ring = issue_ring.construct_ring_sut(sut.issue_arrays, issue_threads if server else 0)
+        if ring is None:
             issue = "capi"
+        else:
+            c_sut = ring
+            settings.server_num_issue_query_threads = ring.issue_threads
+            if ring.issue_threads:
+                used = f"ring, {ring.issue_threads} LoadGen issue threads"
     if issue == "capi":
         c_sut = capi.construct_sut(sut.issue_arrays, sut.flush)
         used = "capi" if c_sut is not None else "fast"

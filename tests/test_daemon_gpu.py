@@ -45,8 +45,8 @@ def test_gpu_engines_match_reference(tmp_path: Path, gpu_part: float) -> None:
         queries = [rng.integers(0, ds.num_samples, size=int(rng.integers(1, 300))) for _ in range(60)]
         off = ds.sample_offsets
         region = OutputRegion(int(sum(off[ids + 1].sum() - off[ids].sum() for ids in queries)))
-        with d.client(60) as c:
-            c.register_output(str(region.path), region.num_predictions)
+        owner = d.client(60)  # the region is registered while its registering client stays connected
+        owner.register_output(str(region.path), region.num_predictions)
         pc = PipelinedClient(d.endpoint)
         placed: dict[int, tuple[int, int]] = {}
         at = 0
@@ -67,6 +67,7 @@ def test_gpu_engines_match_reference(tmp_path: Path, gpu_part: float) -> None:
                 assert rep.written == (rep.request_id in placed)
                 got[rep.request_id] = region.view(*placed[rep.request_id]) if rep.written else rep.predictions
         pc.close()
+        owner.close()
         for rid, ids in enumerate(queries[:12]):
             idx = np.concatenate([np.arange(off[s], off[s + 1]) for s in ids])
             np.testing.assert_allclose(got[rid], ref.predict(ds.dense[idx], ds.sparse[idx]), atol=PRED_ATOL, rtol=0)

@@ -385,3 +385,29 @@ def test_request_ends_bound_samples_and_pairs() -> None:
     ends = request_ends(len(big), 8192, big, max_pairs=1_000_000)
     sums = np.add.reduceat(big, [0, *ends[:-1]])
     assert ends[-1] == len(big) and sums.max() <= 1_000_000 and np.diff([0, *ends]).max() <= 8192
+
+
+def test_loadgen_issue_threads_issue_every_sample_once(dataset: Path, tmp_path: Path) -> None:
+    """--issue ring --issue-threads 3 (Server): LoadGen registers three C issue threads of the ring's and
+    issues on them; every sample is answered once with its own predictions, and the run is VALID. In a
+    process of its own: LoadGen's issue-thread controller serves one test per process."""
+    out = tmp_path / "acc"
+    common = ["--scenario", "Server", "--dataset", str(dataset), "--backend", "null", "--quiet",
+              "--issue", "ring", "--issue-threads", "3"]
+    proc = subprocess.run([sys.executable, "-m", "loadgen_driver.cli", *common, "--mode", "AccuracyOnly",
+                           "--target-qps", "5000", "--output-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "issue through ring, 3 LoadGen issue threads" in proc.stdout
+    detail = (out / "mlperf_log_detail.txt").read_text()
+    assert detail.count("Registered IssueQueryThread[") == 3 and "Mismatch" not in detail
+    ds = Dataset.open(dataset)
+    preds, _, order = read_accuracy_log(out / "mlperf_log_accuracy.json")
+    assert sorted(order.tolist()) == list(range(ds.num_samples))
+    pairs = np.concatenate([np.arange(ds.sample_offsets[s], ds.sample_offsets[s + 1]) for s in order])
+    np.testing.assert_array_equal(preds, ((pairs * 2654435761) % 1000003 / 1000003.0).astype(np.float32))
+    perf = tmp_path / "perf"
+    proc = subprocess.run([sys.executable, "-m", "loadgen_driver.cli", *common, "--target-qps", "2000",
+                           "--min-duration-s", "1", "--min-query-count", "300", "--latency-ms", "1000",
+                           "--output-dir", str(perf)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and read_summary(perf).result == "VALID", proc.stdout + proc.stderr

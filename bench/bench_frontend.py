@@ -60,7 +60,10 @@ def drive(work: Path, endpoint: str, scenario: str, qps: float, predictions: str
            "--dataset-name", "bench", "--endpoint", endpoint, "--target-qps", f"{qps:g}",
            "--min-duration-s", str(args.duration_s), "--min-query-count", "1",
            "--samples-per-request", str(args.samples_per_request), "--predictions", predictions,
-           "--issue", issue, "--output-dir", str(out), "--quiet"]
+           "--issue", issue, "--output-dir", str(out), "--quiet",
+           "--completion-threads", str(args.completion_threads)]
+    if scenario == "Server":
+        cmd += ["--issue-threads", str(args.issue_threads)]
     if scenario == "Server":
         cmd += ["--latency-ms", "30"]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": _pythonpath()}, capture_output=True, text=True,
@@ -71,6 +74,7 @@ def drive(work: Path, endpoint: str, scenario: str, qps: float, predictions: str
     errors = re.search(r"errors: ([\d,]+) samples", r.stdout)
     row: dict[str, object] = {
         "scenario": scenario, "target_qps": qps, "predictions": predictions, "issue": issue,
+        "issue_threads": args.issue_threads if scenario == "Server" else 0, "completion_threads": args.completion_threads,
         "samples_per_s": float(s.values.get(key, "nan")), "result": s.result,
         "p99_ms": None if p99 is None else round(p99 / 1e6, 2), "driver_rc": r.returncode,
         "error_samples": int(errors.group(1).replace(",", "")) if errors else None}
@@ -90,6 +94,8 @@ def main() -> int:
     ap.add_argument("--server-engines", default="", help="engine counts with Server runs (default: the largest)")
     ap.add_argument("--issue", default="capi", help="the driver's issue path for Offline (capi, ring)")
     ap.add_argument("--server-issue", default="ring", help="the driver's issue path for Server")
+    ap.add_argument("--issue-threads", type=int, default=0, help="Server: LoadGen issue threads (--issue-threads)")
+    ap.add_argument("--completion-threads", type=int, default=1, help="the driver's --completion-threads")
     ap.add_argument("--duration-s", type=float, default=5)
     ap.add_argument("--samples-per-request", type=int, default=16384)
     ap.add_argument("--max-batch-pairs", type=int, default=1 << 20)

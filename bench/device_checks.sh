@@ -21,6 +21,7 @@
 #   bash bench/device_checks.sh round6     # issue 15: the front end with output regions, 1-8 null engines;
 #                                          # the GPU daemon test (regions through CUDA engines)
 #   bash bench/device_checks.sh round6b    # the GPU daemon test again; the driver alone in Server; capi vs ring
+#   bash bench/device_checks.sh round6c    # issue 15: LoadGen issue threads and completion threads, 8 null engines
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -442,6 +443,15 @@ hollow_dataset; from formats.trace import reference_sample_sizes as r; hollow_da
   echo "== 8 null engines, Server capi issue; 4 engines ring"
   timeout 100 python3 bench/bench_frontend.py --engines 8 --offline-qps 0 --server-qps 2000000,2500000 --server-issue capi --duration-s 5 2>&1 | tail -3
   timeout 100 python3 bench/bench_frontend.py --engines 4 --offline-qps 0 --server-qps 2000000,2500000 --server-issue ring --duration-s 5 2>&1 | tail -3
+  ;;
+round6c)
+  # the front end with LoadGen's issue threads (C, the ring's) and several completion threads, 8 null engines
+  nvidia-smi --query-gpu=name --format=csv,noheader; nproc
+  timeout 250 python3 bench/bench_frontend.py --engines 8 --offline-qps 6000000 --offline-predictions region \
+    --server-qps 3000000,4500000,6000000 --issue-threads 4 --completion-threads 4 --duration-s 5 \
+    --out "$OUT/frontend_threads_4_4.json" 2>&1 | tail -5
+  timeout 200 python3 bench/bench_frontend.py --engines 8 --offline-qps 0 --server-qps 3000000,4500000,6000000 \
+    --issue-threads 8 --completion-threads 8 --duration-s 5 --out "$OUT/frontend_threads_8_8.json" 2>&1 | tail -4
   ;;
 round5b)
   # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--issue-threads", type=int, default=0,
                    help="with --issue ring, Server: LoadGen issues its queries on this many C threads "
                         "(server_num_issue_query_threads) instead of its one thread; 0: its own thread")
+    p.add_argument("--completion-threads", type=int, default=1,
+                   help="threads that complete replies with LoadGen (its per-sample work runs outside the GIL; "
+                        "Server's per-query completion is the costly part at millions of samples/s)")
     p.add_argument("--completion", choices=("capi", "python"), default="capi",
                    help="capi: complete each batch with one call of LoadGen's C API (no per-sample "
                         "Python object; falls back to python if not found); python: the binding")
@@ -150,7 +153,7 @@ def _main(argv: list[str] | None) -> int:
             samples_per_request=args.samples_per_request, max_inflight=args.max_inflight,
             max_inflight_pairs=args.max_inflight_pairs, reply_timeout_s=args.timeout_s, issue=args.issue,
             progress=sys.stderr.isatty() and not args.quiet, completion=args.completion,
-            issue_threads=args.issue_threads,
+            issue_threads=args.issue_threads, completion_threads=args.completion_threads,
         )
     except DriverBackendError as exc:
         print(f"loadgen_driver: {exc}", file=sys.stderr)

@@ -79,6 +79,7 @@ def run_test(
     completion: str = "capi",
     max_inflight_pairs: int | None = None,
     issue_threads: int = 0,
+    completion_threads: int = 1,
 ) -> RunResult:
     """Run LoadGen to the end; the SUT has completed every sample (with data or as an error).
 
@@ -89,7 +90,7 @@ def run_test(
     pair_bound = backend.limits.queue_pairs if max_inflight_pairs is None else max_inflight_pairs
     sut = DriverSUT(backend, sample_offsets, labels, samples_per_request, max_inflight, reply_timeout_s,
                     capi=capi.load() if completion == "capi" else None, max_inflight_pairs=pair_bound,
-                    max_request_pairs=backend.limits.query_pairs)
+                    max_request_pairs=backend.limits.query_pairs, completion_threads=completion_threads)
     log_settings = lg.LogSettings()
     log_settings.log_output.outdir = str(output_dir)
     log_settings.log_output.copy_summary_to_stdout = False

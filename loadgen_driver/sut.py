@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +135,7 @@ class DriverSUT:
         capi: CComplete | None = None,
         max_inflight_pairs: int = 0,
         max_request_pairs: int = 0,
+        completion_threads: int = 1,
     ) -> None:
         self.backend = backend
         self.offsets = None if sample_offsets is None else np.asarray(sample_offsets, dtype=np.int64)
@@ -154,6 +156,12 @@ class DriverSUT:
         self._next_id = 1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._complete_loop, name="lg-complete", daemon=True)
+        # With several completion threads, the replies of each poll are split among them: LoadGen's own
+        # per-sample completion work (C++, run with the GIL released) then proceeds on several cores.
+        self.completion_threads = max(1, completion_threads)
+        self._helpers = (ThreadPoolExecutor(self.completion_threads - 1, thread_name_prefix="lg-complete")
+                         if self.completion_threads > 1 else None)
+        self._stats_lock = threading.Lock()
 
     # -- LoadGen callbacks ---------------------------------------------------------------------
     def issue_fast(self, response_ids: list[int], sample_indices: list[int]) -> None:
@@ -214,8 +222,9 @@ class DriverSUT:
             if acquired:
                 break
         if self.unreachable.is_set():
-            self.stats.error_samples += len(ids)
-            self.stats.unsent_samples += len(ids)
+            with self._stats_lock:
+                self.stats.error_samples += len(ids)
+                self.stats.unsent_samples += len(ids)
             self._complete_empty(ids)
             if acquired:
                 self._window.release(pairs)
@@ -245,6 +254,8 @@ class DriverSUT:
             time.sleep(0.01)
         self._stop.set()
         self._thread.join(timeout=5.0)
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=True)
 
     def _complete_loop(self) -> None:
         while not self._stop.is_set():
@@ -256,18 +267,29 @@ class DriverSUT:
                 continue
             if replies:
                 self._last_reply_at = time.monotonic()
-            for reply in replies:
-                with self._lock:
-                    entry = self._pending.pop(reply.request_id, None)
-                if entry is None:
-                    self._record(f"reply for unknown request {reply.request_id} ignored")
-                    continue
-                if reply.error is not None or reply.predictions is None:
-                    self._fail(entry, f"daemon error: {reply.error}")
-                else:
-                    self._complete(entry, reply.predictions)
-                self._release(entry)
+            if self._helpers is not None and len(replies) > 1:
+                # A reply's predictions stay valid until the next poll: every share is answered first.
+                k = min(self.completion_threads, len(replies))
+                shares = [self._helpers.submit(self._answer, replies[i::k]) for i in range(1, k)]
+                self._answer(replies[::k])
+                for share in shares:
+                    share.result()
+            else:
+                self._answer(replies)
             self._check_timeouts()
+
+    def _answer(self, replies: list[Any]) -> None:
+        for reply in replies:
+            with self._lock:
+                entry = self._pending.pop(reply.request_id, None)
+            if entry is None:
+                self._record(f"reply for unknown request {reply.request_id} ignored")
+                continue
+            if reply.error is not None or reply.predictions is None:
+                self._fail(entry, f"daemon error: {reply.error}")
+            else:
+                self._complete(entry, reply.predictions)
+            self._release(entry)
 
     def _complete(self, entry: tuple[np.ndarray, np.ndarray, float, int, np.ndarray | None], preds: np.ndarray) -> None:
         ids, idx = entry[0], entry[1]
@@ -301,9 +323,10 @@ class DriverSUT:
                 ]
                 lg.QuerySamplesComplete(responses)
             del buf
-        self.stats.complete_seconds += time.perf_counter() - t0
-        self.stats.completed_samples += len(ids)
-        self.stats.completed_pairs += pairs
+        with self._stats_lock:
+            self.stats.complete_seconds += time.perf_counter() - t0
+            self.stats.completed_samples += len(ids)
+            self.stats.completed_pairs += pairs
 
     def _complete_empty(self, ids: np.ndarray) -> None:
         if self.capi is not None:
@@ -312,19 +335,23 @@ class DriverSUT:
             lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids.tolist()])
 
     def _record(self, message: str) -> None:
-        self.stats.error_events += 1
+        with self._stats_lock:  # completion threads may record at once
+            self.stats.error_events += 1
+            events, logged = self.stats.error_events, len(self.stats.errors)
+            if logged < MAX_LOGGED_ERRORS:
+                self.stats.errors.append(message)
         # The first errors are logged with their sample ids; later ones only counted (a dead engine
         # would otherwise print one line per in-flight request).
-        if len(self.stats.errors) < MAX_LOGGED_ERRORS:
-            self.stats.errors.append(message)
+        if logged < MAX_LOGGED_ERRORS:
             log.error("%s", message)
-        elif self.stats.error_events == MAX_LOGGED_ERRORS + 1:
+        elif events == MAX_LOGGED_ERRORS + 1:
             log.error("further errors are counted, not logged")
 
     def _fail(self, entry: tuple[np.ndarray, np.ndarray, float, int, np.ndarray | None], why: str) -> None:
         """Count and log the samples, then complete them without data so LoadGen can finish."""
         ids, idx = entry[0], entry[1]
-        self.stats.error_samples += len(ids)
+        with self._stats_lock:
+            self.stats.error_samples += len(ids)
         shown = ",".join(str(i) for i in idx[:16].tolist()) + (",..." if len(idx) > 16 else "")
         self._record(f"{why} ({len(idx)} samples; sample ids {shown})")
         self._complete_empty(ids)

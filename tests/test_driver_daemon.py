@@ -215,15 +215,17 @@ def test_offline_stays_within_the_daemons_queue_bound(tmp_path: Path,
     assert "OVERLOADED" in unbounded.err, unbounded.err
 
 
-@pytest.mark.parametrize("predictions", ["region", "reply"])
-def test_predictions_come_back_the_chosen_way(null_setup, tmp_path: Path, predictions: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("predictions,threads", [("region", "1"), ("reply", "1"), ("region", "3")])
+def test_predictions_come_back_the_chosen_way(null_setup, tmp_path: Path, predictions: str,  # type: ignore[no-untyped-def]
+                                              threads: str) -> None:
     """The default: engines write into the driver's output region (no prediction bytes in replies);
-    `--predictions reply`: in the replies. Both give LoadGen the null engine's exact predictions."""
+    `--predictions reply`: in the replies. Both give LoadGen the null engine's exact predictions, also
+    with several completion threads (each poll's replies answered before the region room is reused)."""
     daemon, ds = null_setup
     with Client(daemon.endpoint) as c:
         before = c.status()["totals"]
     assert _run(daemon, ds, tmp_path, "--scenario", "Offline", "--mode", "AccuracyOnly",
-                "--samples-per-request", "16", "--predictions", predictions) == 0
+                "--samples-per-request", "16", "--predictions", predictions, "--completion-threads", threads) == 0
     with Client(daemon.endpoint) as c:
         after = c.status()["totals"]
     written = after.get("queries_written_to_regions", 0) - before.get("queries_written_to_regions", 0)

@@ -389,11 +389,12 @@ def test_request_ends_bound_samples_and_pairs() -> None:
 
 def test_loadgen_issue_threads_issue_every_sample_once(dataset: Path, tmp_path: Path) -> None:
     """--issue ring --issue-threads 3 (Server): LoadGen registers three C issue threads of the ring's and
-    issues on them; every sample is answered once with its own predictions, and the run is VALID. In a
-    process of its own: LoadGen's issue-thread controller serves one test per process."""
+    issues on them; with three completion threads too, every sample is answered once with its own
+    predictions, and the run is VALID. In a process of its own: LoadGen's issue-thread controller serves
+    one test per process."""
     out = tmp_path / "acc"
     common = ["--scenario", "Server", "--dataset", str(dataset), "--backend", "null", "--quiet",
-              "--issue", "ring", "--issue-threads", "3"]
+              "--issue", "ring", "--issue-threads", "3", "--completion-threads", "3"]
     proc = subprocess.run([sys.executable, "-m", "loadgen_driver.cli", *common, "--mode", "AccuracyOnly",
                            "--target-qps", "5000", "--output-dir", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

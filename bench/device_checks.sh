@@ -447,11 +447,11 @@ hollow_dataset; from formats.trace import reference_sample_sizes as r; hollow_da
 round6c)
   # the front end with LoadGen's issue threads (C, the ring's) and several completion threads, 8 null engines
   nvidia-smi --query-gpu=name --format=csv,noheader; nproc
-  timeout 250 python3 bench/bench_frontend.py --engines 8 --offline-qps 6000000 --offline-predictions region \
+  timeout 230 python3 bench/bench_frontend.py --engines 8 --offline-qps 6000000 --offline-predictions region \
     --server-qps 3000000,4500000,6000000 --issue-threads 4 --completion-threads 4 --duration-s 5 \
-    --out "$OUT/frontend_threads_4_4.json" 2>&1 | tail -5
-  timeout 200 python3 bench/bench_frontend.py --engines 8 --offline-qps 0 --server-qps 3000000,4500000,6000000 \
-    --issue-threads 8 --completion-threads 8 --duration-s 5 --out "$OUT/frontend_threads_8_8.json" 2>&1 | tail -4
+    --out "$OUT/frontend_threads_4_4.json" 2>&1 | tee "$OUT/ft44.log" | tail -6
+  timeout 140 python3 bench/bench_frontend.py --engines 8 --offline-qps 0 --server-qps 4500000,6000000 \
+    --issue-threads 8 --completion-threads 8 --duration-s 5 --out "$OUT/frontend_threads_8_8.json" 2>&1 | tee "$OUT/ft88.log" | tail -4
   ;;
 round5b)
   # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,

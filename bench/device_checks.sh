@@ -453,11 +453,9 @@ round6c)
     [ -n "$d" ] && $spy record -p $d -d 4 -r 100 -f raw --nonblocking --threads -o "$OUT/spy_driver.txt" >/dev/null 2>&1 &
     [ -n "$m" ] && $spy record -p $m -d 4 -r 100 -f raw --nonblocking -o "$OUT/spy_dispatcher.txt" >/dev/null 2>&1 &
     wait ) &
-  timeout 170 python3 bench/bench_frontend.py --engines 8 --offline-qps 6000000 --offline-predictions region \
+  timeout 140 python3 bench/bench_frontend.py --engines 8 --offline-qps 6000000 --offline-predictions region \
     --server-qps 3000000,4500000 --issue-threads 4 --completion-threads 4 --duration-s 5 \
     --out "$OUT/frontend_threads_4_4.json" 2>&1 | tee "$OUT/ft44.log" | tail -5
-  timeout 75 python3 bench/bench_frontend.py --engines 8 --offline-qps 0 --server-qps 4500000 \
-    --issue-threads 8 --completion-threads 8 --duration-s 5 --out "$OUT/frontend_threads_8_8.json" 2>&1 | tee "$OUT/ft88.log" | tail -3
   wait
   ;;
 round5b)

@@ -172,13 +172,14 @@ class DriverSUT:
         self.issue_arrays(ids, idx)
 
     def issue_arrays(self, ids: np.ndarray, idx: np.ndarray) -> None:
-        """IssueQuery with numpy arrays (the C-API SUT of capi.py calls this directly). Offline's one
+        """IssueQuery with numpy arrays (the C-API SUT of capi.py calls this directly, with views of
+        LoadGen's memory that live only during the call: what is kept is copied here). Offline's one
         query of millions of samples is cut and sent a chunk at a time, so the first requests leave
         at once instead of after array passes over the whole query."""
         self.stats.issued_samples += len(ids)
         chunk = max(self.samples_per_request, 64 * self.samples_per_request)
         for a in range(0, len(ids), chunk):
-            c_ids, c_idx = ids[a:a + chunk], idx[a:a + chunk]
+            c_ids, c_idx = np.array(ids[a:a + chunk], np.uint64), np.array(idx[a:a + chunk], np.int64)
             counts = None if self.offsets is None else self.offsets[c_idx + 1] - self.offsets[c_idx]
             start = 0
             for end in request_ends(len(c_ids), self.samples_per_request, counts, self.max_request_pairs):

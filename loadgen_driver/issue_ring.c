@@ -30,6 +30,19 @@ static size_t capacity = 0, head = 0, count = 0; /* samples at head .. head + co
 static int closed = 0;
 static uint64_t issued = 0, calls = 0;
 
+/* CLOCK_REALTIME `timeout_ms` from now (the clock pthread_cond_timedwait and pthread_timedjoin_np use). */
+static struct timespec deadline_in(int timeout_ms) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec += 1;
+        until.tv_nsec -= 1000000000L;
+    }
+    return until;
+}
+
 /* 0 on success; a fresh, open, empty ring of `cap` samples. */
 int ring_open(size_t cap) {
     pthread_mutex_lock(&lock);
@@ -76,14 +89,7 @@ void ring_flush(void) {}
 /* Up to `max` queued samples into ids/indices; waits up to timeout_ms for the first. Returns the number
  * taken, 0 on timeout, -1 once the ring is closed and empty. */
 long ring_take(uint64_t *ids, int64_t *indices, size_t max, int timeout_ms) {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec += 1;
-        until.tv_nsec -= 1000000000L;
-    }
+    struct timespec until = deadline_in(timeout_ms);
     pthread_mutex_lock(&lock);
     while (count == 0 && !closed) {
         if (pthread_cond_timedwait(&has_samples, &lock, &until) == ETIMEDOUT)
@@ -156,14 +162,7 @@ int ring_start_issue_threads(int n, void *register_fn) {
 int ring_join_issue_threads(int timeout_ms) {
     int left = 0;
     for (int i = 0; i < n_issue_threads; i++) {
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += timeout_ms / 1000;
-        until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec += 1;
-            until.tv_nsec -= 1000000000L;
-        }
+        struct timespec until = deadline_in(timeout_ms);
         if (pthread_timedjoin_np(issue_threads[i], NULL, &until) != 0) {
             pthread_detach(issue_threads[i]);
             left++;

@@ -25,12 +25,16 @@ class OutputRegistry:
         self._entries: dict[str, OutputEntry] = {}
 
     def register(self, client: bytes, path: str, num_predictions: int) -> OutputEntry:
-        """Check the file and record it (again: the new size and owner); BadRequest if unusable."""
+        """Check the file and record it (again by its owner: the new size); BadRequest if unusable or
+        another client's."""
         try:
             check_output_file(path, num_predictions)
         except OutputFileError as exc:
             raise BadRequest(str(exc)) from None
-        if path not in self._entries and len(self._entries) >= self.max_regions:
+        held = self._entries.get(path)
+        if held is not None and held.owner != client:
+            raise BadRequest(f"output region {path!r} is registered by another client")
+        if held is None and len(self._entries) >= self.max_regions:
             raise BadRequest(f"{self.max_regions} output regions are registered already: unregister some")
         entry = OutputEntry(path, num_predictions, client)
         self._entries[path] = entry

@@ -71,12 +71,16 @@ def test_check_output_file(tmp_path: Path) -> None:
             check_output_file(region.path.name, 10, shm_dir=tmp_path)  # relative
         with pytest.raises(OutputFileError, match="directly under"):
             check_output_file(str(tmp_path / ".." / region.path.name), 10, shm_dir=tmp_path)
-        link = tmp_path / "link"
+        slot_file = tmp_path / (region.path.name[: -len("out")] + "0")  # an engine's slot file's name
+        slot_file.write_bytes(b"\0" * 4096)
+        with pytest.raises(OutputFileError, match="not named as"):
+            check_output_file(str(slot_file), 10, shm_dir=tmp_path)
+        link = tmp_path / f"{run_prefix()}out"  # well named, but a link
         link.symlink_to(region.path)
         with pytest.raises(OutputFileError, match="not a regular file"):
             check_output_file(str(link), 10, shm_dir=tmp_path)
         with pytest.raises(OutputFileError, match="No such file"):
-            check_output_file(str(tmp_path / "absent"), 10, shm_dir=tmp_path)
+            check_output_file(str(tmp_path / f"{run_prefix()}out"), 10, shm_dir=tmp_path)
         with pytest.raises(OutputFileError, match="must be > 0"):
             check_output_file(str(region.path), 0, shm_dir=tmp_path)
     finally:
@@ -226,6 +230,9 @@ def test_engines_write_predictions_into_the_clients_region(daemon) -> None:  # t
         assert isinstance(errors[901], BadRequest) and "outside region" in str(errors[901])
         with pytest.raises(BadRequest, match="directly under"):
             control.register_output("relative/path", 10)
+        with Client(proc.endpoint, timeout_s=10) as intruder:  # one client cannot take over another's region
+            with pytest.raises(BadRequest, match="another client"):
+                intruder.register_output(str(region.path), region.num_predictions)
     finally:
         client.close()
         control.close()  # the registering client is gone: the daemon releases the region everywhere

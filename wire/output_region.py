@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import stat
 import threading
 from pathlib import Path
@@ -26,6 +27,10 @@ import numpy as np
 from wire.shm import SHM_DIR, run_prefix, unlink_quietly
 
 PRED_BYTES = 4  # float32
+OUTPUT_SUFFIX = "out"
+# What OutputRegion names its files; the engines' own slot files (same prefix, a number at the end) and
+# anything else under /dev/shm are refused, so no request can have engines write over them.
+_OUTPUT_NAME_RE = re.compile(r"^dlrmd-\d+-\d+-[0-9a-f]{16}-" + OUTPUT_SUFFIX + "$")
 
 
 class OutputFileError(ValueError):
@@ -33,13 +38,17 @@ class OutputFileError(ValueError):
 
 
 def check_output_file(path: str, num_predictions: int, shm_dir: Path = SHM_DIR) -> None:
-    """What the dispatcher accepts: an absolute path directly under /dev/shm, a regular file (not a
-    link) owned by the daemon's user, with room for `num_predictions` float32 values."""
+    """What the dispatcher accepts: an absolute path directly under /dev/shm named as OutputRegion names
+    its files, a regular file (not a link) owned by the daemon's user, with room for `num_predictions`
+    float32 values."""
     if num_predictions <= 0:
         raise OutputFileError(f"num_predictions={num_predictions} must be > 0")
     p = Path(path)
     if not p.is_absolute() or p.parent != shm_dir or p.name in ("", ".", ".."):
         raise OutputFileError(f"output region {path!r} must be a file directly under {shm_dir}")
+    if not _OUTPUT_NAME_RE.match(p.name):
+        raise OutputFileError(f"output region {path!r} is not named as wire.output_region.OutputRegion names "
+                              "its files (dlrmd-UID-PID-RANDOM-out)")
     try:
         st = os.lstat(p)
     except OSError as exc:
@@ -117,7 +126,7 @@ class OutputRegion:
         if num_predictions <= 0:
             raise ValueError("num_predictions must be > 0")
         self.num_predictions = num_predictions
-        self.path = shm_dir / f"{run_prefix()}out"
+        self.path = shm_dir / f"{run_prefix()}{OUTPUT_SUFFIX}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, PRED_BYTES * num_predictions)

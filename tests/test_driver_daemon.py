@@ -236,3 +236,32 @@ def test_predictions_come_back_the_chosen_way(null_setup, tmp_path: Path, predic
     d = Dataset.open(ds)
     pairs = np.concatenate([np.arange(d.sample_offsets[s], d.sample_offsets[s + 1]) for s in order])
     np.testing.assert_array_equal(preds, null_ref_prediction(pairs))
+
+
+def test_a_refused_region_falls_back_to_replies(null_setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """A daemon that refuses the driver's region (here: a file it does not accept, as a daemon on
+    another host or an older one would): the driver says so and gets every prediction in the replies."""
+    import loadgen_driver.backend as backend_module
+    from wire.output_region import OutputRegion
+
+    class MisnamedRegion(OutputRegion):
+        def __init__(self, num_predictions: int) -> None:
+            super().__init__(num_predictions)
+            bad = self.path.with_name(self.path.name + "-misnamed")
+            self.path.rename(bad)
+            self.path = bad
+
+    monkeypatch.setattr(backend_module, "OutputRegion", MisnamedRegion)
+    daemon, ds = null_setup
+    with Client(daemon.endpoint) as c:
+        before = c.status()["totals"].get("queries_written_to_regions", 0)
+    assert _run(daemon, ds, tmp_path, "--scenario", "Offline", "--mode", "AccuracyOnly",
+                "--samples-per-request", "16") == 0
+    assert "did not take the output region" in caplog.text
+    with Client(daemon.endpoint) as c:
+        assert c.status()["totals"].get("queries_written_to_regions", 0) == before
+    preds, _, order = read_accuracy_log(tmp_path / "mlperf_log_accuracy.json")
+    d = Dataset.open(ds)
+    pairs = np.concatenate([np.arange(d.sample_offsets[s], d.sample_offsets[s + 1]) for s in order])
+    np.testing.assert_array_equal(preds, null_ref_prediction(pairs))

@@ -262,3 +262,26 @@ def test_unregister_releases_and_refuses_later_use(daemon) -> None:  # type: ign
     finally:
         region.close()
     assert not os.path.exists(region.path)
+
+
+def test_a_region_gone_before_its_first_batch_fails_that_request_clearly(daemon) -> None:  # type: ignore[no-untyped-def]
+    """The client removed its file after registering it: the engine cannot map it, and the request gets
+    a typed error naming the region (nothing hangs, nothing is lost); the daemon serves on."""
+    proc, _ = daemon
+    region = OutputRegion(1000)
+    control = Client(proc.endpoint, timeout_s=10)
+    client = PipelinedClient(proc.endpoint)
+    try:
+        control.register_output(str(region.path), region.num_predictions)
+        region.close()  # unlinked: no engine has mapped it yet
+        client.send_by_ref(7, "ds", np.array([0, 1]), None, str(region.path), 0)
+        got = []
+        end = time.monotonic() + 10
+        while not got and time.monotonic() < end:
+            got = client.poll(100)
+        assert got and got[0].request_id == 7 and got[0].error is not None
+        assert "ENGINE_FAILED" in str(got[0].error) and str(region.path) in str(got[0].error)
+        assert len(control.infer_by_ref("ds", np.array([2, 3]))) > 0  # still serving
+    finally:
+        client.close()
+        control.close()

@@ -130,6 +130,7 @@ def run_one(args: argparse.Namespace, gpu_part: float) -> list[dict[str, object]
                          "hbm_share": hot / (hot + cold) if hot + cold else None,
                          "driver_rc": driver.returncode, "wall_s": round(wall, 1),
                          "host_rows": os.environ.get("DLRM_HOST_ROWS", "private"),
+                         "cold_row_gather": os.environ.get("DLRM_COLD_ROW_GATHER", "kernel"),
                          "engines": engine_report(endpoint)})
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -200,6 +200,9 @@ def main() -> int:
     ap.add_argument("--before", action="store_true",
                     help="also time each MLP precision with the kernels before issue 13's round 2 (the fp16-row "
                          "Gram in gather_interaction, cuBLAS bottom MLP)")
+    ap.add_argument("--cold-gather", default="kernel",
+                    help="for gpu_parts below 1 (after the first part): cold_gather values to time, comma-separated "
+                         "(kernel: the fused gather reads host rows zero-copy; host: engines/cold_rows.py)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     card = torch.cuda.get_device_name()
@@ -255,17 +258,19 @@ def main() -> int:
     parts = [float(p) for p in args.parts.split(",")]
     # (gpu_part, fused ReLU epilogue, fused gather+interaction, MLP precision)
     # (gpu_part, fused ReLU epilogue, fused gather+interaction, MLP precision, kernels before round 2)
-    configs = ([(parts[0], True, True, m, old) for m in mlps for old in ((True, False) if args.before else (False,))]
-               + ([(parts[0], True, False, mlps[0], False), (parts[0], False, False, mlps[0], False)]
+    configs = ([(parts[0], True, True, m, old, "kernel") for m in mlps
+                for old in ((True, False) if args.before else (False,))]
+               + ([(parts[0], True, False, mlps[0], False, "kernel"), (parts[0], False, False, mlps[0], False, "kernel")]
                   if args.unfused else [])
-               + [(p, True, True, mlps[-1], False) for p in parts[1:]])
+               + [(p, True, True, mlps[-1], False, cg) for p in parts[1:] for cg in args.cold_gather.split(",")])
     rows = []
-    for part, fused, fgather, mlp, before in configs:
+    for config_i, (part, fused, fgather, mlp, before, cold_gather) in enumerate(configs):
         t0 = time.perf_counter()
-        sizes = None if (part, fused, fgather, mlp, before) == configs[0] else [b for b in batches]
+        sizes = None if config_i == 0 else [b for b in batches]
         eng = GpuBackend("cuda:0", art_path, part, max_batch_pairs=args.max_batch, graph_sizes=sizes,
                          fused_relu=fused, fused_gather=fgather, mlp_precision=mlp,
-                         kernel_config={**(kcfg or {}), "gram": "half"} if before else kcfg, fused_bottom=not before)
+                         kernel_config={**(kcfg or {}), "gram": "half"} if before else kcfg, fused_bottom=not before,
+                         cold_gather=cold_gather)
         load_s = time.perf_counter() - t0
         region = np.zeros(eng.inflight * args.max_batch, dtype=np.float32)  # as the engine's slots
         eng.pin_host_memory(region)
@@ -278,6 +283,7 @@ def main() -> int:
         err = float(np.abs(out[:2000] - want).max())
         err_base = float(np.abs(p_base - ref).max())
         entry = {"gpu_part": part, "fused_relu": fused, "fused_gather": fgather, "mlp": mlp, "before": before,
+                 "cold_gather": cold_gather,
                  "load_s": load_s,
                  "register_s": reg_s, "times": vars(eng.times), "max_abs_err_vs_reference": err,
                  "max_abs_err_int8_mlp_vs_fp32_mlp": float(np.abs(out[:2000] - ref).max()),
@@ -336,10 +342,10 @@ def main() -> int:
               f"(compiled in {res['compile_s']:.0f} s; plain {base[b] / 1e6:.2f} M pairs/s)", flush=True)
 
     print(f"\n== engine summary ({card}; {config.total_rows * 128 / 1e9:.2f} GB int8 tables, Zipf {args.zipf}) ==")
-    print("gpu_part  mlp   kernels fusedReLU fusedGather HBM-share  load_s  batch   fwd Mpairs/s  by_ref M/s  pipelined M/s  by_value M/s  fp16-baseline M/s")
+    print("gpu_part  mlp   kernels cold   fusedReLU fusedGather HBM-share  load_s  batch   fwd Mpairs/s  by_ref M/s  pipelined M/s  by_value M/s  fp16-baseline M/s")
     for e in rows:
         for b, v in e["by_batch"].items():
-            print(f"{e['gpu_part']:8.1f}  {e['mlp']:5s} {'before' if e['before'] else 'now':7s} {str(e['fused_relu']):9s} {str(e['fused_gather']):11s} {e['hot_share']:9.4f}  {e['load_s']:6.2f}  {b:6d}  "
+            print(f"{e['gpu_part']:8.1f}  {e['mlp']:5s} {'before' if e['before'] else 'now':7s} {e['cold_gather']:6s} {str(e['fused_relu']):9s} {str(e['fused_gather']):11s} {e['hot_share']:9.4f}  {e['load_s']:6.2f}  {b:6d}  "
                   f"{v['forward_pairs_per_s'] / 1e6:12.2f}  {v['by_ref_pairs_per_s'] / 1e6:10.2f}  "
                   f"{v['pipelined_by_ref_pairs_per_s'] / 1e6:13.2f}  "
                   f"{v['by_value_pairs_per_s'] / 1e6:12.2f}  {base[b] / 1e6:17.2f}")

@@ -24,7 +24,7 @@ from daemon.security import curve_problem, exposure_problem, oip_exposure_proble
 from daemon.precision_plan import PlanError, plan
 from formats.artifact import ArtifactError, read_calibration, read_model_config
 from wire.endpoints import client_endpoint, default_runtime_dir, endpoint_in
-from wire.messages import EngineKind, HostRows, MlpPrecision
+from wire.messages import ColdRowGather, EngineKind, HostRows, MlpPrecision
 
 ENV_PREFIX = "DLRM_"
 # max_batch_pairs = 0 picks by engine kind: a CPU engine does ~10k pairs/s on 2 cores, so a
@@ -95,6 +95,11 @@ class DaemonConfig:
         "'private' (default: each engine page-locks a copy of its own) or 'shared' (the artifact file's "
         "pages page-locked in place: one copy per host for every engine; not yet measured on a GPU, "
         "docs/OPERATIONS.md)"))
+    cold_row_gather: ColdRowGather = field(default=ColdRowGather.KERNEL, metadata=_h(
+        "GPU engines with cold rows: where a by-reference batch reads them: 'kernel' (default: the fused "
+        "gather reads pinned host memory zero-copy) or 'host' (the engine's CPU gathers the batch's cold "
+        "rows from its per-dataset index and one copy puts them on the device before the forward; by-value "
+        "batches always read zero-copy; engines/cold_rows.py, BENCHMARKS.md)"))
     gpu_mlp_precision: MlpPrecision = field(default=MlpPrecision.AUTO, metadata=_h(
         "GPU engines' MLP arithmetic: 'auto' (default: the fastest precision the artifact's calibration "
         "measured keeping accuracy_target, else fp16), 'fp16' or 'bf16' (cuBLAS), 'int8' (top MLP through "

@@ -163,7 +163,7 @@ class Supervisor:
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             datasets=self.events.datasets_for_new_engine(), parent_pid=os.getpid(),
             gpu_mlp_precision=e.model.gpu_mlp_precision, log_level=self.config.log_level.upper(),
-            host_rows=self.config.host_rows)
+            host_rows=self.config.host_rows, cold_row_gather=self.config.cold_row_gather)
         e.proc = EngineProcess(spec)
         if e.lifecycle.state is not M.EngineState.STARTING:
             e.lifecycle.apply(EngineEvent.SPAWN)

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from engines.backend import EngineBackend
-from wire.messages import EngineKind, HostRows, MlpPrecision
+from wire.messages import ColdRowGather, EngineKind, HostRows, MlpPrecision
 
 
 def create_backend(device: str, artifact: Path | str, *, gpu_part: float = 1.0, max_batch_pairs: int | None = None,
                    inflight: int | None = None, mlp_precision: MlpPrecision | None = None,
-                   host_rows: HostRows | None = None) -> EngineBackend:
+                   host_rows: HostRows | None = None,
+                   cold_row_gather: ColdRowGather | None = None) -> EngineBackend:
     """ValueError for an unknown device or a GPU backend that cannot be imported here."""
     kind = EngineKind.of_device(device)
     if kind is EngineKind.NULL:
@@ -39,6 +40,8 @@ def create_backend(device: str, artifact: Path | str, *, gpu_part: float = 1.0, 
         options["mlp_precision"] = str(mlp_precision)
     if host_rows is not None:
         options["host_rows"] = str(host_rows)
+    if cold_row_gather is not None:
+        options["cold_gather"] = str(cold_row_gather)
     return GpuBackend(device, artifact, gpu_part, **options)  # type: ignore[arg-type]
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from engines.backend import BatchStats
 from formats.pairs import check_ranges, pair_index
+from engines.cold_rows import ColdLookups, gather_rows
 from engines.gpu_staging import GpuPending, HostRegistry, InFlight, StagingSet, Ticket
 from engines.host_rows import shared_cold_rows
 from engines.placement import Placement
@@ -62,6 +63,19 @@ class _DeviceDataset:
     dense: torch.Tensor  # [N, dense_width] in the model dtype (zero padding columns) on the device
     positions: torch.Tensor  # int32 [N, 26]: file positions of the lookups (ids remapped at registration)
     num_pairs: int
+    cold: ColdLookups | None = None  # its cold lookups, on the host (cold_gather "host")
+
+
+@dataclass
+class _ColdStage:
+    """One staging set's share of the cold-row stage (cold_gather "host"): `capacity` device rows at
+    hot[base:], the pinned host rows and batch places that fill them, and the positions that point there."""
+
+    base: int
+    rows_host: torch.Tensor  # int8 [capacity, D], pinned
+    flat_host: torch.Tensor  # int64 [capacity], pinned: batch_row * tables + table of each staged lookup
+    flat_dev: torch.Tensor  # int64 [capacity]
+    slots_dev: torch.Tensor  # int32 [capacity]: base + i, the position the i-th staged lookup gets
 
 
 @dataclass
@@ -100,6 +114,8 @@ class GpuBackend:
         top_configs: Sequence[dict[str, int] | None] | None = None,
         fused_bottom: bool = True,
         host_rows: str = "private",
+        cold_gather: str = "kernel",
+        cold_stage_rows: int | None = None,
     ) -> None:
         if not torch.cuda.is_available():
             raise GpuBackendError(f"{device}: CUDA is not available on this machine")
@@ -124,6 +140,12 @@ class GpuBackend:
         if host_rows not in ("private", "shared"):
             raise GpuBackendError(f"host_rows must be private or shared, got {host_rows!r}")
         self.host_rows = host_rows  # cold rows: a pinned copy of this engine's, or the file's pages (host_rows.py)
+        if cold_gather not in ("kernel", "host"):
+            raise GpuBackendError(f"cold_gather must be kernel or host, got {cold_gather!r}")
+        # Where a by-reference batch's cold rows come from: the fused kernel reads them from host memory
+        # (zero-copy, "kernel"), or the CPU gathers them and one copy puts them on the device first
+        # ("host", engines/cold_rows.py; by-value batches always take the kernel's way).
+        self.cold_gather = cold_gather
         # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps, gram, prefetch)
         self.kernel_config = dict(kernel_config or {})
         unknown = set(self.kernel_config) - {"pairs_per_program", "pairs_per_tile", "num_warps", "gram", "prefetch",
@@ -136,6 +158,9 @@ class GpuBackend:
         self.stage_rows = int(self._launch_config.pop("stage_cold_rows", 0))
         if self.stage_rows < 0 or (self.stage_rows and not fused_gather):
             raise GpuBackendError("kernel_config stage_cold_rows must be >= 0, and needs fused_gather")
+        if self.stage_rows and cold_gather == "host":
+            raise GpuBackendError("kernel_config stage_cold_rows and cold_gather host both stage the cold rows: "
+                                  "choose one")
         self.max_batch_pairs = int(max_batch_pairs)
         if inflight < 1:
             raise GpuBackendError(f"inflight must be positive, got {inflight}")
@@ -158,6 +183,14 @@ class GpuBackend:
         self.mlp_precision = mlp_precision
         self.top_configs = list(top_configs) if top_configs is not None else None
         self.placement = Placement.from_artifact(art, gpu_part)
+        # cold_gather "host": each set in flight stages up to 1/16 of its lookups (0.5% were cold at
+        # gpu_part 0.3 on the full-size model); a batch with more reads the rest from host memory.
+        self.cold_capacity = 0
+        if cold_stage_rows is not None and cold_stage_rows < 1:
+            raise GpuBackendError(f"cold_stage_rows must be positive, got {cold_stage_rows}")
+        if cold_gather == "host" and self.placement.total_rows > self.placement.n_hot:
+            self.cold_capacity = (cold_stage_rows if cold_stage_rows is not None
+                                  else max(1024, self.max_batch_pairs * self.config.num_tables // 16))
         self._datasets: dict[str, _DeviceDataset] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         torch.cuda.set_device(self._dev)
@@ -189,8 +222,10 @@ class GpuBackend:
         t0 = time.perf_counter()
         if total == n_hot:
             self.stage_rows = 0  # no cold rows: nothing to stage
-        # the stage (if any) right after the hot rows: the fused kernel takes staged rows as hot ones
-        self.hot = torch.empty((n_hot + self.stage_rows, dim), dtype=torch.int8, device=self._dev)
+        # The stage (if any) right after the hot rows: the kernels take staged rows as hot ones (they read
+        # position p < hot.shape[0] from `hot`, else cold row p - hot.shape[0]).
+        self.stage_total = self.stage_rows + self.inflight * self.cold_capacity
+        self.hot = torch.empty((n_hot + self.stage_total, dim), dtype=torch.int8, device=self._dev)
         staging = torch.empty((min(_CHUNK_ROWS, max(n_hot, 1)), dim), dtype=torch.int8, pin_memory=True)
         st_np = staging.numpy()
         for a in range(0, n_hot, _CHUNK_ROWS):
@@ -214,6 +249,11 @@ class GpuBackend:
         self.times.cold_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.row_position = torch.from_numpy(np.ascontiguousarray(art.row_position, dtype=np.int32)).to(self._dev)
+        if self.cold_capacity:
+            # cold positions shifted past the stage once, here: every remap (registration, by value) then
+            # gives the kernels' positions (the device-pass stage shifts them per batch instead)
+            shift = self.inflight * self.cold_capacity
+            self.row_position = torch.where(self.row_position >= n_hot, self.row_position + shift, self.row_position)
         self.table_offsets = torch.from_numpy(np.asarray(art.table_offsets, dtype=np.int64)).to(self._dev)
         self.scales = torch.from_numpy(np.asarray(art.scales, dtype=np.float32)).to(self._dev)
         self.stream.synchronize()
@@ -281,8 +321,17 @@ class GpuBackend:
         self._stage_counter = torch.zeros(1, dtype=torch.int32, device=dev)  # cold lookups of the batch
         self._arange = torch.arange(m, dtype=torch.int64, device=dev)
         self._rows_dev = (self.table_offsets[1:] - self.table_offsets[:-1]).to(torch.int32)
-        self.pool = InFlight([StagingSet(m, cfg.dense_features, cfg.num_tables, self.counts.numel(), dev)
-                              for _ in range(self.inflight)], self._finish)
+        sets = [StagingSet(m, cfg.dense_features, cfg.num_tables, self.counts.numel(), dev)
+                for _ in range(self.inflight)]
+        r = self.cold_capacity
+        for i, s in enumerate(sets if r else []):
+            base = self.placement.n_hot + i * r
+            s.cold_stage = _ColdStage(
+                base, torch.empty((r, cfg.embedding_dim), dtype=torch.int8, pin_memory=True),
+                torch.empty(r, dtype=torch.int64, pin_memory=True), torch.empty(r, dtype=torch.int64, device=dev),
+                torch.arange(base, base + r, dtype=torch.int32, device=dev))
+        self._cold_np = self.cold.numpy() if r and self.cold is not None else None
+        self.pool = InFlight(sets, self._finish)
 
     # ---- the forward ---------------------------------------------------------------------------------
     def _forward(self, n: int) -> None:
@@ -357,7 +406,7 @@ class GpuBackend:
             self._graphs[size].replay()
         return n
 
-    def _launch(self, staging: StagingSet, n: int, out: np.ndarray, owner: GpuPending) -> None:
+    def _launch(self, staging: StagingSet, n: int, out: np.ndarray, owner: GpuPending, staged: int = 0) -> None:
         """Forward the n rows staged in dense_in/sparse_in; predictions and counts back to the host."""
         self._run(n)
         direct = self.host.contains(out[:n])
@@ -365,14 +414,14 @@ class GpuBackend:
         dest.copy_(self.pred[:n], non_blocking=True)
         staging.counts_host.copy_(self.counts, non_blocking=True)
         staging.done.record(self.stream)
-        self.pool.add(Ticket(staging, n, out[:n], direct, owner))
+        self.pool.add(Ticket(staging, n, out[:n], direct, owner, staged))
 
     def _finish(self, t: Ticket) -> tuple[int, int]:
         """Wait for a ticket's batch, move its predictions into place, give its set back."""
         try:
             t.staging.done.synchronize()
             c = t.staging.counts_host.numpy()
-            bad, hot = int(c[1]), int(c[2:].sum())
+            bad, hot = int(c[1]), int(c[2:].sum()) - t.staged  # staged rows were read as hot ones
             if not bad and not t.direct:
                 t.out[:] = t.staging.pred_host[: t.n].numpy()
         finally:
@@ -394,6 +443,8 @@ class GpuBackend:
             sparse = torch.empty((ds.num_pairs, self.config.num_tables), dtype=torch.int32, device=self._dev)
             bad = torch.zeros(1, dtype=torch.int64, device=self._dev)
             nd = self.config.dense_features
+            first_cold = int(self.hot.shape[0])
+            cold_chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
             for a in range(0, ds.num_pairs, _CHUNK_ROWS):
                 b = min(ds.num_pairs, a + _CHUNK_ROWS)
                 sparse[a:b].copy_(torch.from_numpy(np.ascontiguousarray(ds.sparse[a:b])))
@@ -406,8 +457,13 @@ class GpuBackend:
                         f"dataset {name!r} at {path}: sparse id {int(sparse[a + pair, table])} of pair {a + pair} "
                         f"is outside table {table} ({self.config.table_rows[table]} rows)")
                 remap_ids(sparse[a:b], self.table_offsets, self.row_position, sparse[a:b], bad)
+                if self.cold_capacity:  # its cold lookups, for the host to gather per batch
+                    flat = sparse[a:b].reshape(-1)
+                    where = torch.nonzero(flat >= first_cold).flatten()
+                    cold_chunks.append((a, where.cpu().numpy(), (flat[where].long() - first_cold).cpu().numpy()))
             self.stream.synchronize()
-        self._datasets[name] = _DeviceDataset(dense, sparse, ds.num_pairs)
+        cold = ColdLookups.from_chunks(cold_chunks, self.config.num_tables) if self.cold_capacity else None
+        self._datasets[name] = _DeviceDataset(dense, sparse, ds.num_pairs, cold)
         if ds.num_pairs:
             # One pair through the whole by-reference path: its kernels compile (Triton) and load now, not
             # under the first queries (a GPU demo's Server run saw p90 250 ms without this).
@@ -469,6 +525,15 @@ class GpuBackend:
                 continue
             s = self.pool.take()
             try:
+                staged = 0
+                if ds.cold is not None and s.cold_stage is not None and self._cold_np is not None:
+                    # this batch's cold rows gathered here, copied to the device with its ranges
+                    cs = s.cold_stage
+                    plan = (ds.cold.plan(idx, np.ones(idx.size, np.int64), self.cold_capacity) if idx is not None
+                            else ds.cold.plan(st, ct, self.cold_capacity))  # type: ignore[arg-type]
+                    staged = plan.staged
+                    gather_rows(self._cold_np, plan, cs.rows_host.numpy())
+                    cs.flat_host.numpy()[:staged] = plan.flat
                 # starts then counts (or the pair indices), one contiguous run: a single DMA
                 host = s.ranges_host.numpy()
                 if idx is None:
@@ -482,6 +547,10 @@ class GpuBackend:
                     k = n
                 with torch.cuda.stream(self.copy_stream):
                     s.ranges_dev[:k].copy_(s.ranges_host[:k], non_blocking=True)
+                    if staged:
+                        cs = s.cold_stage
+                        self.hot[cs.base : cs.base + staged].copy_(cs.rows_host[:staged], non_blocking=True)
+                        cs.flat_dev[:staged].copy_(cs.flat_host[:staged], non_blocking=True)
                     s.copied.record(self.copy_stream)
                 with torch.cuda.stream(self.stream):
                     self.stream.wait_event(s.copied)
@@ -494,7 +563,10 @@ class GpuBackend:
                     self.counts[1:].zero_()
                     # One launch for both rows of every pair (index_select took 0.16 ms a batch).
                     gather_pair_rows(pairs, ds.dense, self.dense_in, ds.positions, self.sparse_in)
-                    self._launch(s, n, out[at : at + n], pending)
+                    if staged:  # the staged lookups now point at this set's device rows
+                        cs = s.cold_stage
+                        self.sparse_in.view(-1).index_copy_(0, cs.flat_dev[:staged], cs.slots_dev[:staged])
+                    self._launch(s, n, out[at : at + n], pending, staged)
             except BaseException:
                 self.pool.give(s)  # never launched: its set goes straight back
                 raise

@@ -16,7 +16,7 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -94,6 +94,7 @@ class StagingSet:
         self.sparse_dev = torch.empty((max_pairs, tables), dtype=torch.int32, device=device)
         self._dense_host: torch.Tensor | None = None
         self._sparse_host: torch.Tensor | None = None
+        self.cold_stage: Any = None  # the engine's cold-row staging of this set (gpu_backend._ColdStage)
         self.copied = torch.cuda.Event()  # inputs are on the device (copy stream)
         # Predictions and counts are on the host (compute stream). Blocking: a thread waiting for it sleeps
         # instead of spinning, so a hung device shows as no CPU progress to the supervisor (daemon/
@@ -117,6 +118,7 @@ class Ticket:
     out: np.ndarray  # float32 [n] destination on the host
     direct: bool  # predictions were copied by DMA straight into `out`
     owner: "GpuPending"
+    staged: int = 0  # cold lookups read from rows staged on the device (counted hot by the kernel)
     finished: bool = False
 
 

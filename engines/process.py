@@ -123,7 +123,8 @@ class _Worker(threading.Thread):
         try:
             backend = create_backend(self.spec.device, self.spec.artifact, gpu_part=self.spec.gpu_part,
                                      max_batch_pairs=self.spec.max_batch_pairs, inflight=self.spec.slots,
-                                     mlp_precision=self.spec.gpu_mlp_precision, host_rows=self.spec.host_rows)
+                                     mlp_precision=self.spec.gpu_mlp_precision, host_rows=self.spec.host_rows,
+                                     cold_row_gather=self.spec.cold_row_gather)
             if backend.pin_host_memory(self.region.whole()):
                 log.info("engine %s: shared-memory region page-locked (%d bytes)", self.spec.name,
                          self.region.size)

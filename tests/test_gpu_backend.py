@@ -89,7 +89,14 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                                        # cold rows staged on the device first (cold_stage.py),
                                                        # a stage that fills in a batch too
                                                        (0.3, torch.float16, True, {"stage_cold_rows": 1 << 16}),
-                                                       (0.3, torch.float16, True, {"stage_cold_rows": 100})])
+                                                       (0.3, torch.float16, True, {"stage_cold_rows": 100}),
+                                                       # cold rows gathered by the host (cold_rows.py): every
+                                                       # one staged, a stage that fills, the unfused kernels
+                                                       (0.3, torch.float16, True, {"cold_gather": "host",
+                                                                                   "cold_stage_rows": 1 << 17}),
+                                                       (0.3, torch.float16, True, {"cold_gather": "host",
+                                                                                   "cold_stage_rows": 500}),
+                                                       (0.5, torch.float16, False, {"cold_gather": "host"})])
 def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: torch.dtype, fused: bool,
                                     kcfg: dict | None) -> None:
     from engines.gpu_backend import GpuBackend
@@ -99,8 +106,10 @@ def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: t
     ref = Int8Reference(art, gpu_part)
     dense, sparse = model_files["dense"], model_files["sparse"]
     want = ref.predict(dense, sparse)
+    kcfg = dict(kcfg or {})
+    backend_options = {k: kcfg.pop(k) for k in ("cold_gather", "cold_stage_rows") if k in kcfg}
     eng = GpuBackend("cuda:0", model_files["artifact"], gpu_part, max_batch_pairs=4096, dtype=dtype,
-                     fused_gather=fused, fused_relu=fused, kernel_config=kcfg)
+                     fused_gather=fused, fused_relu=fused, kernel_config=kcfg or None, **backend_options)
     try:
         # by value, a size that pads to a captured graph and one larger than max_batch_pairs
         for n in (1, 777, 9001):
@@ -118,7 +127,20 @@ def test_gpu_matches_int8_reference(model_files: dict, gpu_part: float, dtype: t
         out = np.full(idx.size, np.nan, dtype=np.float32)
         stats = eng.infer_by_ref("ds", starts, counts, out)
         np.testing.assert_allclose(out, want[idx], atol=PRED_ATOL * (8 if dtype == torch.bfloat16 else 1), rtol=0)
-        assert stats.hot_lookups + stats.cold_lookups == idx.size * 26
+        hot, cold = ref.placement.lookup_counts(ref.placement.positions(sparse[idx]))
+        assert (stats.hot_lookups, stats.cold_lookups) == (hot, cold)  # staged rows count as cold ones
+        if backend_options:
+            # one batch (not cut on the host) whose ranges repeat and overlap, as LoadGen may issue a sample twice
+            r_starts = np.concatenate([starts[:4], starts[:2], starts[1:2] + 3])
+            r_counts = np.concatenate([counts[:4], counts[:2], np.minimum(counts[1:2], 50)])
+            keep = int(np.searchsorted(np.cumsum(r_counts), 4096, side="right"))
+            r_starts, r_counts = r_starts[:keep], r_counts[:keep]
+            ridx = np.concatenate([np.arange(s, s + c) for s, c in zip(r_starts, r_counts)])
+            out = np.full(ridx.size, np.nan, dtype=np.float32)
+            stats = eng.infer_by_ref("ds", r_starts, r_counts, out)
+            np.testing.assert_allclose(out, want[ridx], atol=PRED_ATOL, rtol=0)
+            assert (stats.hot_lookups, stats.cold_lookups) == ref.placement.lookup_counts(
+                ref.placement.positions(sparse[ridx]))
         assert eng.device_memory_bytes() > 0
     finally:
         eng.close()
@@ -163,16 +185,19 @@ def test_gpu_errors_are_typed(model_files: dict) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_pipelined_batches_from_pinned_memory(model_files: dict) -> None:
+@pytest.mark.parametrize("cold_gather", ["kernel", "host"])
+def test_gpu_pipelined_batches_from_pinned_memory(model_files: dict, cold_gather: str) -> None:
     """Several batches in flight at once (fewer staging sets than batches), inputs and outputs in
-    page-locked host memory (as the engine's shared-memory region), one bad batch among good ones."""
+    page-locked host memory (as the engine's shared-memory region), one bad batch among good ones; with
+    cold rows gathered by the host, each set's staged rows stay its own while the others are in flight."""
     from engines.gpu_backend import GpuBackend, GpuBackendError
     from engines.reference import Int8Reference
 
     ref = Int8Reference(Artifact.open(model_files["artifact"]), 0.3)
     dense, sparse, offs = model_files["dense"], model_files["sparse"], model_files["offsets"]
     want = ref.predict(dense, sparse)
-    eng = GpuBackend("cuda:0", model_files["artifact"], 0.3, max_batch_pairs=1024, inflight=2)
+    eng = GpuBackend("cuda:0", model_files["artifact"], 0.3, max_batch_pairs=1024, inflight=2,
+                     cold_gather=cold_gather)
     try:
         eng.register_dataset("ds", model_files["dataset"])
         n = 6000
@@ -216,6 +241,17 @@ def test_gpu_pipelined_batches_from_pinned_memory(model_files: dict) -> None:
         assert np.isnan(bad_out).all()
         hot, cold = ref.placement.lookup_counts(ref.placement.positions(sparse[:n]))
         assert (stats0.hot_lookups, stats0.cold_lookups) == (hot, cold)
+        # Six by-reference batches in flight through the two sets, each with other ranges (other cold rows).
+        batches = []
+        for j in range(6):
+            st, ct = offs[:-1][j::7], np.diff(offs)[j::7]
+            k = int(np.searchsorted(np.cumsum(ct), 1024, side="right"))
+            o = np.full(int(ct[:k].sum()), np.nan, dtype=np.float32)
+            batches.append((eng.submit_by_ref("ds", st[:k], ct[:k], o), st[:k], ct[:k], o))
+        for p, st, ct, o in batches:
+            p.wait()
+            bidx = np.concatenate([np.arange(s, s + c) for s, c in zip(st, ct)])
+            np.testing.assert_allclose(o, want[bidx], atol=PRED_ATOL, rtol=0)
         # A request larger than all staging sets together, waited for by its single caller.
         out = np.full(n, np.nan, dtype=np.float32)
         eng.infer_by_ref("ds", np.array([0]), np.array([n]), out)

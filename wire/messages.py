@@ -74,6 +74,13 @@ class HostRows(enum.StrEnum):
     SHARED = "shared"  # the artifact file's pages, page-locked in place (one copy per host)
 
 
+class ColdRowGather(enum.StrEnum):
+    """Where a GPU engine's by-reference batches read their cold rows (engines/cold_rows.py)."""
+
+    KERNEL = "kernel"  # the fused gather reads them from pinned host memory, zero-copy over PCIe
+    HOST = "host"  # the engine's CPU gathers a batch's cold rows; one copy puts them on the device first
+
+
 class MlpPrecision(enum.StrEnum):
     """A GPU engine's MLP arithmetic."""
 
@@ -388,6 +395,7 @@ class EngineSpec(msgspec.Struct, frozen=True):
     gpu_mlp_precision: MlpPrecision = MlpPrecision.FP16  # GPU engines (daemon.config)
     log_level: str = "INFO"  # the daemon's log_level: DEBUG, INFO, WARNING or ERROR
     host_rows: HostRows = HostRows.PRIVATE  # GPU engines with cold rows (daemon.config)
+    cold_row_gather: ColdRowGather = ColdRowGather.KERNEL  # GPU engines with cold rows (daemon.config)
 
     @property
     def kind(self) -> EngineKind:

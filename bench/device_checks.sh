@@ -447,16 +447,20 @@ hollow_dataset; from formats.trace import reference_sample_sizes as r; hollow_da
   timeout 100 python3 bench/bench_frontend.py --engines 4 --offline-qps 0 --server-qps 2000000,2500000 --server-issue ring --duration-s 5 2>&1 | tail -3
   ;;
 round6c)
-  # the front end with LoadGen's issue threads (C, the ring's) and several completion threads, 8 null engines;
-  # py-spy (carried in .whl/ where available) samples the driver and the dispatcher during the Offline run
+  # the front end with LoadGen's issue threads (C, the ring's) and several completion threads, 8 null engines,
+  # beside the same runs without them (the baseline, same call); py-spy (carried in .whl/ where available)
+  # samples the driver and the dispatcher during the threaded Offline run
   nvidia-smi --query-gpu=name --format=csv,noheader; nproc
+  timeout 100 python3 bench/bench_frontend.py --engines 8 --offline-qps 6000000 --offline-predictions region \
+    --server-qps 2000000,3000000 --issue-threads 0 --completion-threads 1 --duration-s 5 \
+    --out "$OUT/frontend_threads_0_1.json" 2>&1 | tee "$OUT/ft01.log" | tail -4
   ( sleep 14; spy=/tmp/site/bin/py-spy; [ -x $spy ] || exit 0
     d=$(pgrep -f "loadgen_driver.cli --scenario Offline" | head -1); m=$(pgrep -f "daemon.cli --config" | head -1)
     [ -n "$d" ] && $spy record -p $d -d 4 -r 100 -f raw --nonblocking --threads -o "$OUT/spy_driver.txt" >/dev/null 2>&1 &
     [ -n "$m" ] && $spy record -p $m -d 4 -r 100 -f raw --nonblocking -o "$OUT/spy_dispatcher.txt" >/dev/null 2>&1 &
     wait ) &
   timeout 140 python3 bench/bench_frontend.py --engines 8 --offline-qps 6000000 --offline-predictions region \
-    --server-qps 3000000,4500000 --issue-threads 4 --completion-threads 4 --duration-s 5 \
+    --server-qps 2000000,3000000,4500000 --issue-threads 4 --completion-threads 4 --duration-s 5 \
     --out "$OUT/frontend_threads_4_4.json" 2>&1 | tee "$OUT/ft44.log" | tail -5
   wait
   ;;

@@ -15,6 +15,7 @@ Pure numpy and no state beyond the index: tested against a brute-force plan on t
 """
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -101,13 +102,24 @@ class ColdLookups:
         return ColdPlan(self.row[idx], batch_row * self.tables + self.table[idx], total)
 
 
-def gather_rows(cold: np.ndarray, plan: ColdPlan, out: np.ndarray) -> np.ndarray:
-    """Copy the plan's rows of `cold` ([rows, dim]) into out[:k] (pinned staging) and return that view."""
+def gather_rows(cold: np.ndarray, plan: ColdPlan, out: np.ndarray, pool: Executor | None = None,
+                workers: int = 1, min_rows_per_task: int = 4096) -> np.ndarray:
+    """Copy the plan's rows of `cold` ([rows, dim]) into out[:k] (pinned staging) and return that view.
+    With `pool` (of `workers` threads), a large plan is split over them: each row is a random read of host memory (a cache
+    and TLB miss), and numpy's take releases the GIL, so threads overlap more of them."""
     k = plan.staged
     if k > out.shape[0]:
         raise ValueError(f"plan of {k} rows does not fit {out.shape[0]}")
     view = out[:k]
-    if k:
-        # mode="clip": the rows are valid by construction, and "raise" would buffer the whole output first
-        np.take(cold, plan.rows, axis=0, out=view, mode="clip")
+    tasks = 1 if pool is None else max(1, min(workers, k // max(min_rows_per_task, 1)))
+    # mode="clip": the rows are valid by construction, and "raise" would buffer the whole output first
+    if tasks <= 1 or pool is None:
+        if k:
+            np.take(cold, plan.rows, axis=0, out=view, mode="clip")
+        return view
+    bounds = np.linspace(0, k, tasks + 1).astype(np.int64)
+    futures = [pool.submit(np.take, cold, plan.rows[a:b], 0, view[a:b], "clip")
+               for a, b in zip(bounds[:-1], bounds[1:])]
+    for f in futures:
+        f.result()
     return view

@@ -26,6 +26,7 @@ expanded to pair indices on the device. The engine's shared-memory region is pag
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -52,6 +53,7 @@ from engines.fp8_top_mlp import Fp8MlpError, Fp8TopMlpRunner, quantize_fp8_top_m
 from engines.int8_top_mlp import QuantTopMlp, alloc_scratch, quantize_top_mlp, top_mlp_int8
 
 _CHUNK_ROWS = 1 << 21  # 256 MiB of int8 rows per host->device / host->pinned copy step
+_GATHER_THREADS = 4  # cold_gather "host": threads that copy a batch's cold rows (numpy's take frees the GIL)
 
 
 class GpuBackendError(RuntimeError):
@@ -331,6 +333,7 @@ class GpuBackend:
                 torch.empty(r, dtype=torch.int64, pin_memory=True), torch.empty(r, dtype=torch.int64, device=dev),
                 torch.arange(base, base + r, dtype=torch.int32, device=dev))
         self._cold_np = self.cold.numpy() if r and self.cold is not None else None
+        self._gather_pool = ThreadPoolExecutor(_GATHER_THREADS, "cold-gather") if self._cold_np is not None else None
         self.pool = InFlight(sets, self._finish)
 
     # ---- the forward ---------------------------------------------------------------------------------
@@ -532,7 +535,7 @@ class GpuBackend:
                     plan = (ds.cold.plan(idx, np.ones(idx.size, np.int64), self.cold_capacity) if idx is not None
                             else ds.cold.plan(st, ct, self.cold_capacity))  # type: ignore[arg-type]
                     staged = plan.staged
-                    gather_rows(self._cold_np, plan, cs.rows_host.numpy())
+                    gather_rows(self._cold_np, plan, cs.rows_host.numpy(), self._gather_pool, _GATHER_THREADS)
                     cs.flat_host.numpy()[:staged] = plan.flat
                 # starts then counts (or the pair indices), one contiguous run: a single DMA
                 host = s.ranges_host.numpy()
@@ -639,6 +642,10 @@ class GpuBackend:
         self._graphs.clear()
         if self.fp8 is not None:
             self.fp8.close()
+        pool = getattr(self, "_gather_pool", None)
+        if pool is not None:
+            pool.shutdown()
+            self._gather_pool = None
         self._datasets.clear()
         for name in ("hot", "cold", "row_position", "emb_buf", "top_in", "dense_in", "sparse_in", "pred"):
             if hasattr(self, name):

@@ -108,3 +108,18 @@ def test_config_key_reaches_the_engine_spec_type(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         load_config(None, {}, {"DLRM_COLD_ROW_GATHER": "device", "DLRM_ENGINES": "null"})
     assert "cold_row_gather" in EngineSpec.__struct_fields__
+
+
+def test_gather_rows_split_over_threads_gives_the_same_rows() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(9)
+    cold = rng.integers(-127, 128, (50_000, 128)).astype(np.int8)
+    rows = rng.integers(0, cold.shape[0], 20_001).astype(np.int64)
+    plan = ColdPlan(rows, np.arange(rows.size, dtype=np.int64), rows.size)
+    alone = gather_rows(cold, plan, np.zeros((rows.size, 128), np.int8)).copy()
+    with ThreadPoolExecutor(3) as pool:
+        split = gather_rows(cold, plan, np.zeros((rows.size + 5, 128), np.int8), pool, 3,
+                            min_rows_per_task=1000)
+    np.testing.assert_array_equal(alone, cold[rows])
+    np.testing.assert_array_equal(split, alone)

@@ -467,21 +467,21 @@ round6c)
 round7a)
   # issue 13's gpu_part 0.3 target (90% of the all-on-device rate end to end): cold rows gathered by the
   # engine's CPU and copied to the device before the forward (cold_row_gather "host") against the fused
-  # kernel reading them zero-copy (the default), beside gpu_part 1.0, in the same call
+  # kernel reading them zero-copy (the default), beside gpu_part 1.0, in the same call; then the engine alone
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backend.py \
+  timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backend.py \
     -k "matches_int8 or pipelined" 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
-  timeout 150 python3 bench/bench_engine.py --scale 0.05 --pairs 300000 --parts 1.0,0.3 --mlp fp8 \
-    --batches 262144 --cold-gather kernel,host --out "$OUT/engine_cold_gather.json" 2>&1 \
-    | sed -n '/== engine summary/,$p'
   fs_ready
   for run in kernel:1.0,0.3 host:0.3; do
     cg=${run%%:*}; parts=${run#*:}
-    DLRM_COLD_ROW_GATHER=$cg timeout 120 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
+    DLRM_COLD_ROW_GATHER=$cg timeout 110 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
       --mlp fp8 --gpu-parts $parts --target-qps 700000 --duration-s 8 --out "$OUT/e2e_cold_$cg.json" 2>&1 \
       | sed -n '/^gpu_part  mlp/,$p' | sed "s|^|$cg |"
   done
+  timeout 120 python3 bench/bench_engine.py --scale 0.05 --pairs 300000 --parts 1.0,0.3 --mlp fp8 \
+    --batches 262144 --cold-gather kernel,host --out "$OUT/engine_cold_gather.json" 2>&1 \
+    | sed -n '/== engine summary/,$p'
   ;;
 round5b)
   # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,

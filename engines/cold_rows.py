@@ -40,30 +40,34 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 @dataclass(frozen=True)
 class ColdLookups:
-    """Every lookup of a dataset whose row is cold, sorted by (pair, table)."""
+    """Every lookup of a dataset whose row is cold, sorted by (pair, table), with each pair's first entry."""
 
-    pair: np.ndarray  # int64 [c]: dataset pair, non-decreasing
-    table: np.ndarray  # uint8 [c]
-    row: np.ndarray  # int64 [c]: cold row
+    first: np.ndarray  # int32/int64 [pairs + 1]: entries [first[p], first[p + 1]) are pair p's
+    flat: np.ndarray  # int64 [c]: pair * tables + table of each entry, increasing
+    row: np.ndarray  # int64 [c]: its cold row
     tables: int
 
     @classmethod
-    def from_chunks(cls, chunks: Iterable[tuple[int, np.ndarray, np.ndarray]], tables: int) -> "ColdLookups":
+    def from_chunks(cls, chunks: Iterable[tuple[int, np.ndarray, np.ndarray]], tables: int,
+                    pairs: int) -> "ColdLookups":
         """From (first pair of the chunk, flat indices pair_in_chunk * tables + table of its cold lookups in
-        increasing order, their cold rows) per chunk of consecutive pairs, chunks in pair order."""
+        increasing order, their cold rows) per chunk of consecutive pairs, chunks in pair order, of a
+        dataset of `pairs` pairs."""
         if not 0 < tables <= 256:
             raise ValueError(f"tables must be in 1..256, got {tables}")
-        pairs, tabs, rows = [], [], []
-        for first, flat, row in chunks:
-            flat = np.asarray(flat, dtype=np.int64)
-            pairs.append(first + flat // tables)
-            tabs.append((flat % tables).astype(np.uint8))
+        flats, rows = [], []
+        for first_pair, flat, row in chunks:
+            flats.append(np.asarray(flat, dtype=np.int64) + int(first_pair) * tables)
             rows.append(np.asarray(row, dtype=np.int64))
-        pair = np.concatenate(pairs) if pairs else _EMPTY
-        if pair.size > 1 and bool((np.diff(pair) < 0).any()):
-            raise ValueError("cold lookups must come in pair order")
-        return cls(pair, np.concatenate(tabs) if tabs else np.zeros(0, np.uint8),
-                   np.concatenate(rows) if rows else _EMPTY, tables)
+        flat_all = np.concatenate(flats) if flats else _EMPTY
+        if flat_all.size and (bool((np.diff(flat_all) <= 0).any()) or flat_all[0] < 0
+                              or flat_all[-1] >= pairs * tables):
+            raise ValueError("cold lookups must come in pair order, within the dataset's pairs")
+        counts = np.bincount(flat_all // tables, minlength=pairs)
+        # int32 where the entries allow: 4 bytes a pair (220 MB for the full-size 55 M-pair dataset)
+        first = np.zeros(pairs + 1, dtype=np.int32 if flat_all.size < 2**31 else np.int64)
+        first[1:] = np.cumsum(counts)
+        return cls(first, flat_all, np.concatenate(rows) if rows else _EMPTY, tables)
 
     @classmethod
     def from_positions(cls, positions: np.ndarray, first_cold: int) -> "ColdLookups":
@@ -72,24 +76,23 @@ class ColdLookups:
         cold = positions.reshape(-1) >= first_cold
         flat = np.flatnonzero(cold)
         return cls.from_chunks([(0, flat, positions.reshape(-1)[flat].astype(np.int64) - first_cold)],
-                               positions.shape[1])
+                               positions.shape[1], positions.shape[0])
 
     @property
     def count(self) -> int:
-        return int(self.pair.size)
+        return int(self.flat.size)
 
     @property
     def nbytes(self) -> int:
-        return int(self.pair.nbytes + self.table.nbytes + self.row.nbytes)
+        return int(self.first.nbytes + self.flat.nbytes + self.row.nbytes)
 
     def plan(self, starts: np.ndarray, counts: np.ndarray, capacity: int) -> ColdPlan:
         """The cold lookups of the batch made of pair ranges [starts[i], starts[i] + counts[i]), laid out one
         after another (range i's first pair is batch row counts[:i].sum()); the first `capacity` of them."""
         starts = np.asarray(starts, dtype=np.int64)
         counts = np.asarray(counts, dtype=np.int64)
-        lo = np.searchsorted(self.pair, starts, side="left")
-        hi = np.searchsorted(self.pair, starts + counts, side="left")
-        lens = hi - lo
+        lo = self.first[starts].astype(np.int64)
+        lens = self.first[starts + counts] - lo
         total = int(lens.sum())
         k = min(total, max(int(capacity), 0))
         if k == 0:
@@ -97,9 +100,9 @@ class ColdLookups:
         ends = np.cumsum(lens)
         which = np.repeat(np.arange(lens.size), lens)[:k]  # the range of each planned lookup
         idx = lo[which] + np.arange(k, dtype=np.int64) - (ends - lens)[which]
-        first_row = np.cumsum(counts) - counts  # each range's first batch row
-        batch_row = self.pair[idx] - starts[which] + first_row[which]
-        return ColdPlan(self.row[idx], batch_row * self.tables + self.table[idx], total)
+        # an entry's place in the batch: its flat index moved from its range's first pair to the batch row
+        shift = (np.cumsum(counts) - counts - starts) * self.tables
+        return ColdPlan(self.row[idx], self.flat[idx] + shift[which], total)
 
 
 def gather_rows(cold: np.ndarray, plan: ColdPlan, out: np.ndarray, pool: Executor | None = None,

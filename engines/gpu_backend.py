@@ -465,7 +465,8 @@ class GpuBackend:
                     where = torch.nonzero(flat >= first_cold).flatten()
                     cold_chunks.append((a, where.cpu().numpy(), (flat[where].long() - first_cold).cpu().numpy()))
             self.stream.synchronize()
-        cold = ColdLookups.from_chunks(cold_chunks, self.config.num_tables) if self.cold_capacity else None
+        cold = (ColdLookups.from_chunks(cold_chunks, self.config.num_tables, ds.num_pairs) if self.cold_capacity
+                else None)
         self._datasets[name] = _DeviceDataset(dense, sparse, ds.num_pairs, cold)
         if ds.num_pairs:
             # One pair through the whole by-reference path: its kernels compile (Triton) and load now, not

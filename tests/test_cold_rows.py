@@ -58,7 +58,7 @@ def test_plan_matches_walking_every_pair(case: tuple) -> None:
         part = positions[a : a + chunk].reshape(-1)
         flat = np.flatnonzero(part >= first_cold)
         chunks.append((a, flat, part[flat].astype(np.int64) - first_cold))
-    chunked = ColdLookups.from_chunks(chunks, tables)
+    chunked = ColdLookups.from_chunks(chunks, tables, positions.shape[0])
     want_rows, want_flat, want_total = _brute_plan(positions, first_cold, starts, counts, capacity)
     for index in (whole, chunked):
         plan = index.plan(np.array(starts, dtype=np.int64), np.array(counts, dtype=np.int64), capacity)
@@ -83,9 +83,11 @@ def test_gather_rows_copies_the_planned_rows_in_order() -> None:
 
 def test_index_refuses_pairs_out_of_order_and_bad_table_counts() -> None:
     with pytest.raises(ValueError, match="pair order"):
-        ColdLookups.from_chunks([(10, np.array([0]), np.array([1])), (0, np.array([0]), np.array([1]))], 4)
+        ColdLookups.from_chunks([(10, np.array([0]), np.array([1])), (0, np.array([0]), np.array([1]))], 4, 20)
+    with pytest.raises(ValueError, match="within"):
+        ColdLookups.from_chunks([(19, np.array([4]), np.array([1]))], 4, 20)
     with pytest.raises(ValueError, match="tables"):
-        ColdLookups.from_chunks([], 0)
+        ColdLookups.from_chunks([], 0, 1)
 
 
 def test_no_cold_rows_plans_nothing() -> None:

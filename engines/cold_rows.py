@@ -53,8 +53,8 @@ class ColdLookups:
         """From (first pair of the chunk, flat indices pair_in_chunk * tables + table of its cold lookups in
         increasing order, their cold rows) per chunk of consecutive pairs, chunks in pair order, of a
         dataset of `pairs` pairs."""
-        if not 0 < tables <= 256:
-            raise ValueError(f"tables must be in 1..256, got {tables}")
+        if tables < 1:
+            raise ValueError(f"tables must be positive, got {tables}")
         flats, rows = [], []
         for first_pair, flat, row in chunks:
             flats.append(np.asarray(flat, dtype=np.int64) + int(first_pair) * tables)

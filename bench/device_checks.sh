@@ -24,6 +24,8 @@
 #   bash bench/device_checks.sh round6c    # issue 15: LoadGen issue threads and completion threads, 8 null engines
 #   bash bench/device_checks.sh round7a    # issue 13: cold rows gathered by the host (cold_row_gather), tests,
 #                                          # engine alone and full-size end to end at gpu_part 0.3 against 1.0
+#   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py);
+#                                          # gpu_part 0.3 end to end with the huge-page private copy vs shared
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -482,6 +484,25 @@ round7a)
   timeout 120 python3 bench/bench_engine.py --scale 0.05 --pairs 300000 --parts 1.0,0.3 --mlp fp8 \
     --batches 262144 --cold-gather kernel,host --out "$OUT/engine_cold_gather.json" 2>&1 \
     | sed -n '/== engine summary/,$p'
+  ;;
+round7b)
+  # issue 13's gpu_part 0.3 gap: zero-copy reads of random host rows by how the memory is backed (4 KiB pages of
+  # cudaHostAlloc, registered 4 KiB, registered transparent huge pages); then end to end at 0.3 with the private
+  # copy now in huge pages against the shared rows (the model file's 4 KiB pages: round 5 measured them equal to
+  # the cudaHostAlloc copy) and gpu_part 1.0, in the same call
+  cat /sys/kernel/mm/transparent_hugepage/enabled
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 150 python3 bench/bench_host_read.py --gb 1,16 --rows 40000 --out "$OUT/host_read.json"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backend.py tests/test_host_rows.py \
+    -k "matches_int8 or host_rows" 2>&1 | tee "$OUT/gpu_tests.log" | tail -2
+  fs_ready
+  for run in private:1.0,0.3 shared:0.3; do
+    rows=${run%%:*}; parts=${run#*:}
+    DLRM_HOST_ROWS=$rows timeout 110 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
+      --mlp fp8 --gpu-parts $parts --target-qps 700000 --duration-s 8 --out "$OUT/e2e_huge_$rows.json" 2>&1 \
+      | sed -n '/^gpu_part  mlp/,$p' | sed "s|^|$rows |"
+  done
+  grep -rh --include=daemon.log -e "huge pages" -e "cold rows" /tmp/dlrm-e2e-* 2>/dev/null | cut -c1-220 | head -4
   ;;
 round5b)
   # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,

@@ -30,11 +30,13 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_gather import bench_ms  # noqa: E402
 from engines.gpu_staging import HostRegistry  # noqa: E402
+from engines.host_rows import HUGE_PAGE, HugeRows, anon_huge_bytes  # noqa: E402
 
 D = 128
-HUGE = 2 << 20
 
 
 @triton.jit
@@ -52,29 +54,6 @@ def read_rows(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None:
     _read_rows_kernel[(triton.cdiv(n, 32),)](src, pos, dst, n, D=D, BLOCK=32)
 
 
-def bench_ms(fn, reps: int = 30, warmup: int = 3) -> float:
-    """Median milliseconds of fn() timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
-
-
-def anon_huge_kb() -> int:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return -1
-
-
 def host_rows(mode: str, nbytes: int, registry: HostRegistry) -> tuple[torch.Tensor, object]:
     """[nbytes / D, D] int8 rows in page-locked host memory backed as `mode` says; the second item keeps the
     backing alive."""
@@ -82,16 +61,16 @@ def host_rows(mode: str, nbytes: int, registry: HostRegistry) -> tuple[torch.Ten
         t = torch.empty((nbytes // D, D), dtype=torch.int8, pin_memory=True)
         t.fill_(1)
         return t, None
-    m = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    base = np.frombuffer(m, dtype=np.int8)
-    skip = (-base.ctypes.data) % HUGE
-    if mode == "register-thp":
-        m.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
-    arr = base[skip:skip + nbytes]
+    if mode == "register-thp":  # the engine's own allocation of a private cold copy
+        keep = HugeRows(nbytes // D, D)
+        arr = keep.array.reshape(-1)
+    else:
+        keep = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arr = np.frombuffer(keep, dtype=np.int8)
     arr.fill(1)  # touch: the pages exist (huge ones where granted) before they are locked
     if not registry.register(arr):
         raise RuntimeError(f"cudaHostRegister of {nbytes} bytes refused")
-    return torch.from_numpy(arr).view(nbytes // D, D), (m, base)
+    return torch.from_numpy(arr).view(nbytes // D, D), keep
 
 
 def main() -> None:
@@ -118,10 +97,10 @@ def main() -> None:
           f"{args.rows * D / dev_ms / 1e6:6.2f}")
     report["device_ms"] = dev_ms
     for gb in (float(g) for g in args.gb.split(",")):
-        nbytes = int(gb * 1e9) // HUGE * HUGE
+        nbytes = int(gb * 1e9) // HUGE_PAGE * HUGE_PAGE
         pos = torch.from_numpy(rng.integers(0, nbytes // D, args.rows, dtype=np.int64)).to(dev)
         for mode in args.modes.split(","):
-            huge0 = anon_huge_kb()
+            huge0 = anon_huge_bytes()
             t0 = time.perf_counter()
             try:
                 rows, keep = host_rows(mode, nbytes, registry)
@@ -129,7 +108,7 @@ def main() -> None:
                 print(f"{mode:14s} {gb:5.0f} {exc}")
                 continue
             alloc_s = time.perf_counter() - t0
-            huge_mb = (anon_huge_kb() - huge0) / 1024
+            huge_mb = (anon_huge_bytes() - huge0) / 2**20
             ms = bench_ms(lambda: read_rows(rows, pos, dst))
             ok = bool((dst == 1).all())
             print(f"{mode:14s} {gb:5.0f} {ms:8.3f} {args.rows / ms / 1e3:9.2f} {args.rows * D / ms / 1e6:6.2f} "

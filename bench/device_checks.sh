@@ -492,14 +492,15 @@ round7b)
   # the cudaHostAlloc copy) and gpu_part 1.0, in the same call
   cat /sys/kernel/mm/transparent_hugepage/enabled
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
-  timeout 150 python3 bench/bench_host_read.py --gb 1,16 --rows 40000 --out "$OUT/host_read.json"
+  timeout 150 python3 bench/bench_host_read.py --gb 1,16 --rows 40000 --modes cudaHostAlloc,register-thp \
+    --out "$OUT/host_read.json"
   timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backend.py tests/test_host_rows.py \
     -k "matches_int8 or host_rows" 2>&1 | tee "$OUT/gpu_tests.log" | tail -2
   fs_ready
-  for run in private:1.0,0.3 shared:0.3; do
+  for run in shared:0.3 private:0.3 private:1.0; do  # the comparison first, should the call's time run out
     rows=${run%%:*}; parts=${run#*:}
     DLRM_HOST_ROWS=$rows timeout 110 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
-      --mlp fp8 --gpu-parts $parts --target-qps 700000 --duration-s 8 --out "$OUT/e2e_huge_$rows.json" 2>&1 \
+      --mlp fp8 --gpu-parts $parts --target-qps 700000 --duration-s 8 --out "$OUT/e2e_huge_${rows}_$parts.json" 2>&1 \
       | sed -n '/^gpu_part  mlp/,$p' | sed "s|^|$rows |"
   done
   grep -rh --include=daemon.log -e "huge pages" -e "cold rows" /tmp/dlrm-e2e-* 2>/dev/null | cut -c1-220 | head -4

@@ -26,6 +26,7 @@
 #                                          # engine alone and full-size end to end at gpu_part 0.3 against 1.0
 #   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py);
 #                                          # gpu_part 0.3 end to end with the huge-page private copy vs shared
+#   bash bench/device_checks.sh round7c    # round7b's first half only (the probe, the GPU tests of the huge-page copy)
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -504,6 +505,14 @@ round7b)
       | sed -n '/^gpu_part  mlp/,$p' | sed "s|^|$rows |"
   done
   grep -rh --include=daemon.log -e "huge pages" -e "cold rows" /tmp/dlrm-e2e-* 2>/dev/null | cut -c1-220 | head -4
+  ;;
+round7c)
+  # round7b cut to what a short budget allows: the host-read probe and the GPU tests of the huge-page copy
+  cat /sys/kernel/mm/transparent_hugepage/enabled
+  timeout 150 python3 bench/bench_host_read.py --gb 1,16 --rows 40000 --modes cudaHostAlloc,register-thp \
+    --out "$OUT/host_read.json"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backend.py tests/test_host_rows.py \
+    -k "matches_int8 or host_rows" 2>&1 | tee "$OUT/gpu_tests.log" | tail -2
   ;;
 round5b)
   # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,

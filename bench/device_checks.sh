@@ -25,7 +25,7 @@
 #   bash bench/device_checks.sh round7a    # issue 13: cold rows gathered by the host (cold_row_gather), tests,
 #                                          # engine alone and full-size end to end at gpu_part 0.3 against 1.0
 #   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py);
-#                                          # gpu_part 0.3 end to end with the huge-page private copy vs shared
+#                                          # gpu_part 0.3 end to end, private vs shared rows (see the case)
 #   bash bench/device_checks.sh round7c    # round7b's first half only (the probe, the GPU tests of the huge-page copy)
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
@@ -488,9 +488,11 @@ round7a)
   ;;
 round7b)
   # issue 13's gpu_part 0.3 gap: zero-copy reads of random host rows by how the memory is backed (4 KiB pages of
-  # cudaHostAlloc, registered 4 KiB, registered transparent huge pages); then end to end at 0.3 with the private
-  # copy now in huge pages against the shared rows (the model file's 4 KiB pages: round 5 measured them equal to
-  # the cudaHostAlloc copy) and gpu_part 1.0, in the same call
+  # cudaHostAlloc against registered transparent huge pages); then end to end at 0.3, the private copy against
+  # the shared rows (the model file's 4 KiB pages: round 5 measured them equal to the cudaHostAlloc copy), and
+  # gpu_part 1.0, in the same call. The e2e half measures the huge-page copy only with commit 58a42f2's engine
+  # change applied (`git show 58a42f2 -- engines/gpu_backend.py | git apply`, plus its private_cold_rows):
+  # reverted until a GPU measures it; without it, private is cudaHostAlloc.
   cat /sys/kernel/mm/transparent_hugepage/enabled
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
   timeout 150 python3 bench/bench_host_read.py --gb 1,16 --rows 40000 --modes cudaHostAlloc,register-thp \

@@ -17,7 +17,7 @@ anonymous memory that asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`,
 page-locked with cudaHostRegister. The GPU reads cold rows zero-copy at random, and page-locked memory is
 mapped for the device in the host's pages: with 4 KiB pages nearly every cold row of a 17 GB table may be a
 translation miss of its own. bench/bench_host_read.py measures that against cudaHostAlloc; the engine takes
-HugeRows only once it has been measured on a GPU (the wiring is commit 58a42f2's engine change).
+HugeRows only once it has been measured on a GPU (`git revert 4452809` puts the wiring back).
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ by reading the same number of random rows from regions of several sizes, each al
 
 - `cudaHostAlloc`: torch's `pin_memory=True` (what a private copy of the cold rows uses today);
 - `register-4k`: an anonymous mapping page-locked with cudaHostRegister, no huge pages asked for;
-- `register-thp`: the same with `madvise(MADV_HUGEPAGE)` first (2 MiB pages where the kernel grants them).
+- `register-thp`: `engines.host_rows.private_cold_rows`, the candidate private copy: the same with
+  `madvise(MADV_HUGEPAGE)` first (2 MiB pages where the kernel grants them).
 
 The baseline, in the same run: the same kernel reading the same rows from device memory.
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gather import bench_ms  # noqa: E402
 from engines.gpu_staging import HostRegistry  # noqa: E402
-from engines.host_rows import HUGE_PAGE, HugeRows, anon_huge_bytes  # noqa: E402
+from engines.host_rows import HUGE_PAGE, anon_huge_bytes, private_cold_rows  # noqa: E402
 
 D = 128
 
@@ -61,13 +62,15 @@ def host_rows(mode: str, nbytes: int, registry: HostRegistry) -> tuple[torch.Ten
         t = torch.empty((nbytes // D, D), dtype=torch.int8, pin_memory=True)
         t.fill_(1)
         return t, None
-    if mode == "register-thp":  # the engine's own allocation of a private cold copy
-        keep = HugeRows(nbytes // D, D)
-        arr = keep.array.reshape(-1)
-    else:
-        keep = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        arr = np.frombuffer(keep, dtype=np.int8)
-    arr.fill(1)  # touch: the pages exist (huge ones where granted) before they are locked
+    if mode == "register-thp":  # the candidate private copy itself: rows of ones copied in, page-locked
+        ones = np.broadcast_to(np.int8(1), (nbytes // D, D))  # no memory of its own
+        got = private_cold_rows(registry, "cuda:0", ones, 0, nbytes // D, chunk_rows=1 << 20)
+        if got is None:
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes refused")
+        return got
+    keep = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arr = np.frombuffer(keep, dtype=np.int8)
+    arr.fill(1)  # touch: the pages exist before they are locked
     if not registry.register(arr):
         raise RuntimeError(f"cudaHostRegister of {nbytes} bytes refused")
     return torch.from_numpy(arr).view(nbytes // D, D), keep

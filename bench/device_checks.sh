@@ -490,9 +490,9 @@ round7b)
   # issue 13's gpu_part 0.3 gap: zero-copy reads of random host rows by how the memory is backed (4 KiB pages of
   # cudaHostAlloc against registered transparent huge pages); then end to end at 0.3, the private copy against
   # the shared rows (the model file's 4 KiB pages: round 5 measured them equal to the cudaHostAlloc copy), and
-  # gpu_part 1.0, in the same call. The e2e half measures the huge-page copy only with the engine change back in
-  # (`git revert --no-commit 4452809`: the wiring and its CPU test, taken out until a GPU measures them);
-  # without it, private is cudaHostAlloc.
+  # gpu_part 1.0, in the same call. The e2e half measures the huge-page copy only with the engine's side applied
+  # first (`git show 58a42f2 -- engines/gpu_backend.py | git apply`: private_cold_rows in _load_tables, taken
+  # out until a GPU measures it); without it, private is cudaHostAlloc.
   cat /sys/kernel/mm/transparent_hugepage/enabled
   setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
   timeout 150 python3 bench/bench_host_read.py --gb 1,16 --rows 40000 --modes cudaHostAlloc,register-thp \

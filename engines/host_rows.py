@@ -12,12 +12,13 @@ no private copy), so the gather kernel reads them over PCIe as it reads a privat
 `shared_cold_rows` registers them for a GPU engine, or returns None (with a warning) where that cannot be
 done, and the engine then copies its cold rows as before.
 
-`HugeRows` is the candidate home of the private copy (`host_rows = "private"`, today `cudaHostAlloc`):
-anonymous memory that asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`, 2 MiB aligned), to be
-page-locked with cudaHostRegister. The GPU reads cold rows zero-copy at random, and page-locked memory is
-mapped for the device in the host's pages: with 4 KiB pages nearly every cold row of a 17 GB table may be a
-translation miss of its own. bench/bench_host_read.py measures that against cudaHostAlloc; the engine takes
-HugeRows only once it has been measured on a GPU (`git revert 4452809` puts the wiring back).
+`private_cold_rows` is the candidate home of the private copy (`host_rows = "private"`, today
+`cudaHostAlloc`): `HugeRows`, anonymous memory that asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`,
+2 MiB aligned), page-locked with cudaHostRegister. The GPU reads cold rows zero-copy at random, and
+page-locked memory is mapped for the device in the host's pages: with 4 KiB pages nearly every cold row of a
+17 GB table may be a translation miss of its own. bench/bench_host_read.py measures it against cudaHostAlloc;
+the GPU engine calls it only once that has been measured on a GPU (`git show 58a42f2 --
+engines/gpu_backend.py | git apply` is the engine's side).
 """
 from __future__ import annotations
 
@@ -119,3 +120,26 @@ def anon_huge_bytes() -> int:
     except OSError:
         pass
     return -1
+
+
+def private_cold_rows(host: "HostRegistry", device: str, embeddings: np.ndarray, n_hot: int, n_cold: int,
+                      chunk_rows: int) -> "tuple[torch.Tensor, HugeRows] | None":
+    """A private copy of rows [n_hot, n_hot + n_cold) in huge-page-backed memory page-locked through `host`
+    (the tensor, and the HugeRows that owns its memory: keep both); None, with a warning, where the memory
+    cannot be page-locked (the caller then uses cudaHostAlloc). bench/bench_host_read.py measures it."""
+    import torch
+
+    dim = embeddings.shape[1]
+    before = anon_huge_bytes()
+    rows = HugeRows(n_cold, dim)
+    for a in range(0, n_cold, chunk_rows):  # the copy is the first touch: huge pages are granted here
+        b = min(n_cold, a + chunk_rows)
+        rows.array[a:b] = embeddings[n_hot + a:n_hot + b]
+    huge = anon_huge_bytes() - before if before >= 0 else -1
+    if not host.register(rows.array):
+        log.warning("%s: cudaHostRegister of the %d-byte private cold copy refused; using cudaHostAlloc",
+                    device, rows.array.nbytes)
+        return None
+    log.info("%s: %d cold rows (%d bytes) in a private page-locked copy, %d MB of it in huge pages", device,
+             n_cold, rows.array.nbytes, huge >> 20)
+    return torch.from_numpy(rows.array), rows

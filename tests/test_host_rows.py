@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.host_rows import (CUDA_HOST_REGISTER_READ_ONLY, HUGE_PAGE, HostRowsError, HugeRows, shared_cold_region,
-                               shared_cold_rows)
+from engines.host_rows import (CUDA_HOST_REGISTER_READ_ONLY, HUGE_PAGE, HostRowsError, HugeRows, private_cold_rows,
+                               shared_cold_region, shared_cold_rows)
 from daemon.config import ConfigError, load_config
 from wire.messages import HostRows
 
@@ -84,6 +84,21 @@ def test_huge_rows_are_aligned_writable_and_private(rows: int, dim: int) -> None
     assert not np.shares_memory(mem.array, other.array) and int(other.array.sum()) == 0
     with pytest.raises(HostRowsError):
         HugeRows(0, dim)
+
+
+def test_private_rows_are_a_registered_copy_or_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    emb = _table(tmp_path, 3000)
+    ok = _Registry(accept=True)
+    got = private_cold_rows(ok, "cuda:0", emb, 1000, 2000, chunk_rows=333)  # type: ignore[arg-type]
+    assert got is not None
+    cold, mem = got
+    np.testing.assert_array_equal(cold.numpy(), np.asarray(emb)[1000:])  # every chunk, the last one short
+    assert np.shares_memory(cold.numpy(), mem.array) and not np.shares_memory(cold.numpy(), emb)
+    (region, flags), = ok.calls
+    assert flags == 0 and np.shares_memory(region, mem.array) and region.nbytes == 2000 * 128  # mapped, writable
+    refused = _Registry(accept=False)
+    assert private_cold_rows(refused, "cuda:0", emb, 1000, 2000, chunk_rows=4096) is None  # type: ignore[arg-type]
+    assert "using cudaHostAlloc" in caplog.text
 
 
 def test_the_config_key(tmp_path: Path) -> None:

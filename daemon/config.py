@@ -93,13 +93,13 @@ class DaemonConfig:
     host_rows: HostRows = field(default=HostRows.PRIVATE, metadata=_h(
         "GPU engines' cold embedding rows (those past embedding_weights_on_gpu_part) in host memory: "
         "'private' (default: each engine page-locks a copy of its own) or 'shared' (the artifact file's "
-        "pages page-locked in place: one copy per host for every engine; not yet measured on a GPU, "
-        "docs/OPERATIONS.md)"))
+        "pages page-locked in place: one copy per host for every engine; the same rate as a private copy "
+        "on an H100, docs/OPERATIONS.md)"))
     cold_row_gather: ColdRowGather = field(default=ColdRowGather.KERNEL, metadata=_h(
         "GPU engines with cold rows: where a by-reference batch reads them: 'kernel' (default: the fused "
         "gather reads pinned host memory zero-copy) or 'host' (the engine's CPU gathers the batch's cold "
         "rows from its per-dataset index and one copy puts them on the device before the forward; by-value "
-        "batches always read zero-copy; engines/cold_rows.py, BENCHMARKS.md)"))
+        "batches always read zero-copy; measured slower than 'kernel' on an H100: docs/OPERATIONS.md)"))
     gpu_mlp_precision: MlpPrecision = field(default=MlpPrecision.AUTO, metadata=_h(
         "GPU engines' MLP arithmetic: 'auto' (default: the fastest precision the artifact's calibration "
         "measured keeping accuracy_target, else fp16), 'fp16' or 'bf16' (cuBLAS), 'int8' (top MLP through "

@@ -156,7 +156,7 @@ class GpuBackend:
             raise GpuBackendError(f"kernel_config: unknown gather_interaction parameters {sorted(unknown)}")
         self._launch_config: dict[str, Any] = dict(self.kernel_config)
         # Device rows for staging a batch's cold rows before the fused kernel (kernels/cold_stage.py;
-        # opt-in, not yet measured on a GPU): 0 = the fused kernel reads them from host memory itself.
+        # opt-in, measured slower on an H100: BENCHMARKS.md round 5): 0 = the fused kernel reads them itself.
         self.stage_rows = int(self._launch_config.pop("stage_cold_rows", 0))
         if self.stage_rows < 0 or (self.stage_rows and not fused_gather):
             raise GpuBackendError("kernel_config stage_cold_rows must be >= 0, and needs fused_gather")

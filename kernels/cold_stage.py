@@ -8,7 +8,8 @@ batch into a staging area of `capacity` rows placed right after the hot rows in 
 rewrites the lookup's file position to point there. The fused kernel then runs unchanged with
 `n_hot + capacity` hot rows: staged rows are hot rows to it. A lookup that finds the stage full keeps
 reading host memory (its position is shifted by `capacity`, so that `position - (n_hot + capacity)` is
-still its cold row). Opt-in (GpuBackend kernel_config `stage_cold_rows`): not yet measured on a GPU.
+still its cold row). Opt-in (GpuBackend kernel_config `stage_cold_rows`): measured slower than the fused kernel
+reading host memory itself on an H100 (BENCHMARKS.md, round 5: 92.7 against 112.6 M pairs/s pipelined).
 
 One program takes BLOCK flat lookups in sub-blocks of SUB: it counts its cold lookups, reserves that many
 slots with one atomic, then copies the rows and rewrites the positions. Staged lookups were counted as

@@ -22,6 +22,8 @@
 #                                          # the GPU daemon test (regions through CUDA engines)
 #   bash bench/device_checks.sh round6b    # the GPU daemon test again; the driver alone in Server; capi vs ring
 #   bash bench/device_checks.sh round6c    # issue 15: LoadGen issue threads and completion threads, 8 null engines
+#   bash bench/device_checks.sh round6d    # issue 15: Server 3 M with 4 and 8 issue/completion threads, 8 null
+#                                          # engines, every thread's CPU (bench/thread_cpu.py) while it runs
 #   bash bench/device_checks.sh round7a    # issue 13: cold rows gathered by the host (cold_row_gather), tests,
 #                                          # engine alone and full-size end to end at gpu_part 0.3 against 1.0
 #   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py);
@@ -466,6 +468,19 @@ round6c)
     --server-qps 2000000,3000000,4500000 --issue-threads 4 --completion-threads 4 --duration-s 5 \
     --out "$OUT/frontend_threads_4_4.json" 2>&1 | tee "$OUT/ft44.log" | tail -5
   wait
+  ;;
+round6d)
+  # where Server stops above 2 M (round 7: 4 issue + 4 completion threads VALID at 2 M, INVALID at 3 M): the
+  # same runs with 8 + 8 threads, and each thread's CPU share in 3 s windows (LoadGen's C++ threads included)
+  nproc
+  for th in 4 8; do
+    ( python3 bench/thread_cpu.py --match "loadgen_driver.cli --scenario Server" --match "daemon.cli --config" \
+        --match "engines.process" --seconds 3 --repeat 12 --top 14 --py-spy /tmp/site/bin/py-spy \
+        > "$OUT/threads_server_$th.txt" 2>&1 ) &
+    timeout 80 python3 bench/bench_frontend.py --engines 8 --offline-qps 0 --server-qps 3000000 \
+      --issue-threads $th --completion-threads $th --duration-s 5 --out "$OUT/frontend_server_$th.json" 2>&1 | tail -2
+    wait
+  done
   ;;
 round7a)
   # issue 13's gpu_part 0.3 target (90% of the all-on-device rate end to end): cold rows gathered by the

@@ -28,7 +28,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cold-gb", type=float, default=4.0)
     ap.add_argument("--pairs", type=int, default=5_000_000)
-    ap.add_argument("--cold-share", type=float, default=0.0054, help="0.54%: gpu_part 0.3, full size (round 4)")
+    ap.add_argument("--cold-share", type=float, default=0.0054, help="0.54%%: gpu_part 0.3, full size (round 4)")
     ap.add_argument("--batch-pairs", type=int, default=262_144)
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--threads", type=int, default=4)

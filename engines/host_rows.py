@@ -12,13 +12,12 @@ no private copy), so the gather kernel reads them over PCIe as it reads a privat
 `shared_cold_rows` registers them for a GPU engine, or returns None (with a warning) where that cannot be
 done, and the engine then copies its cold rows as before.
 
-`private_cold_rows` is the candidate home of the private copy (`host_rows = "private"`, today
-`cudaHostAlloc`): `HugeRows`, anonymous memory that asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`,
-2 MiB aligned), page-locked with cudaHostRegister. The GPU reads cold rows zero-copy at random, and
-page-locked memory is mapped for the device in the host's pages: with 4 KiB pages nearly every cold row of a
-17 GB table may be a translation miss of its own. bench/bench_host_read.py measures it against cudaHostAlloc;
-the GPU engine calls it only once that has been measured on a GPU (`git show 58a42f2 --
-engines/gpu_backend.py | git apply` is the engine's side).
+`private_cold_rows` backs `host_rows = "huge_pages"`: a private copy (as `"private"`, which is
+`cudaHostAlloc`) in `HugeRows`, anonymous memory that asks for transparent huge pages
+(`madvise(MADV_HUGEPAGE)`, 2 MiB aligned), page-locked with cudaHostRegister. The GPU reads cold rows
+zero-copy at random, and page-locked memory is mapped for the device in the host's pages: with 4 KiB pages
+nearly every cold row of a 17 GB table may be a translation miss of its own. bench/bench_host_read.py
+measures the reads against cudaHostAlloc; BENCHMARKS.md has the end-to-end comparison.
 """
 from __future__ import annotations
 

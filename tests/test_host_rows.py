@@ -108,6 +108,7 @@ def test_the_config_key(tmp_path: Path) -> None:
     cfg.write_text('host_rows = "shared"\nengines = ["null"]\n')
     assert load_config(cfg, {}, {}).host_rows is HostRows.SHARED
     assert load_config(None, base, {"DLRM_HOST_ROWS": "shared"}).host_rows is HostRows.SHARED
+    assert load_config(None, base, {"DLRM_HOST_ROWS": "huge_pages"}).host_rows is HostRows.HUGE_PAGES
     with pytest.raises(ConfigError, match="host_rows"):
         load_config(None, base, {"DLRM_HOST_ROWS": "everywhere"})
 
@@ -155,3 +156,36 @@ def test_gpu_engine_with_shared_cold_rows_matches_the_reference(tmp_path: Path) 
             eng.close()
         torch.cuda.synchronize()
 
+
+
+@pytest.mark.gpu
+def test_gpu_engine_with_huge_page_cold_rows_matches_the_reference(tmp_path: Path) -> None:
+    """host_rows = "huge_pages": the engine's cold rows in its own 2 MiB-aligned anonymous copy (not the
+    file's pages, not cudaHostAlloc's), page-locked, and its predictions match the int8 reference."""
+    import torch
+
+    from engines.gpu_backend import GpuBackend
+    from engines.reference import Int8Reference
+    from formats.artifact import Artifact
+    from formats.model_config import DLRMConfig
+    from test_daemon_support import make_cpu_artifact
+
+    config = DLRMConfig.mlperf().scaled(2e-4, cap=4000)
+    art_path = make_cpu_artifact(tmp_path, config, seed=11)
+    ref = Int8Reference(Artifact.open(art_path), 0.3)
+    rng = np.random.default_rng(3)
+    dense = rng.random((3000, config.dense_features), dtype=np.float32)
+    sparse = np.stack([rng.integers(0, r, 3000) for r in config.table_rows], axis=1).astype(np.int32)
+    want = ref.predict(dense, sparse)
+    eng = GpuBackend("cuda:0", art_path, 0.3, max_batch_pairs=4096, host_rows="huge_pages")
+    try:
+        assert eng.cold is not None and eng._cold_memory is not None
+        assert eng.cold.data_ptr() % HUGE_PAGE == 0 and _mapped_file(eng.cold.data_ptr()) == ""
+        assert eng.host.contains(eng.cold.numpy())  # page-locked through the engine's registry
+        out = np.full(len(dense), np.nan, dtype=np.float32)
+        stats = eng.infer_by_value(dense, sparse, out)
+        np.testing.assert_allclose(out, want, atol=4e-3, rtol=0)  # test_gpu_backend.PRED_ATOL
+        assert stats.cold_lookups > 0
+    finally:
+        eng.close()
+        torch.cuda.synchronize()

@@ -481,6 +481,13 @@ round6d)
       --issue-threads $th --completion-threads $th --duration-s 5 --out "$OUT/frontend_server_$th.json" 2>&1 | tail -2
     wait
   done
+  # Offline 6 M offered with 4 completion threads (round 7: 3.26 M): which thread runs out of core there
+  ( python3 bench/thread_cpu.py --match "loadgen_driver.cli --scenario Offline" --match "daemon.cli --config" \
+      --match "engines.process" --seconds 2 --repeat 20 --top 14 --py-spy /tmp/site/bin/py-spy \
+      > "$OUT/threads_offline_4.txt" 2>&1 ) &
+  timeout 80 python3 bench/bench_frontend.py --engines 8 --offline-qps 6000000 --offline-predictions region \
+    --completion-threads 4 --duration-s 8 --out "$OUT/frontend_offline_4.json" 2>&1 | tail -2
+  wait
   ;;
 round7a)
   # issue 13's gpu_part 0.3 target (90% of the all-on-device rate end to end): cold rows gathered by the

@@ -470,9 +470,13 @@ round6c)
   wait
   ;;
 round6d)
-  # where Server stops above 2 M (round 7: 4 issue + 4 completion threads VALID at 2 M, INVALID at 3 M): the
-  # same runs with 8 + 8 threads, and each thread's CPU share in 3 s windows (LoadGen's C++ threads included)
+  # where Server stops above 2 M (round 7: 4 issue + 4 completion threads VALID at 2 M, INVALID at 3 M): first
+  # LoadGen's own ceiling with a C SUT that completes at once (no Python: the bound above any driver; 2-core
+  # machine: Offline 10.4 M, Server 3 M VALID), then the front end with 4 and 8 issue/completion threads, and
+  # each thread's CPU share in 3 s windows (LoadGen's C++ threads included)
   nproc
+  timeout 200 python3 bench/loadgen_ceiling.py --offline-qps 16000000 --server-qps 4000000,6000000 --workers 0,4 \
+    --issue-threads 0,4 --duration-s 5 --timeout-s 60 --out "$OUT/loadgen_ceiling.json" 2>&1 | sed -n '/^scenario/,$p'
   for th in 4 8; do
     ( python3 bench/thread_cpu.py --match "loadgen_driver.cli --scenario Server" --match "daemon.cli --config" \
         --match "engines.process" --seconds 3 --repeat 12 --top 14 --py-spy /tmp/site/bin/py-spy \

@@ -24,6 +24,7 @@
 #   bash bench/device_checks.sh round6c    # issue 15: LoadGen issue threads and completion threads, 8 null engines
 #   bash bench/device_checks.sh round6d    # issue 15: Server 3 M with 4 and 8 issue/completion threads, 8 null
 #                                          # engines, every thread's CPU (bench/thread_cpu.py) while it runs
+#   bash bench/device_checks.sh round6e    # issue 15: the daemon's queue bound (16 M, 64 M, 256 M pairs), 8 null engines
 #   bash bench/device_checks.sh round7a    # issue 13: cold rows gathered by the host (cold_row_gather), tests,
 #                                          # engine alone and full-size end to end at gpu_part 0.3 against 1.0
 #   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py);
@@ -492,6 +493,18 @@ round6d)
   timeout 80 python3 bench/bench_frontend.py --engines 8 --offline-qps 6000000 --offline-predictions region \
     --completion-threads 4 --duration-s 8 --out "$OUT/frontend_offline_4.json" 2>&1 | tail -2
   wait
+  ;;
+round6e)
+  # is the front end window-bound? (round 8: no thread of driver, dispatcher or engines was out of core at
+  # 2.7 M Offline / 2.5 M Server.) The daemon's queue bound (max_queue_pairs, which also bounds the driver's
+  # pairs in flight) at 16 M (bench_frontend's default) against 64 M and 256 M, 8 null engines, same call
+  for run in Offline:16000000 Offline:64000000 Server:64000000 Server:16000000 Offline:256000000; do
+    sc=${run%%:*}; q=${run#*:}
+    if [ $sc = Offline ]; then rates="--offline-qps 6000000 --offline-predictions region"
+    else rates="--offline-qps 0 --server-qps 3000000 --issue-threads 4"; fi
+    timeout 75 python3 bench/bench_frontend.py --engines 8 $rates --completion-threads 4 --max-queue-pairs $q \
+      --duration-s 5 --out "$OUT/frontend_${sc}_q$q.json" 2>&1 | tail -1 | sed "s|^|queue $q: |"
+  done
   ;;
 round7a)
   # issue 13's gpu_part 0.3 target (90% of the all-on-device rate end to end): cold rows gathered by the

@@ -9,8 +9,10 @@ by reading the same number of random rows from regions of several sizes, each al
 
 - `cudaHostAlloc`: torch's `pin_memory=True` (what a private copy of the cold rows uses today);
 - `register-4k`: an anonymous mapping page-locked with cudaHostRegister, no huge pages asked for;
-- `register-thp`: `engines.host_rows.private_cold_rows`, the candidate private copy: the same with
-  `madvise(MADV_HUGEPAGE)` first (2 MiB pages where the kernel grants them).
+- `register-thp`: the same with `madvise(MADV_HUGEPAGE)` first (2 MiB pages where the kernel grants them).
+
+Measured on an H100 (BENCHMARKS.md "Round 8"): huge pages read no faster than cudaHostAlloc at 1 or 16 GB,
+though a 16 GB region reads at ~40% of a 1 GB one either way.
 
 The baseline, in the same run: the same kernel reading the same rows from device memory.
 
@@ -35,9 +37,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gather import bench_ms  # noqa: E402
 from engines.gpu_staging import HostRegistry  # noqa: E402
-from engines.host_rows import HUGE_PAGE, anon_huge_bytes, private_cold_rows  # noqa: E402
 
 D = 128
+HUGE_PAGE = 2 << 20  # x86-64 transparent huge page
+
+
+def huge_page_rows(rows: int) -> tuple[np.ndarray, mmap.mmap]:
+    """[rows, D] int8 in anonymous memory aligned to 2 MiB with transparent huge pages asked for (granted at
+    first touch where /sys/kernel/mm/transparent_hugepage allows), and the mapping that owns it."""
+    nbytes = rows * D
+    keep = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = np.frombuffer(keep, dtype=np.int8)
+    skip = (-int(whole.ctypes.data)) % HUGE_PAGE
+    keep.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
+    return whole[skip:skip + nbytes].reshape(rows, D), keep
+
+
+def anon_huge_bytes() -> int:
+    """This process's anonymous memory in transparent huge pages (/proc/self/smaps_rollup), -1 if unknown."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return -1
 
 
 @triton.jit
@@ -62,12 +83,12 @@ def host_rows(mode: str, nbytes: int, registry: HostRegistry) -> tuple[torch.Ten
         t = torch.empty((nbytes // D, D), dtype=torch.int8, pin_memory=True)
         t.fill_(1)
         return t, None
-    if mode == "register-thp":  # the candidate private copy itself: rows of ones copied in, page-locked
-        ones = np.broadcast_to(np.int8(1), (nbytes // D, D))  # no memory of its own
-        got = private_cold_rows(registry, "cuda:0", ones, 0, nbytes // D, chunk_rows=1 << 20)
-        if got is None:
+    if mode == "register-thp":  # huge pages asked for, touched, page-locked
+        arr, keep = huge_page_rows(nbytes // D)
+        arr.fill(1)
+        if not registry.register(arr):
             raise RuntimeError(f"cudaHostRegister of {nbytes} bytes refused")
-        return got
+        return torch.from_numpy(arr), keep
     keep = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     arr = np.frombuffer(keep, dtype=np.int8)
     arr.fill(1)  # touch: the pages exist before they are locked

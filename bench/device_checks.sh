@@ -27,9 +27,7 @@
 #   bash bench/device_checks.sh round6e    # issue 15: the daemon's queue bound (16 M, 64 M, 256 M pairs), 8 null engines
 #   bash bench/device_checks.sh round7a    # issue 13: cold rows gathered by the host (cold_row_gather), tests,
 #                                          # engine alone and full-size end to end at gpu_part 0.3 against 1.0
-#   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py);
-#                                          # gpu_part 0.3 end to end, cold rows in huge pages vs cudaHostAlloc
-#   bash bench/device_checks.sh round7c    # round7b's first half only (the probe, the GPU tests of the huge-page copy)
+#   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py)
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
 #                                          # full-size Offline and Server sweeps (BENCHMARKS.md "Headline")
@@ -527,31 +525,11 @@ round7a)
   ;;
 round7b)
   # issue 13's gpu_part 0.3 gap: zero-copy reads of random host rows by how the memory is backed (4 KiB pages of
-  # cudaHostAlloc against registered transparent huge pages), the GPU tests of the huge-page copy, then end to
-  # end at 0.3 with the cold rows in huge pages (host_rows "huge_pages") against cudaHostAlloc ("private", the
-  # default; "shared" measured equal to it in round 5), and gpu_part 1.0, in the same call
+  # cudaHostAlloc against registered transparent huge pages). Round 8 ran this with the end-to-end comparison
+  # (then a host_rows value, commit 202399f): huge pages no faster, so that value was taken out again.
   cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag
-  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
   timeout 150 python3 bench/bench_host_read.py --gb 1,16 --rows 40000 --modes cudaHostAlloc,register-thp \
     --out "$OUT/host_read.json"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backend.py tests/test_host_rows.py \
-    -k "matches_int8 or host_rows" 2>&1 | tee "$OUT/gpu_tests.log" | tail -2
-  fs_ready
-  for run in huge_pages:0.3 private:0.3 private:1.0; do  # the comparison first, should the call's time run out
-    rows=${run%%:*}; parts=${run#*:}
-    DLRM_HOST_ROWS=$rows timeout 110 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset \
-      --mlp fp8 --gpu-parts $parts --target-qps 700000 --duration-s 8 --out "$OUT/e2e_huge_${rows}_$parts.json" 2>&1 \
-      | sed -n '/^gpu_part  mlp/,$p' | sed "s|^|$rows |"
-  done
-  grep -rh --include=daemon.log -e "huge pages" -e "cold rows" /tmp/dlrm-e2e-* 2>/dev/null | cut -c1-220 | head -4
-  ;;
-round7c)
-  # round7b cut to what a short budget allows: the host-read probe and the GPU tests of the huge-page copy
-  cat /sys/kernel/mm/transparent_hugepage/enabled
-  timeout 150 python3 bench/bench_host_read.py --gb 1,16 --rows 40000 --modes cudaHostAlloc,register-thp \
-    --out "$OUT/host_read.json"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backend.py tests/test_host_rows.py \
-    -k "matches_int8 or host_rows" 2>&1 | tee "$OUT/gpu_tests.log" | tail -2
   ;;
 round5b)
   # part 2: gpu_part 0.3 (issue 13's 90% target): the engine with and without the cold rows staged first,

@@ -94,8 +94,7 @@ class DaemonConfig:
         "GPU engines' cold embedding rows (those past embedding_weights_on_gpu_part) in host memory: "
         "'private' (default: each engine page-locks a copy of its own) or 'shared' (the artifact file's "
         "pages page-locked in place: one copy per host for every engine; the same rate as a private copy "
-        "on an H100, docs/OPERATIONS.md) or 'huge_pages' (a copy of its own in 2 MiB transparent huge pages, "
-        "page-locked with cudaHostRegister; falls back to 'private' where refused)"))
+        "on an H100, docs/OPERATIONS.md)"))
     cold_row_gather: ColdRowGather = field(default=ColdRowGather.KERNEL, metadata=_h(
         "GPU engines with cold rows: where a by-reference batch reads them: 'kernel' (default: the fused "
         "gather reads pinned host memory zero-copy) or 'host' (the engine's CPU gathers the batch's cold "

@@ -39,7 +39,7 @@ from engines.backend import BatchStats
 from formats.pairs import check_ranges, pair_index
 from engines.cold_rows import ColdLookups, gather_rows
 from engines.gpu_staging import GpuPending, HostRegistry, InFlight, StagingSet, Ticket
-from engines.host_rows import HugeRows, private_cold_rows, shared_cold_rows
+from engines.host_rows import shared_cold_rows
 from engines.placement import Placement
 from formats.artifact import Artifact
 from formats.dataset import Dataset
@@ -139,11 +139,9 @@ class GpuBackend:
         self.fused_relu = fused_relu
         self.fused_gather = fused_gather
         self.fused_bottom = fused_bottom  # the bottom MLP in one Triton kernel (kernels/bottom_mlp.py)
-        if host_rows not in ("private", "shared", "huge_pages"):
-            raise GpuBackendError(f"host_rows must be private, shared or huge_pages, got {host_rows!r}")
-        # cold rows: a pinned copy of this engine's (cudaHostAlloc, or huge pages registered), or the file's
-        # pages (host_rows.py)
-        self.host_rows = host_rows
+        if host_rows not in ("private", "shared"):
+            raise GpuBackendError(f"host_rows must be private or shared, got {host_rows!r}")
+        self.host_rows = host_rows  # cold rows: a pinned copy of this engine's, or the file's pages (host_rows.py)
         if cold_gather not in ("kernel", "host"):
             raise GpuBackendError(f"cold_gather must be kernel or host, got {cold_gather!r}")
         # Where a by-reference batch's cold rows come from: the fused kernel reads them from host memory
@@ -241,13 +239,8 @@ class GpuBackend:
         t0 = time.perf_counter()
         n_cold = total - n_hot
         self.cold: torch.Tensor | None = None
-        self._cold_memory: HugeRows | None = None  # owns a huge-page copy's memory (host_rows.py)
         if n_cold and self.host_rows == "shared":
             self.cold = shared_cold_rows(self.host, self.device, emb, n_hot, n_cold)
-        if n_cold and self.host_rows == "huge_pages":
-            private = private_cold_rows(self.host, self.device, emb, n_hot, n_cold, _CHUNK_ROWS)
-            if private is not None:
-                self.cold, self._cold_memory = private
         if n_cold and self.cold is None:
             # Pinned (page-locked, device-mapped under UVA): the gather kernel reads it over PCIe directly.
             self.cold = torch.empty((n_cold, dim), dtype=torch.int8, pin_memory=True)
@@ -655,7 +648,7 @@ class GpuBackend:
             pool.shutdown()
             self._gather_pool = None
         self._datasets.clear()
-        for name in ("hot", "cold", "_cold_memory", "row_position", "emb_buf", "top_in", "dense_in", "sparse_in", "pred"):
+        for name in ("hot", "cold", "row_position", "emb_buf", "top_in", "dense_in", "sparse_in", "pred"):
             if hasattr(self, name):
                 setattr(self, name, None)
         torch.cuda.synchronize(self._dev)

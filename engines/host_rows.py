@@ -12,12 +12,9 @@ no private copy), so the gather kernel reads them over PCIe as it reads a privat
 `shared_cold_rows` registers them for a GPU engine, or returns None (with a warning) where that cannot be
 done, and the engine then copies its cold rows as before.
 
-`private_cold_rows` backs `host_rows = "huge_pages"`: a private copy (as `"private"`, which is
-`cudaHostAlloc`) in `HugeRows`, anonymous memory that asks for transparent huge pages
-(`madvise(MADV_HUGEPAGE)`, 2 MiB aligned), page-locked with cudaHostRegister. The GPU reads cold rows
-zero-copy at random, and page-locked memory is mapped for the device in the host's pages: with 4 KiB pages
-nearly every cold row of a 17 GB table may be a translation miss of its own. bench/bench_host_read.py
-measures the reads against cudaHostAlloc; BENCHMARKS.md has the end-to-end comparison.
+Where a private copy lives was measured too: 2 MiB transparent huge pages page-locked with cudaHostRegister
+read random rows at the rate of cudaHostAlloc's 4 KiB pages and gave the same end-to-end rate on an H100
+(BENCHMARKS.md "Round 8"), so a private copy stays in cudaHostAlloc; the probe is bench/bench_host_read.py.
 """
 from __future__ import annotations
 
@@ -36,9 +33,6 @@ if TYPE_CHECKING:  # torch and CUDA only where a GPU engine runs
 log = logging.getLogger("dlrm.engine.gpu")
 
 CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly (CUDA 11.1+); default flags map and port it
-
-
-HUGE_PAGE = 2 << 20  # x86-64 transparent huge page
 
 
 class HostRowsError(ValueError):
@@ -86,59 +80,3 @@ def shared_cold_rows(host: "HostRegistry", device: str, embeddings: np.ndarray, 
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(cold)
 
-
-class HugeRows:
-    """[rows, dim] int8 in anonymous memory aligned to 2 MiB with transparent huge pages asked for (the
-    kernel grants them at first touch where /sys/kernel/mm/transparent_hugepage allows). Pure host memory:
-    page-locking is the caller's. Keeps its mapping alive as long as it lives."""
-
-    def __init__(self, rows: int, dim: int) -> None:
-        if rows <= 0 or dim <= 0:
-            raise HostRowsError(f"rows and dim must be positive, got {rows} x {dim}")
-        nbytes = rows * dim
-        self._map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        whole = np.frombuffer(self._map, dtype=np.int8)
-        skip = (-int(whole.ctypes.data)) % HUGE_PAGE
-        self.huge_asked = False
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                self._map.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
-                self.huge_asked = True
-            except OSError as exc:  # a kernel without THP: 4 KiB pages, as cudaHostAlloc gives
-                log.info("madvise(MADV_HUGEPAGE) refused (%s): cold rows in 4 KiB pages", exc)
-        self.array = whole[skip:skip + nbytes].reshape(rows, dim)
-
-
-def anon_huge_bytes() -> int:
-    """This process's anonymous memory in transparent huge pages (/proc/self/smaps_rollup), -1 if unknown."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return -1
-
-
-def private_cold_rows(host: "HostRegistry", device: str, embeddings: np.ndarray, n_hot: int, n_cold: int,
-                      chunk_rows: int) -> "tuple[torch.Tensor, HugeRows] | None":
-    """A private copy of rows [n_hot, n_hot + n_cold) in huge-page-backed memory page-locked through `host`
-    (the tensor, and the HugeRows that owns its memory: keep both); None, with a warning, where the memory
-    cannot be page-locked (the caller then uses cudaHostAlloc). bench/bench_host_read.py measures it."""
-    import torch
-
-    dim = embeddings.shape[1]
-    before = anon_huge_bytes()
-    rows = HugeRows(n_cold, dim)
-    for a in range(0, n_cold, chunk_rows):  # the copy is the first touch: huge pages are granted here
-        b = min(n_cold, a + chunk_rows)
-        rows.array[a:b] = embeddings[n_hot + a:n_hot + b]
-    huge = anon_huge_bytes() - before if before >= 0 else -1
-    if not host.register(rows.array):
-        log.warning("%s: cudaHostRegister of the %d-byte private cold copy refused; using cudaHostAlloc",
-                    device, rows.array.nbytes)
-        return None
-    log.info("%s: %d cold rows (%d bytes) in a private page-locked copy, %d MB of it in huge pages", device,
-             n_cold, rows.array.nbytes, huge >> 20)
-    return torch.from_numpy(rows.array), rows

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.host_rows import (CUDA_HOST_REGISTER_READ_ONLY, HUGE_PAGE, HostRowsError, HugeRows, private_cold_rows,
-                               shared_cold_region, shared_cold_rows)
+from engines.host_rows import CUDA_HOST_REGISTER_READ_ONLY, HostRowsError, shared_cold_region, shared_cold_rows
 from daemon.config import ConfigError, load_config
 from wire.messages import HostRows
 
@@ -73,34 +72,6 @@ def test_shared_rows_are_the_files_pages_or_none(tmp_path: Path, caplog: pytest.
     assert shared_cold_rows(ok, "cuda:0", np.asarray(emb).copy(), 100, 200) is None  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("rows,dim", [(1, 128), (1000, 128), (40000, 64)])
-def test_huge_rows_are_aligned_writable_and_private(rows: int, dim: int) -> None:
-    mem = HugeRows(rows, dim)
-    assert mem.array.shape == (rows, dim) and mem.array.dtype == np.int8 and mem.array.flags.c_contiguous
-    assert int(mem.array.ctypes.data) % HUGE_PAGE == 0  # huge pages can back it from its first byte
-    assert isinstance(mem.huge_asked, bool)  # False only where madvise is refused (no THP): still usable
-    mem.array[:] = 7
-    other = HugeRows(rows, dim)
-    assert not np.shares_memory(mem.array, other.array) and int(other.array.sum()) == 0
-    with pytest.raises(HostRowsError):
-        HugeRows(0, dim)
-
-
-def test_private_rows_are_a_registered_copy_or_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    emb = _table(tmp_path, 3000)
-    ok = _Registry(accept=True)
-    got = private_cold_rows(ok, "cuda:0", emb, 1000, 2000, chunk_rows=333)  # type: ignore[arg-type]
-    assert got is not None
-    cold, mem = got
-    np.testing.assert_array_equal(cold.numpy(), np.asarray(emb)[1000:])  # every chunk, the last one short
-    assert np.shares_memory(cold.numpy(), mem.array) and not np.shares_memory(cold.numpy(), emb)
-    (region, flags), = ok.calls
-    assert flags == 0 and np.shares_memory(region, mem.array) and region.nbytes == 2000 * 128  # mapped, writable
-    refused = _Registry(accept=False)
-    assert private_cold_rows(refused, "cuda:0", emb, 1000, 2000, chunk_rows=4096) is None  # type: ignore[arg-type]
-    assert "using cudaHostAlloc" in caplog.text
-
-
 def test_the_config_key(tmp_path: Path) -> None:
     base = {"engines": "null"}  # no model needed: only the key is under test
     assert load_config(None, base, {}).host_rows is HostRows.PRIVATE
@@ -108,7 +79,6 @@ def test_the_config_key(tmp_path: Path) -> None:
     cfg.write_text('host_rows = "shared"\nengines = ["null"]\n')
     assert load_config(cfg, {}, {}).host_rows is HostRows.SHARED
     assert load_config(None, base, {"DLRM_HOST_ROWS": "shared"}).host_rows is HostRows.SHARED
-    assert load_config(None, base, {"DLRM_HOST_ROWS": "huge_pages"}).host_rows is HostRows.HUGE_PAGES
     with pytest.raises(ConfigError, match="host_rows"):
         load_config(None, base, {"DLRM_HOST_ROWS": "everywhere"})
 
@@ -156,36 +126,3 @@ def test_gpu_engine_with_shared_cold_rows_matches_the_reference(tmp_path: Path) 
             eng.close()
         torch.cuda.synchronize()
 
-
-
-@pytest.mark.gpu
-def test_gpu_engine_with_huge_page_cold_rows_matches_the_reference(tmp_path: Path) -> None:
-    """host_rows = "huge_pages": the engine's cold rows in its own 2 MiB-aligned anonymous copy (not the
-    file's pages, not cudaHostAlloc's), page-locked, and its predictions match the int8 reference."""
-    import torch
-
-    from engines.gpu_backend import GpuBackend
-    from engines.reference import Int8Reference
-    from formats.artifact import Artifact
-    from formats.model_config import DLRMConfig
-    from test_daemon_support import make_cpu_artifact
-
-    config = DLRMConfig.mlperf().scaled(2e-4, cap=4000)
-    art_path = make_cpu_artifact(tmp_path, config, seed=11)
-    ref = Int8Reference(Artifact.open(art_path), 0.3)
-    rng = np.random.default_rng(3)
-    dense = rng.random((3000, config.dense_features), dtype=np.float32)
-    sparse = np.stack([rng.integers(0, r, 3000) for r in config.table_rows], axis=1).astype(np.int32)
-    want = ref.predict(dense, sparse)
-    eng = GpuBackend("cuda:0", art_path, 0.3, max_batch_pairs=4096, host_rows="huge_pages")
-    try:
-        assert eng.cold is not None and eng._cold_memory is not None
-        assert eng.cold.data_ptr() % HUGE_PAGE == 0 and _mapped_file(eng.cold.data_ptr()) == ""
-        assert eng.host.contains(eng.cold.numpy())  # page-locked through the engine's registry
-        out = np.full(len(dense), np.nan, dtype=np.float32)
-        stats = eng.infer_by_value(dense, sparse, out)
-        np.testing.assert_allclose(out, want, atol=4e-3, rtol=0)  # test_gpu_backend.PRED_ATOL
-        assert stats.cold_lookups > 0
-    finally:
-        eng.close()
-        torch.cuda.synchronize()

@@ -72,7 +72,6 @@ class HostRows(enum.StrEnum):
 
     PRIVATE = "private"  # a page-locked copy of its own (one per engine)
     SHARED = "shared"  # the artifact file's pages, page-locked in place (one copy per host)
-    HUGE_PAGES = "huge_pages"  # a copy of its own in transparent huge pages, page-locked (cudaHostRegister)
 
 
 class ColdRowGather(enum.StrEnum):

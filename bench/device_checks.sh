@@ -496,7 +496,7 @@ round6e)
   # is the front end window-bound? (round 8: no thread of driver, dispatcher or engines was out of core at
   # 2.7 M Offline / 2.5 M Server.) The daemon's queue bound (max_queue_pairs, which also bounds the driver's
   # pairs in flight) at 16 M (bench_frontend's default) against 64 M and 256 M, 8 null engines, same call
-  for run in Offline:16000000 Offline:64000000 Server:64000000 Server:16000000 Offline:256000000; do
+  for run in ${RUNS:-Offline:16000000 Offline:64000000 Server:64000000 Server:16000000 Offline:256000000}; do
     sc=${run%%:*}; q=${run#*:}
     if [ $sc = Offline ]; then rates="--offline-qps 6000000 --offline-predictions region"
     else rates="--offline-qps 0 --server-qps 3000000 --issue-threads 4"; fi

@@ -286,11 +286,14 @@ class DriverSUT:
             if entry is None:
                 self._record(f"reply for unknown request {reply.request_id} ignored")
                 continue
+            # The daemon is done with these pairs: the window opens before LoadGen's completion call (a few
+            # ms for a large request), so the issue side can send the next request meanwhile. The
+            # predictions stay valid until the next poll (the backend frees their place only then).
+            self._release(entry)
             if reply.error is not None or reply.predictions is None:
                 self._fail(entry, f"daemon error: {reply.error}")
             else:
                 self._complete(entry, reply.predictions)
-            self._release(entry)
 
     def _complete(self, entry: tuple[np.ndarray, np.ndarray, float, int, np.ndarray | None], preds: np.ndarray) -> None:
         ids, idx = entry[0], entry[1]

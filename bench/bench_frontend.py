@@ -77,7 +77,8 @@ def drive(work: Path, endpoint: str, scenario: str, qps: float, predictions: str
         "issue_threads": args.issue_threads if scenario == "Server" else 0, "completion_threads": args.completion_threads,
         "samples_per_s": float(s.values.get(key, "nan")), "result": s.result,
         "p99_ms": None if p99 is None else round(p99 / 1e6, 2), "driver_rc": r.returncode,
-        "error_samples": int(errors.group(1).replace(",", "")) if errors else None}
+        "error_samples": int(errors.group(1).replace(",", "")) if errors else None,
+        "requests": next((x for x in r.stdout.splitlines() if x.startswith("requests: ")), None)}
     if r.returncode:
         row["stderr"] = r.stderr[-600:]
     shutil.rmtree(out, ignore_errors=True)
@@ -137,6 +138,8 @@ def main() -> int:
         print(f"{r['engines']:<7} {r['scenario']:<8} {r['target_qps']:<10g} {r['predictions']:<11} {r['issue']:<5} "
               f"{r['samples_per_s']:<13,.0f} {r['p99_ms']!s:<7} {'FAILED' if failed else r['result']:<8} "
               f"{r['error_samples'] or 0:,}")
+        if r.get("requests"):
+            print(f"        {r['requests']}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
     return 0

@@ -112,6 +112,8 @@ def check_config(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     cfg = _config_or_exit(args.file, None)
     print(cfg.describe())
+    for note in cfg.advisories():
+        print(f"# note: {note}")
     print(f"# ok: {args.file}")
     return ExitCode.OK
 

@@ -198,6 +198,20 @@ class DaemonConfig:
     def describe(self) -> str:
         return "\n".join(f"{k} = {json.dumps(_jsonable(v))}" for k, v in dataclasses.asdict(self).items())
 
+    def advisories(self) -> list[str]:
+        """Valid settings that are likely to hold throughput back (check-config prints them, the daemon logs
+        them at start). A client that keeps its pairs in flight within max_queue_pairs (loadgen_driver does,
+        so that it is never refused OVERLOADED) cannot fill engine slots beyond that bound: with a queue
+        bound below the engines' slots, engines wait for work while no process is busy (BENCHMARKS.md,
+        "LoadGen's own ceiling": the round trip times that window is the rate)."""
+        slots = len(self.engines) * self.inflight_batches * self.max_batch_pairs
+        if self.max_queue_pairs >= slots:
+            return []
+        return [f"max_queue_pairs = {self.max_queue_pairs} is below what the engines hold in flight "
+                f"({len(self.engines)} engines x {self.inflight_batches} inflight_batches x {self.max_batch_pairs} "
+                f"max_batch_pairs = {slots} pairs): a client that keeps its work within the queue bound "
+                f"(loadgen_driver) may leave engines idle; for throughput runs raise it to {slots} or more"]
+
 
 def _jsonable(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v

@@ -256,6 +256,8 @@ class _Serving:
                 self.state = M.DaemonState.SERVING
                 log.info("serving on %s with engines %s", self.cfg.endpoint,
                          ", ".join(f"{e.name}={e.state}" for e in self.sup.engines))
+                for note in self.cfg.advisories():
+                    log.warning("%s", note)
                 self._notify("ready", self._status_line())
                 self._last_status = self._status_line()
                 self.oip.start()  # a client of ours: once we serve

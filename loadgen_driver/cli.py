@@ -175,7 +175,8 @@ def _main(argv: list[str] | None) -> int:
     notes.append(f"issue through {result.issue}, completion through {result.completion}")
     print(format_summary(args.scenario, args.mode, summary, stats.completed_samples,
                          stats.completed_pairs, result.wall_s, stats.error_samples,
-                         stats.complete_ns_per_sample(), notes, auc_lines, stats.unsent_samples, stats.warnings))
+                         stats.complete_ns_per_sample(), notes, auc_lines, stats.unsent_samples, stats.warnings,
+                         stats.requests_line()))
     print(f"logs: {result.output_dir}")
     if stats.errors:
         print(f"loadgen_driver: RUN FAILED: {stats.error_samples:,} samples in {stats.error_events:,} "

@@ -77,6 +77,7 @@ def format_summary(
     auc_lines: list[str] | None = None,
     unsent_samples: int = 0,
     warnings: list[str] | None = None,
+    requests_line: str | None = None,
 ) -> str:
     """The short human summary printed at the end of a run."""
     out = [f"== loadgen_driver: {scenario} {mode} =="]
@@ -114,6 +115,8 @@ def format_summary(
         f"completion cost {complete_ns_per_sample:,.0f} ns/sample; errors: {error_samples:,} samples"
         + (f" ({unsent_samples:,} of them never sent: the daemon had stopped answering)" if unsent_samples else "")
     )
+    if requests_line:
+        out.append(requests_line)
     for w in warnings or []:
         out.append(f"warning: {w}")
     for w in summary.warnings[:5]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,9 +54,20 @@ class SutStats:
     errors: list[str] = field(default_factory=list)  # the first MAX_LOGGED_ERRORS messages
     warnings: list[str] = field(default_factory=list)  # problems that do not fail the run
     complete_seconds: float = 0.0  # building responses + QuerySamplesComplete, summed
+    # seconds from each answered request's send to its reply's arrival (8 bytes a request): how much of
+    # LoadGen's latency the daemon's path takes, against the driver's and LoadGen's own share
+    round_trip_s: array = field(default_factory=lambda: array("d"))
 
     def complete_ns_per_sample(self) -> float:
         return 1e9 * self.complete_seconds / max(1, self.completed_samples)
+
+    def requests_line(self) -> str:
+        """Requests sent, their mean size and the round trip's percentiles (the summary's line)."""
+        line = f"requests: {self.requests:,}, {self.issued_samples / max(1, self.requests):,.0f} samples each"
+        if len(self.round_trip_s):
+            p50, p99, top = np.percentile(np.frombuffer(self.round_trip_s, dtype=np.float64), [50, 99, 100]) * 1e3
+            line += f"; round trip (send to reply) p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {top:.2f} ms"
+        return line
 
 
 def request_ends(num_samples: int, max_samples: int, counts: np.ndarray | None = None,
@@ -290,6 +302,7 @@ class DriverSUT:
             # ms for a large request), so the issue side can send the next request meanwhile. The
             # predictions stay valid until the next poll (the backend frees their place only then).
             self._release(entry)
+            self.stats.round_trip_s.append(time.monotonic() - entry[2])
             if reply.error is not None or reply.predictions is None:
                 self._fail(entry, f"daemon error: {reply.error}")
             else:

@@ -135,6 +135,21 @@ def test_cli_check_config_and_help(tmp_path: Path) -> None:
     assert _cli("--no-such-flag").returncode == ExitCode.USAGE
 
 
+def test_a_queue_bound_below_the_engines_slots_is_advised(tmp_path: Path) -> None:
+    """Eight engines of 8 slots of 1 Mi pairs hold 64 Mi pairs; a 16 M queue bound (which a client such as
+    loadgen_driver keeps its work within) cannot fill them: check-config says so, and how much is needed.
+    The defaults, and a bound that covers the slots, draw no note."""
+    assert load_config(write(tmp_path, 'engines = ["null"]\n'), env={}).advisories() == []
+    text = ('engines = ["null", "null", "null", "null", "null", "null", "null", "null"]\n'
+            'max_batch_pairs = 1048576\ninflight_batches = 8\nmax_queue_pairs = {q}\n')
+    small = load_config(write(tmp_path, text.format(q=16_000_000)), env={})
+    (note,) = small.advisories()
+    assert "max_queue_pairs = 16000000" in note and "= 67108864 pairs" in note and "to 67108864" in note
+    assert load_config(write(tmp_path, text.format(q=67_108_864)), env={}).advisories() == []
+    shown = _cli("check-config", str(write(tmp_path, text.format(q=16_000_000))))
+    assert shown.returncode == 0 and "# note: max_queue_pairs = 16000000 is below" in shown.stdout, shown.stdout
+
+
 def test_max_batch_pairs_default_fits_the_engine_kind(tmp_path: Path) -> None:
     """A CPU engine does ~10k pairs/s on 2 cores: its default batch must not hold it for seconds
     (make demo lost a healthy engine under a 65,536-pair batch on a loaded host)."""

@@ -182,6 +182,12 @@ def test_slow_daemon_is_not_a_failed_run(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "errors: 0 samples" in out and "driver: 60 samples" in out, out
+    # the summary's requests line: two requests of 30 samples, each at least its 0.25 s batches long
+    trip = re.search(r"requests: 2, 30 samples each; round trip \(send to reply\) p50 ([\d.]+) ms, "
+                     r"p99 ([\d.]+) ms, max ([\d.]+) ms", out)
+    assert trip is not None, out
+    p50, p99, top = (float(v) for v in trip.groups())
+    assert 250 <= p50 <= p99 <= top < 60_000, out
 
 
 def test_offline_stays_within_the_daemons_queue_bound(tmp_path: Path,

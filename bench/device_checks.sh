@@ -495,13 +495,15 @@ round6d)
 round6e)
   # is the front end window-bound? (round 8: no thread of driver, dispatcher or engines was out of core at
   # 2.7 M Offline / 2.5 M Server.) The daemon's queue bound (max_queue_pairs, which also bounds the driver's
-  # pairs in flight) at 16 M (bench_frontend's default) against 64 M and 256 M, 8 null engines, same call
-  for run in ${RUNS:-Offline:16000000 Offline:64000000 Server:64000000 Server:16000000 Offline:256000000}; do
-    sc=${run%%:*}; q=${run#*:}
+  # pairs in flight) at 16 M (bench_frontend's default) against 64 M and 256 M, 8 null engines, same call.
+  # RUNS: scenario:queue_pairs[:issue_threads] (Server; LoadGen alone needed 15 for 6 M VALID, round 8)
+  for run in ${RUNS:-Offline:16000000 Offline:64000000 Server:64000000:4 Server:16000000:4 Offline:256000000 \
+              Server:256000000:15}; do
+    IFS=: read -r sc q th <<< "$run"
     if [ $sc = Offline ]; then rates="--offline-qps 6000000 --offline-predictions region"
-    else rates="--offline-qps 0 --server-qps 3000000 --issue-threads 4"; fi
+    else rates="--offline-qps 0 --server-qps 3000000 --issue-threads ${th:-4}"; fi
     timeout 75 python3 bench/bench_frontend.py --engines 8 $rates --completion-threads 4 --max-queue-pairs $q \
-      --duration-s 5 --out "$OUT/frontend_${sc}_q$q.json" 2>&1 | tail -1 | sed "s|^|queue $q: |"
+      --duration-s 5 --out "$OUT/frontend_${sc}_q${q}_t${th:-0}.json" 2>&1 | tail -2 | sed "s|^|queue $q: |"
   done
   ;;
 round7a)

@@ -27,6 +27,9 @@
 #   bash bench/device_checks.sh round6e    # issue 15: the daemon's queue bound (16 M, 64 M, 256 M pairs), 8 null engines
 #   bash bench/device_checks.sh round7a    # issue 13: cold rows gathered by the host (cold_row_gather), tests,
 #                                          # engine alone and full-size end to end at gpu_part 0.3 against 1.0
+#   bash bench/device_checks.sh round9a    # issue 13: the persistent TMA fp8 layer (kernels/fp8_linear_persistent.py):
+#                                          # GPU tests, stage probe per layer and in a graph, engine forward with
+#                                          # the probe's winners against the default, same call
 #   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py)
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
@@ -524,6 +527,27 @@ round7a)
   timeout 120 python3 bench/bench_engine.py --scale 0.05 --pairs 300000 --parts 1.0,0.3 --mlp fp8 \
     --batches 262144 --cold-gather kernel,host --out "$OUT/engine_cold_gather.json" 2>&1 \
     | sed -n '/== engine summary/,$p'
+  ;;
+round9a)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_fp8_top_mlp.py \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  timeout 200 python3 bench/stage_probe.py --stages top --out "$OUT/stages_top.json" > "$OUT/stages_top.log" 2>&1
+  sed -n '/== summary ==/,$p' "$OUT/stages_top.log"
+  # the probe's fastest Triton launch for each layer where it beat cuBLASLt, as the engine's kernel_config
+  kc=$(python3 -c "import json,sys; r=json.load(open('$OUT/stages_top.json'))['fp8_top']; per=r['per_layer_ms']
+best={}
+for row in r.get('triton_linear', []):
+    i=row['layer']
+    if row['ms'] < per[i] and (i not in best or row['ms'] < best[i]['ms']): best[i]=row
+keys=('block_m','block_n','block_k','num_warps','num_stages','persistent')
+print(json.dumps({'fp8_linear': {str(i): {k: b[k] for k in keys} for i, b in best.items()}}))")
+  echo "winners: $kc"
+  for cfg in '{}' "$kc"; do
+    timeout 150 python3 bench/bench_engine.py --scale 0.05 --pairs 600000 --parts 1.0 --mlp fp8 --batches 262144 \
+      --kernel-config "$cfg" --out "$OUT/engine_$( [ "$cfg" = '{}' ] && echo default || echo winners ).json" 2>&1 \
+      | sed -n '/== engine summary/,$p' | sed "s|^|$( [ "$cfg" = '{}' ] && echo default || echo winners ) |"
+  done
   ;;
 round7b)
   # issue 13's gpu_part 0.3 gap: zero-copy reads of random host rows by how the memory is backed (4 KiB pages of

@@ -273,8 +273,11 @@ def top_stage(batch: int, res: dict[str, Any]) -> None:
     runner.close()
 
 
-LINEAR_SHAPES = [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 4, 4),
-                 (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (64, 256, 128, 4, 4), (128, 128, 256, 8, 3)]
+# (block_m, block_n, block_k, num_warps, num_stages, persistent): one program per tile at round 4's best
+# shapes (BENCHMARKS.md), then the persistent TMA kernel (kernels/fp8_linear_persistent.py)
+LINEAR_SHAPES = [(128, 256, 128, 8, 3, 0), (128, 256, 128, 8, 4, 0), (256, 128, 128, 8, 3, 0), (128, 128, 128, 8, 4, 0),
+                 (128, 256, 128, 8, 3, 1), (128, 256, 128, 8, 4, 1), (128, 128, 128, 8, 4, 1), (128, 128, 128, 4, 4, 1),
+                 (256, 128, 128, 8, 3, 1), (128, 256, 64, 8, 4, 1), (64, 256, 128, 4, 4, 1), (128, 128, 256, 8, 3, 1)]
 
 
 def triton_linear_probe(fused: Any, x0: torch.Tensor, pred: torch.Tensor, per_layer: list[float],
@@ -294,8 +297,8 @@ def triton_linear_probe(fused: Any, x0: torch.Tensor, pred: torch.Tensor, per_la
         out = torch.empty((m, n_out), dtype=x0.dtype, device=x0.device)
         scales = torch.tensor([q.x_scales[i] * q.w_scales[i], 1.0 / q.x_scales[i + 1]], device=x0.device)
         flop = 2.0 * m * n_out * k
-        for bm, bn, bk, w, st in LINEAR_SHAPES:
-            launch = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st, pers in LINEAR_SHAPES:
+            launch = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, persistent=pers)
             try:
                 ms = bench_ms(lambda: fp8_linear_relu(xi, q.weights[i], scales, q.biases[i], out, **launch))
             except Exception as exc:

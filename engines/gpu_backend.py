@@ -148,13 +148,21 @@ class GpuBackend:
         # (zero-copy, "kernel"), or the CPU gathers them and one copy puts them on the device first
         # ("host", engines/cold_rows.py; by-value batches always take the kernel's way).
         self.cold_gather = cold_gather
-        # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps, gram, prefetch)
+        # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps, gram, prefetch);
+        # fp8_linear: {layer: launch} for fp8 top-MLP layers to run in Triton (kernels/fp8_linear.py's
+        # launch parameters) instead of the default (engines/fp8_top_mlp.py)
         self.kernel_config = dict(kernel_config or {})
         unknown = set(self.kernel_config) - {"pairs_per_program", "pairs_per_tile", "num_warps", "gram", "prefetch",
-                                             "stage_cold_rows"}
+                                             "stage_cold_rows", "fp8_linear"}
         if unknown:
             raise GpuBackendError(f"kernel_config: unknown gather_interaction parameters {sorted(unknown)}")
         self._launch_config: dict[str, Any] = dict(self.kernel_config)
+        fp8_linear = self._launch_config.pop("fp8_linear", None)
+        try:
+            self._fp8_linear = None if fp8_linear is None else {int(i): dict(launch)
+                                                                 for i, launch in dict(fp8_linear).items()}
+        except (TypeError, ValueError) as exc:
+            raise GpuBackendError(f"kernel_config fp8_linear must map layer indices to launch tables: {exc}") from exc
         # Device rows for staging a batch's cold rows before the fused kernel (kernels/cold_stage.py;
         # opt-in, measured slower on an H100: BENCHMARKS.md round 5): 0 = the fused kernel reads them itself.
         self.stage_rows = int(self._launch_config.pop("stage_cold_rows", 0))
@@ -293,7 +301,10 @@ class GpuBackend:
                     raise GpuBackendError(f"fp8 top MLP input width {q8.in_width_padded} > {self.top_in_width}")
                 q8.weights[0] = F.pad(q8.weights[0].float(), (0, self.top_in_width - q8.in_width_padded)).to(
                     q8.weights[0].dtype)
-                self.fp8 = Fp8TopMlpRunner(q8, self.max_batch_pairs, self._dev)
+                self.fp8 = Fp8TopMlpRunner(
+                    q8, self.max_batch_pairs, self._dev,
+                    triton_layers=None if self._fp8_linear is None else set(self._fp8_linear),
+                    triton_launch=self._fp8_linear)
             except Fp8MlpError as exc:
                 raise GpuBackendError(str(exc)) from exc
             self._top_in_inv_scale = torch.tensor([1.0 / q8.x_scales[0]], dtype=torch.float32, device=self._dev)

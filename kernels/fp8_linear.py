@@ -81,8 +81,11 @@ def _fp8_linear_relu_kernel(
 
 def fp8_linear_relu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                     out: torch.Tensor, block_m: int = 128, block_n: int = 256, block_k: int = 128,
-                    num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+                    num_warps: int = 8, num_stages: int = 3, persistent: int = 0) -> torch.Tensor:
     """out[:M] = e4m3(min(relu((x @ weight^T) * scales[0] + bias) * scales[1], 448)); returns out[:M].
+
+    persistent=1 runs the same arithmetic as one program per SM walking the tiles with TMA loads and stores
+    (kernels/fp8_linear_persistent.py: the next tile's loads overlap this tile's epilogue).
 
     x e4m3 [M, K] (last dim contiguous), weight e4m3 [N, K] contiguous, scales fp32 [2] on the device
     (x's scale times weight's; 1 / the output's scale: a tensor, so a captured graph sees new values),
@@ -101,6 +104,10 @@ def fp8_linear_relu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"N ({n}) must be a multiple of block_n ({block_n}) and K ({k}) of 16")
     if m == 0:
         return out[:0]
+    if persistent:
+        from kernels.fp8_linear_persistent import launch_persistent
+        launch_persistent(x, weight, scales, bias, out[:m], block_m, block_n, block_k, num_warps, num_stages)
+        return out[:m]
     grid = (triton.cdiv(m, block_m) * (n // block_n),)
     _fp8_linear_relu_kernel[grid](
         x, x.stride(0), weight, scales, bias, out, out.stride(0), m, k, N=n, BLOCK_M=block_m, BLOCK_N=block_n,

@@ -58,17 +58,30 @@ def _check(rows: int, k: int, n: int, device: str, max_flip_share: float, **laun
     assert 0.3 < float((ref > 0).float().mean()) < 0.8 and float(spread.std()) > 20  # data that can fail a test
 
 
-def test_interpreter_small_shapes() -> None:
+# persistent=1: kernels/fp8_linear_persistent.py (one program per SM over the tiles, TMA loads and stores).
+# Under the interpreter it runs 3 programs, so 37 rows in blocks of 16 x 2 N tiles = 6 tiles walk twice.
+@pytest.mark.parametrize("persistent", [0, 1])
+def test_interpreter_small_shapes(persistent: int) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _check(37, 64, 64, device, 0.0 if device == "cpu" else 0.02, block_m=16, block_n=32, block_k=32,
-           num_warps=4, num_stages=1)
+           num_warps=4, num_stages=1, persistent=persistent)
 
 
-def test_interpreter_k_not_a_multiple_of_block_k() -> None:
+@pytest.mark.parametrize("persistent", [0, 1])
+def test_interpreter_k_not_a_multiple_of_block_k(persistent: int) -> None:
     """K = 80 in steps of 32: the last step reads zeros past K (the top input is 480 wide unpadded)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _check(21, 80, 32, device, 0.0 if device == "cpu" else 0.02, block_m=16, block_n=32, block_k=32,
-           num_warps=4, num_stages=1)
+           num_warps=4, num_stages=1, persistent=persistent)
+
+
+def test_persistent_rejects_a_stride_tma_cannot_take() -> None:
+    """TMA needs 16-byte row strides: a view 16 columns wide of a 40-wide buffer is refused, not misread."""
+    x = torch.zeros(4, 40).to(E4M3)[:, :16]  # row stride 40 bytes
+    w = torch.zeros(32, 16).to(E4M3)
+    with pytest.raises(ValueError, match="TMA"):
+        fp8_linear_relu(x, w, torch.ones(2), torch.zeros(32, dtype=torch.bfloat16), torch.zeros(4, 32).to(E4M3),
+                        block_m=16, block_n=32, block_k=16, persistent=1)
 
 
 def test_interpreter_subnormal_outputs_round_as_torch() -> None:
@@ -105,14 +118,19 @@ def test_rejects_bad_operands() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [0, 1])
 @pytest.mark.parametrize("k,n", [(512, 1024), (1024, 1024), (1024, 512)])
-def test_gpu_dlrm_widths(k: int, n: int) -> None:
-    _check(262144 + 40, k, n, "cuda", 0.02)
+def test_gpu_dlrm_widths(k: int, n: int, persistent: int) -> None:
+    _check(262144 + 40, k, n, "cuda", 0.02, persistent=persistent)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", [dict(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=4),
                                     dict(block_m=64, block_n=256, block_k=128, num_warps=4, num_stages=3),
-                                    dict(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=4)])
+                                    dict(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=4),
+                                    dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4,
+                                         persistent=1),
+                                    dict(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3,
+                                         persistent=1)])
 def test_gpu_launch_shapes(launch: dict[str, int]) -> None:
     _check(4096 + 48, 512, 1024, "cuda", 0.02, **launch)

@@ -30,6 +30,8 @@
 #   bash bench/device_checks.sh round9a    # issue 13: the persistent TMA fp8 layer (kernels/fp8_linear_persistent.py):
 #                                          # GPU tests, stage probe per layer and in a graph, engine forward with
 #                                          # the probe's winners against the default, same call
+#   bash bench/device_checks.sh round9b    # issue 13: full-size fp8 Offline without and with the winners kept in
+#                                          # the artifact's kernel_tuning.json (after round9a, same machine)
 #   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py)
 #   bash bench/device_checks.sh reload     # issue 16: a full-size model reload during a Server run
 #   bash bench/device_checks.sh headline   # the planted model's accuracy, engine before/now with baselines,
@@ -529,24 +531,37 @@ round7a)
     | sed -n '/== engine summary/,$p'
   ;;
 round9a)
+  # issue 13: the persistent TMA fp8 layer. The GPU tests; the stage probe per layer and in a graph beside
+  # cuBLASLt; the engine's forward with the probe's winners (bench/write_kernel_tuning.py) against the
+  # default, same call. The full-size data is made meanwhile for round9b (its own session).
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
   timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_fp8_top_mlp.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -4
   timeout 200 python3 bench/stage_probe.py --stages top --out "$OUT/stages_top.json" > "$OUT/stages_top.log" 2>&1
   sed -n '/== summary ==/,$p' "$OUT/stages_top.log"
-  # the probe's fastest Triton launch for each layer where it beat cuBLASLt, as the engine's kernel_config
-  kc=$(python3 -c "import json,sys; r=json.load(open('$OUT/stages_top.json'))['fp8_top']; per=r['per_layer_ms']
-best={}
-for row in r.get('triton_linear', []):
-    i=row['layer']
-    if row['ms'] < per[i] and (i not in best or row['ms'] < best[i]['ms']): best[i]=row
-keys=('block_m','block_n','block_k','num_warps','num_stages','persistent')
-print(json.dumps({'fp8_linear': {str(i): {k: b[k] for k in keys} for i, b in best.items()}}))")
+  mkdir -p /tmp/round9; cp "$OUT/stages_top.json" /tmp/round9/
+  kc=$(python3 bench/write_kernel_tuning.py --probe "$OUT/stages_top.json")
   echo "winners: $kc"
-  for cfg in '{}' "$kc"; do
+  for name in default winners; do
+    cfg='{}'; [ $name = winners ] && cfg=$kc
+    [ "$cfg" = '{}' ] && [ $name = winners ] && break
     timeout 150 python3 bench/bench_engine.py --scale 0.05 --pairs 600000 --parts 1.0 --mlp fp8 --batches 262144 \
-      --kernel-config "$cfg" --out "$OUT/engine_$( [ "$cfg" = '{}' ] && echo default || echo winners ).json" 2>&1 \
-      | sed -n '/== engine summary/,$p' | sed "s|^|$( [ "$cfg" = '{}' ] && echo default || echo winners ) |"
+      --kernel-config "$cfg" --out "$OUT/engine_$name.json" 2>&1 | sed -n '/== engine summary/,$p' | sed "s|^|$name |"
+  done
+  ;;
+round9b)
+  # issue 13, after round9a on the same warm machine: full-size fp8 Offline end to end, the artifact without
+  # kernel tuning (the engine's defaults), then with the probe's winners written into it, then without again
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  [ -f /tmp/fs.log ] || setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS \
+    > /tmp/fs.log 2>&1 &
+  fs_ready
+  for name in default tuned default2; do
+    rm -f $FS/artifact/kernel_tuning.json
+    [ $name = tuned ] && python3 bench/write_kernel_tuning.py --probe /tmp/round9/stages_top.json --artifact $FS/artifact
+    timeout 100 python3 bench/bench_e2e.py --artifact $FS/artifact --dataset $FS/dataset --mlp fp8 \
+      --target-qps 700000 --duration-s 8 --out "$OUT/e2e_fp8_$name.json" 2>&1 | tail -1 | sed "s|^|$name |"
   done
   ;;
 round7b)

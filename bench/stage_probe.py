@@ -200,7 +200,7 @@ def top_stage(batch: int, res: dict[str, Any]) -> None:
     for i, mm in enumerate(mms):
         per_layer.append(bench_ms(lambda mm=mm: mm.execute(stream=s)))
     note(f"fp8 top MLP chain (nvmath first algorithm): {ms_chain:.3f} ms; per layer {[round(v, 3) for v in per_layer]}")
-    res["fp8_top"] = {"chain_ms": ms_chain, "per_layer_ms": per_layer}
+    res["fp8_top"] = {"chain_ms": ms_chain, "per_layer_ms": per_layer, "widths": [int(w.shape[0]) for w in q.weights]}
     # the last GEMM layer and the 1-wide layer fused (kernels/fp8_mlp_tail.py), inside the chain and alone
     fused = Fp8TopMlpRunner(q, batch, dev, fused_tail=True)
     pred_f = torch.empty(batch, device=dev)

@@ -43,6 +43,7 @@ from engines.host_rows import shared_cold_rows
 from engines.placement import Placement
 from formats.artifact import Artifact
 from formats.dataset import Dataset
+from formats.kernel_tuning import KernelTuningError, read_kernel_tuning
 from kernels.bottom_mlp import bottom_mlp, fits as bottom_mlp_fits
 from kernels.cold_stage import stage_cold_rows
 from kernels.dot_interaction import dot_interaction
@@ -150,12 +151,20 @@ class GpuBackend:
         self.cold_gather = cold_gather
         # gather_interaction launch parameters (pairs_per_program, pairs_per_tile, num_warps, gram, prefetch);
         # fp8_linear: {layer: launch} for fp8 top-MLP layers to run in Triton (kernels/fp8_linear.py's
-        # launch parameters) instead of the default (engines/fp8_top_mlp.py)
-        self.kernel_config = dict(kernel_config or {})
+        # launch parameters) instead of the default (engines/fp8_top_mlp.py). Where the artifact keeps
+        # measured choices for this card (formats/kernel_tuning.py), they are the defaults and
+        # kernel_config's own keys win over them.
+        art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
+        try:
+            tuned = read_kernel_tuning(art.path, torch.cuda.get_device_name(self._dev)) or {}
+        except KernelTuningError as exc:
+            raise GpuBackendError(str(exc)) from exc
+        self.tuned_keys = sorted(set(tuned) - set(kernel_config or {}))  # what the artifact's tuning set
+        self.kernel_config = {**tuned, **dict(kernel_config or {})}
         unknown = set(self.kernel_config) - {"pairs_per_program", "pairs_per_tile", "num_warps", "gram", "prefetch",
                                              "stage_cold_rows", "fp8_linear"}
         if unknown:
-            raise GpuBackendError(f"kernel_config: unknown gather_interaction parameters {sorted(unknown)}")
+            raise GpuBackendError(f"kernel_config: unknown parameters {sorted(unknown)}")
         self._launch_config: dict[str, Any] = dict(self.kernel_config)
         fp8_linear = self._launch_config.pop("fp8_linear", None)
         try:
@@ -177,7 +186,6 @@ class GpuBackend:
         self.inflight = int(inflight)  # device batches in flight (staging sets)
         self.times = LoadTimes()
         self.host = HostRegistry(self._dev)
-        art = artifact if isinstance(artifact, Artifact) else Artifact.open(Path(artifact))
         self.config = art.config
         self.calibration = art.calibration
         if mlp_precision == "fp8" and max_batch_pairs % 16:

@@ -141,6 +141,9 @@ class _Worker(threading.Thread):
         self._completer_started.wait()
         log.info("engine %s ready on %s (model %s, %d dataset(s))", self.spec.name, self.spec.device,
                  self.spec.artifact, len(self.spec.datasets))
+        tuned = getattr(backend, "tuned_keys", None)
+        if tuned:  # launch choices measured for this card and kept with the artifact (formats/kernel_tuning.py)
+            log.info("engine %s: kernel tuning from the artifact: %s", self.spec.name, ", ".join(tuned))
         self._send(P.EngineReady(device=self.spec.device, pid=os.getpid(),
                                  device_memory_bytes=int(backend.device_memory_bytes()),
                                  device_name=device_name(self.spec.device),

@@ -152,8 +152,11 @@ def test_cublaslt_chain_matches_reference_eager_and_in_a_graph(fused_tail: bool)
         runner.close()
 
 
+# tuned: the artifact keeps launch choices for this card (formats/kernel_tuning.py) that put every fp8
+# layer in the persistent Triton kernel, as a bench that measured them would write them.
 @pytest.mark.gpu
-def test_gpu_engine_fp8_matches_its_reference(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tuned", [False, True])
+def test_gpu_engine_fp8_matches_its_reference(tmp_path: Path, tuned: bool) -> None:
     pytest.importorskip("nvmath")
     from engines.gpu_backend import GpuBackend
     from engines.reference import Fp8MlpReference
@@ -176,7 +179,15 @@ def test_gpu_engine_fp8_matches_its_reference(tmp_path: Path) -> None:
     write_calibration(tmp_path / "art", calibrate(art, Dataset.open(tmp_path / "ds"), pairs=10_000))
     art = Artifact.open(tmp_path / "art")
     want = Fp8MlpReference(art).predict(dense, sparse)
+    if tuned:
+        from formats.kernel_tuning import write_kernel_tuning
+
+        launch = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, persistent=1)
+        write_kernel_tuning(tmp_path / "art", torch.cuda.get_device_name(), {"fp8_linear": {i: launch for i in range(3)}},
+                            "tests/test_fp8_top_mlp.py")
     eng = GpuBackend("cuda:0", tmp_path / "art", 1.0, max_batch_pairs=8192, mlp_precision="fp8")
+    assert eng.fp8 is not None and eng.tuned_keys == (["fp8_linear"] if tuned else [])
+    assert eng.fp8.triton_layers == ({0, 1, 2} if tuned else set())
     try:
         for k in (1, 777, 8192, 12_345):  # padded to a graph size, full, and cut in two
             out = np.full(k, np.nan, np.float32)
@@ -191,10 +202,12 @@ def test_gpu_engine_fp8_matches_its_reference(tmp_path: Path) -> None:
         eng.close()
 
 
-def test_triton_chain_without_nvmath_matches_reference() -> None:
-    """Every fp8 layer in Triton (kernels/fp8_linear.py) and the fused tail: the chain that runs where
-    nvmath is not installed, wired as the engine runs it (on the CPU in Triton's interpreter)."""
-    from engines.fp8_top_mlp import Fp8TopMlpRunner
+@pytest.mark.parametrize("persistent", [0, 1])
+def test_triton_chain_without_nvmath_matches_reference(persistent: int) -> None:
+    """Every fp8 layer in Triton (kernels/fp8_linear.py, or its persistent TMA kernel) and the fused tail:
+    the chain that runs where nvmath is not installed, wired as the engine runs it (on the CPU in Triton's
+    interpreter)."""
+    from engines.fp8_top_mlp import TRITON_LINEAR_LAUNCH, Fp8TopMlpRunner
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mlp = _mlp(4)
@@ -202,7 +215,8 @@ def test_triton_chain_without_nvmath_matches_reference() -> None:
     m = 40
     x = torch.randn(m, CONFIG.interaction_width, generator=gen) * 2
     q = quantize_fp8_top_mlp(mlp, _amax(mlp, x))
-    runner = Fp8TopMlpRunner(q, m + 8, dev, triton_layers=range(len(q.weights) - 1))
+    runner = Fp8TopMlpRunner(q, m + 8, dev, triton_layers=range(len(q.weights) - 1),
+                             triton_launch={i: {**TRITON_LINEAR_LAUNCH, "persistent": persistent} for i in range(3)})
     assert runner.triton_layers == {0, 1, 2} and runner.fused_tail and not runner.needs_nvmath
     x0 = quantize_top_input(q, x)
     buf = torch.zeros((m + 8, q.in_width_padded), dtype=E4M3, device=dev)

@@ -30,6 +30,7 @@
 #   bash bench/device_checks.sh round9a    # issue 13: the persistent TMA fp8 layer (kernels/fp8_linear_persistent.py):
 #                                          # GPU tests, stage probe per layer and in a graph, engine forward with
 #                                          # the probe's winners against the default, same call
+#   bash bench/device_checks.sh round9     # round9a without the engine bench, then round9b, in one call (~8 min)
 #   bash bench/device_checks.sh round9b    # issue 13: full-size fp8 Offline without and with the winners kept in
 #                                          # the artifact's kernel_tuning.json (after round9a, same machine)
 #   bash bench/device_checks.sh round7b    # issue 13: random reads of host rows by page backing (bench_host_read.py)
@@ -550,6 +551,18 @@ round9a)
       --kernel-config "$cfg" --out "$OUT/engine_$name.json" 2>&1 | sed -n '/== engine summary/,$p' | sed "s|^|$name |"
   done
   ;;
+round9)
+  # round9a and round9b in one call (device starts are scarce): the GPU tests, the stage probe, then full-size
+  # fp8 Offline without and with the probe's winners kept in the artifact (no engine bench)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_fp8_top_mlp.py \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  timeout 180 python3 bench/stage_probe.py --stages top --out "$OUT/stages_top.json" > "$OUT/stages_top.log" 2>&1
+  sed -n '/== summary ==/,$p' "$OUT/stages_top.log"
+  mkdir -p /tmp/round9; cp "$OUT/stages_top.json" /tmp/round9/
+  bash "$0" round9b
+  ;;
 round9b)
   # issue 13, after round9a on the same warm machine: full-size fp8 Offline end to end, the artifact without
   # kernel tuning (the engine's defaults), then with the probe's winners written into it, then without again
@@ -557,6 +570,9 @@ round9b)
   [ -f /tmp/fs.log ] || setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS \
     > /tmp/fs.log 2>&1 &
   fs_ready
+  if [ "$(python3 bench/write_kernel_tuning.py --probe /tmp/round9/stages_top.json)" = '{}' ]; then
+    echo "the probe found no Triton layer faster than cuBLASLt: no tuned run"; exit 0
+  fi
   for name in default tuned default2; do
     rm -f $FS/artifact/kernel_tuning.json
     [ $name = tuned ] && python3 bench/write_kernel_tuning.py --probe /tmp/round9/stages_top.json --artifact $FS/artifact
@@ -599,5 +615,5 @@ reload)
     --out "$OUT/reload.json" 2>&1 | tail -25
   ;;
 *)
-  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|round3d|round3e|round4a|round4b|round4c|round5|headline|round2|reload" >&2; exit 2 ;;
+  echo "usage: $0 validate|e2e|fp8|perf|fp8acc|probe|probe2|round3a|round3b|round3c|round3d|round3e|round4a|round4b|round4c|round5|headline|round2|reload|round6e|round7a|round7b|round9|round9a|round9b" >&2; exit 2 ;;
 esac

@@ -276,8 +276,8 @@ def top_stage(batch: int, res: dict[str, Any]) -> None:
 # (block_m, block_n, block_k, num_warps, num_stages, persistent): one program per tile at round 4's best
 # shapes (BENCHMARKS.md), then the persistent TMA kernel (kernels/fp8_linear_persistent.py)
 LINEAR_SHAPES = [(128, 256, 128, 8, 3, 0), (128, 256, 128, 8, 4, 0), (256, 128, 128, 8, 3, 0), (128, 128, 128, 8, 4, 0),
-                 (128, 256, 128, 8, 3, 1), (128, 256, 128, 8, 4, 1), (128, 128, 128, 8, 4, 1), (128, 128, 128, 4, 4, 1),
-                 (256, 128, 128, 8, 3, 1), (128, 256, 64, 8, 4, 1), (64, 256, 128, 4, 4, 1), (128, 128, 256, 8, 3, 1)]
+                 (128, 256, 128, 8, 3, 1), (128, 256, 128, 8, 4, 1), (128, 128, 128, 8, 4, 1), (256, 128, 128, 8, 3, 1),
+                 (128, 256, 64, 8, 4, 1), (128, 128, 256, 8, 3, 1)]
 
 
 def triton_linear_probe(fused: Any, x0: torch.Tensor, pred: torch.Tensor, per_layer: list[float],

@@ -175,7 +175,7 @@ def stage_breakdown(eng: GpuBackend, n: int) -> dict[str, float]:
         "interaction": cuda_ms(lambda: dot_interaction(bo, emb, inter_out)),
         "fused_gather_interaction": cuda_ms(lambda: gather_interaction(
             bo, eng.sparse_in[:n], eng.table_offsets, None, eng.scales, eng.hot, eng.cold,
-            eng.top_in[:n], **{k: v for k, v in (eng.kernel_config or {}).items() if k != "stage_cold_rows"},
+            eng.top_in[:n], **eng.gather_launch_config,
             out_scale=eng._top_in_inv_scale if eng.fp8 is not None else None)),
         "top_mlp": cuda_ms(top),
         "graph_forward": cuda_ms(lambda: eng._run(n)),

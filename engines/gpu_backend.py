@@ -227,6 +227,12 @@ class GpuBackend:
         self._graph_sizes = sizes
         self._sizes: list[int] = []
 
+    @property
+    def gather_launch_config(self) -> dict[str, Any]:
+        """The fused gather+interaction kernel's launch parameters (kernel_config without the keys of other
+        stages): what a bench that times that kernel alone passes to it."""
+        return dict(self._launch_config)
+
     def _ensure_graphs(self) -> None:
         if not self._sizes:
             t0 = time.perf_counter()
@@ -316,6 +322,8 @@ class GpuBackend:
             except Fp8MlpError as exc:
                 raise GpuBackendError(str(exc)) from exc
             self._top_in_inv_scale = torch.tensor([1.0 / q8.x_scales[0]], dtype=torch.float32, device=self._dev)
+        else:  # tuning for the fp8 layers is not used by this precision: not reported as applied
+            self.tuned_keys = [k for k in self.tuned_keys if k != "fp8_linear"]
         if self.mlp_precision == "int8":
             # Layer 1 fp16 -> int8 activations (calibrated static scales) -> int8 layers, the last with
             # the 1-wide output and sigmoid fused (kernels/quant_linear.py).

@@ -78,6 +78,17 @@ fs_ready() {  # the full-size data made in the background (its own session): wai
     | tail -1  # a synthetic model: no accuracy profile, runs use accuracy_target none
 }
 
+round9_probe() {  # issue 13 round 9: full-size data made meanwhile (its own session), the fp8 kernels' GPU
+  # tests, the stage probe's top MLP (persistent TMA shapes beside the others and cuBLASLt), kept in /tmp/round9
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
+  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_fp8_top_mlp.py \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  timeout 180 python3 bench/stage_probe.py --stages top --out "$OUT/stages_top.json" > "$OUT/stages_top.log" 2>&1
+  sed -n '/== summary ==/,$p' "$OUT/stages_top.log"
+  mkdir -p /tmp/round9; cp "$OUT/stages_top.json" /tmp/round9/
+}
+
 case "${1:-}" in
 validate)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -535,13 +546,7 @@ round9a)
   # issue 13: the persistent TMA fp8 layer. The GPU tests; the stage probe per layer and in a graph beside
   # cuBLASLt; the engine's forward with the probe's winners (bench/write_kernel_tuning.py) against the
   # default, same call. The full-size data is made meanwhile for round9b (its own session).
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
-  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
-  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_fp8_top_mlp.py \
-    2>&1 | tee "$OUT/gpu_tests.log" | tail -4
-  timeout 200 python3 bench/stage_probe.py --stages top --out "$OUT/stages_top.json" > "$OUT/stages_top.log" 2>&1
-  sed -n '/== summary ==/,$p' "$OUT/stages_top.log"
-  mkdir -p /tmp/round9; cp "$OUT/stages_top.json" /tmp/round9/
+  round9_probe
   kc=$(python3 bench/write_kernel_tuning.py --probe "$OUT/stages_top.json")
   echo "winners: $kc"
   for name in default winners; do
@@ -554,13 +559,7 @@ round9a)
 round9)
   # round9a and round9b in one call (device starts are scarce): the GPU tests, the stage probe, then full-size
   # fp8 Offline without and with the probe's winners kept in the artifact (no engine bench)
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
-  setsid nohup python3 -m prepare.cli synthetic --full-size --samples 204800 --out $FS > /tmp/fs.log 2>&1 &
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_fp8_top_mlp.py \
-    2>&1 | tee "$OUT/gpu_tests.log" | tail -4
-  timeout 180 python3 bench/stage_probe.py --stages top --out "$OUT/stages_top.json" > "$OUT/stages_top.log" 2>&1
-  sed -n '/== summary ==/,$p' "$OUT/stages_top.log"
-  mkdir -p /tmp/round9; cp "$OUT/stages_top.json" /tmp/round9/
+  round9_probe
   bash "$0" round9b
   ;;
 round9b)
